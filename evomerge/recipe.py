@@ -1,0 +1,92 @@
+"""A recipe: the plain, serialisable description of one merged model.
+
+Decoder layers are split into contiguous layer groups; tensors outside the layers (embeddings, final
+norm, lm_head) form the group ``other``. Each group has a merge method and that method's parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+OTHER = "other"
+
+
+def layer_of(tensor_name: str) -> int | None:
+    """The decoder layer index a tensor belongs to, or None for tensors outside the layers."""
+    m = _LAYER.search(tensor_name)
+    return int(m.group(1)) if m else None
+
+
+def split_layers(num_layers: int, num_groups: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) layer ranges, as even as possible."""
+    num_groups = max(1, min(num_groups, num_layers))
+    bounds = [round(i * num_layers / num_groups) for i in range(num_groups + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(num_groups)]
+
+
+@dataclass(frozen=True)
+class GroupRecipe:
+    """One layer group: layers [start, stop) (None for ``other``), its method and parameters."""
+
+    name: str
+    method: str
+    parameters: Mapping[str, Any]
+    layers: tuple[int, int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "method": self.method, "parameters": dict(self.parameters)}
+        if self.layers is not None:
+            d["layers"] = list(self.layers)
+        return d
+
+
+@dataclass(frozen=True)
+class Recipe:
+    groups: tuple[GroupRecipe, ...]
+
+    @classmethod
+    def uniform(cls, method: str, parameters: Mapping[str, Any]) -> Recipe:
+        """One method and parameter set for every tensor."""
+        return cls((GroupRecipe(OTHER, method, dict(parameters)),))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
+        return cls(
+            tuple(
+                GroupRecipe(
+                    g["name"],
+                    g["method"],
+                    dict(g["parameters"]),
+                    tuple(g["layers"]) if "layers" in g else None,
+                )
+                for g in d["groups"]
+            )
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"groups": [g.to_dict() for g in self.groups]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def key(self) -> str:
+        """Identity of the merged weights: identical recipes are evaluated once."""
+        return hashlib.sha1(self.to_json().encode()).hexdigest()[:16]
+
+    def group_for(self, tensor_name: str) -> GroupRecipe:
+        layer = layer_of(tensor_name)
+        fallback = None
+        for g in self.groups:
+            if g.layers is None:
+                fallback = g
+            elif layer is not None and g.layers[0] <= layer < g.layers[1]:
+                return g
+        if fallback is None:
+            raise ValueError(f"recipe has no group for tensor {tensor_name!r}")
+        return fallback

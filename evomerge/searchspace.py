@@ -1,0 +1,154 @@
+"""The search space owns the genome: its layout, bounds and decoding into a Recipe.
+
+A genome x lives in [0, 1]^n. For each layer group (plus the ``other`` group of tensors outside the
+layers) it holds, in order: a method gene when more than one method is allowed (the method is
+``methods[floor(x * M)]``), then for each expert one gene per searched per-model parameter, mapped
+linearly onto that parameter's bounds. Parameters the chosen method does not declare are ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from evomerge import catalog
+from evomerge.errors import EvomergeError
+from evomerge.merge import get_method
+from evomerge.recipe import OTHER, GroupRecipe, Recipe, split_layers
+
+
+class SearchSpaceConfig(BaseModel):
+    """What a search-space YAML (or the ``search_space`` block of a run config) may say."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = Field(None, description="catalogue entry or YAML path to start from")
+    layer_groups: int = Field(
+        1, ge=1, description="contiguous groups of decoder layers, each with its own genes"
+    )
+    methods: tuple[str, ...] = Field(("task_arithmetic",), min_length=1)
+    genes: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: {"weight": (0.0, 1.0), "density": (0.1, 1.0)},
+        description="searched per-model parameters and their [low, high] bounds",
+    )
+    fixed: dict[str, Any] = Field(default_factory=dict, description="shared parameters set for every group")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
+        for m in methods:
+            get_method(m)
+        return methods
+
+    @model_validator(mode="after")
+    def _check_genes(self) -> SearchSpaceConfig:
+        declared = {p.name: p for m in self.methods for p in get_method(m).params}
+        for name, (low, high) in self.genes.items():
+            if name not in declared:
+                raise EvomergeError(
+                    f"search space gene {name!r} is not a parameter of {list(self.methods)}; "
+                    f"their parameters: {', '.join(sorted(declared))}"
+                )
+            p = declared[name]
+            if p.scope != "model" or p.kind is bool:
+                raise EvomergeError(f"search space gene {name!r} must be a numeric per-model parameter")
+            if not low <= high:
+                raise EvomergeError(f"search space gene {name!r} bounds [{low}, {high}]: low exceeds high")
+            if p.name == "density" and not (low >= 0.0 and high <= 1.0):
+                raise EvomergeError(f"search space gene {name!r} bounds [{low}, {high}] are outside [0, 1]")
+            if low < p.low or high > p.high:
+                raise EvomergeError(
+                    f"search space gene {name!r} bounds [{low}, {high}] are outside [{p.low}, {p.high}]"
+                )
+        return self
+
+
+def load_space_config(spec: SearchSpaceConfig | dict[str, Any] | str) -> SearchSpaceConfig:
+    """A search-space config from a catalogue name, a YAML path, or a dict whose ``name`` is overridden."""
+    if isinstance(spec, SearchSpaceConfig):
+        return spec
+    overrides = {"name": spec} if isinstance(spec, str) else dict(spec)
+    base: dict[str, Any] = {}
+    if overrides.get("name"):
+        path = catalog.find("searchspaces", overrides["name"])
+        base = yaml.safe_load(Path(path).read_text()) or {}
+        base.pop("name", None)
+    return SearchSpaceConfig(**{**base, **overrides})
+
+
+@dataclass(frozen=True)
+class Gene:
+    group: str
+    expert: str | None  # None for a method gene
+    param: str  # "method" for a method gene
+    low: float
+    high: float
+
+
+class SearchSpace:
+    """Genes and bounds for one model set; ``decode(x) -> Recipe`` and ``encode(recipe) -> x``."""
+
+    def __init__(self, config: SearchSpaceConfig, experts: list[str], num_layers: int):
+        self.config = config
+        self.experts = list(experts)
+        ranges = split_layers(num_layers, config.layer_groups)
+        self.groups: list[tuple[str, tuple[int, int] | None]] = [
+            (f"layers_{a}-{b - 1}", (a, b)) for a, b in ranges
+        ] + [(OTHER, None)]
+        self.genes: list[Gene] = []
+        for group, _ in self.groups:
+            if len(config.methods) > 1:
+                self.genes.append(Gene(group, None, "method", 0.0, 1.0))
+            for expert in self.experts:
+                for param, (low, high) in config.genes.items():
+                    self.genes.append(Gene(group, expert, param, low, high))
+
+    @property
+    def n_var(self) -> int:
+        return len(self.genes)
+
+    def decode(self, x: np.ndarray) -> Recipe:
+        x = np.asarray(x, dtype=float)
+        if x.shape != (self.n_var,):
+            raise EvomergeError(f"genome has shape {x.shape}, search space expects ({self.n_var},)")
+        if np.any(x < 0) or np.any(x > 1) or not np.all(np.isfinite(x)):
+            raise EvomergeError("genome values must lie in [0, 1]")
+        values: dict[str, dict[str, Any]] = {g: {} for g, _ in self.groups}
+        methods = {g: self.config.methods[0] for g, _ in self.groups}
+        for gene, xi in zip(self.genes, x, strict=True):
+            if gene.param == "method":
+                m = len(self.config.methods)
+                methods[gene.group] = self.config.methods[min(int(xi * m), m - 1)]
+            else:
+                value = round(gene.low + float(xi) * (gene.high - gene.low), 6)
+                values[gene.group].setdefault(gene.param, {})[gene.expert] = value
+        groups = []
+        for group, layers in self.groups:
+            declared = {p.name for p in get_method(methods[group]).params}
+            params = {k: v for k, v in values[group].items() if k in declared}
+            params.update({k: v for k, v in self.config.fixed.items() if k in declared})
+            groups.append(GroupRecipe(group, methods[group], params, layers))
+        return Recipe(tuple(groups))
+
+    def encode(self, recipe: Recipe) -> np.ndarray:
+        """The genome of a recipe (parameters the recipe lacks map to the middle of their bounds)."""
+        by_group = {g.name: g for g in recipe.groups}
+        x = np.full(self.n_var, 0.5)
+        for i, gene in enumerate(self.genes):
+            g = by_group[gene.group]
+            if gene.param == "method":
+                m = len(self.config.methods)
+                x[i] = (self.config.methods.index(g.method) + 0.5) / m
+            elif gene.param in g.parameters:
+                value = g.parameters[gene.param][gene.expert]
+                span = gene.high - gene.low
+                x[i] = 0.0 if span == 0 else (value - gene.low) / span
+        return np.clip(x, 0.0, 1.0)
+
+    def describe(self) -> list[str]:
+        return [f"{g.group}/{g.expert}/{g.param}" if g.expert else f"{g.group}/method" for g in self.genes]

@@ -1,0 +1,183 @@
+"""The durable record of a run: SQLite (WAL) in the run folder, written as each candidate finishes.
+
+A finished candidate row never changes. ``kind`` says why it was evaluated: ``search`` (a genome the
+algorithm proposed), ``test`` (a re-evaluation on the test split), ``reference`` (base or an expert).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS candidates (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    generation INTEGER,
+    label TEXT,
+    split TEXT NOT NULL,
+    genome TEXT,
+    recipe TEXT NOT NULL,
+    recipe_key TEXT NOT NULL,
+    status TEXT NOT NULL,
+    objectives TEXT,
+    metrics TEXT,
+    responses TEXT,
+    n_items INTEGER,
+    n_tokens INTEGER,
+    wall_s REAL,
+    worker TEXT,
+    error TEXT,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS candidates_key ON candidates (recipe_key, split);
+CREATE TABLE IF NOT EXISTS checkpoints (generation INTEGER PRIMARY KEY, state BLOB NOT NULL, created REAL NOT NULL);
+"""
+
+
+@dataclass
+class Candidate:
+    """One evaluated model. ``objectives`` are the configured objective values; ``metrics`` every value
+    the fitness returned; ``responses`` per task the 0/1 correctness of each item id evaluated."""
+
+    recipe: dict[str, Any]
+    recipe_key: str
+    split: str
+    status: str
+    kind: str = "search"
+    generation: int | None = None
+    label: str | None = None
+    genome: list[float] | None = None
+    objectives: dict[str, float] | None = None
+    metrics: dict[str, float] | None = None
+    responses: dict[str, dict[str, float]] | None = None
+    n_items: int = 0
+    n_tokens: int = 0
+    wall_s: float = 0.0
+    worker: str | None = None
+    error: str | None = None
+    id: int | None = None
+    created: float = field(default_factory=time.time)
+
+
+_JSON = ("genome", "objectives", "metrics", "responses")
+_COLUMNS = [
+    "kind",
+    "generation",
+    "label",
+    "split",
+    "genome",
+    "recipe",
+    "recipe_key",
+    "status",
+    "objectives",
+    "metrics",
+    "responses",
+    "n_items",
+    "n_tokens",
+    "wall_s",
+    "worker",
+    "error",
+    "created",
+]
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def add(self, c: Candidate) -> int:
+        values = []
+        for col in _COLUMNS:
+            v = getattr(c, col)
+            if col in _JSON or col == "recipe":
+                v = None if v is None else json.dumps(v, sort_keys=True)
+            values.append(v)
+        with self._tx() as db:
+            cur = db.execute(
+                f"INSERT INTO candidates ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                values,
+            )
+        c.id = cur.lastrowid
+        return c.id
+
+    def candidates(self, kind: str | None = None, split: str | None = None) -> list[Candidate]:
+        query, args = "SELECT id, " + ", ".join(_COLUMNS) + " FROM candidates WHERE 1=1", []
+        if kind is not None:
+            query += " AND kind = ?"
+            args.append(kind)
+        if split is not None:
+            query += " AND split = ?"
+            args.append(split)
+        return [self._row(r) for r in self.db.execute(query + " ORDER BY id", args)]
+
+    def get(self, candidate_id: int) -> Candidate:
+        row = self.db.execute(
+            "SELECT id, " + ", ".join(_COLUMNS) + " FROM candidates WHERE id = ?", (candidate_id,)
+        ).fetchone()
+        if row is None:
+            raise KeyError(candidate_id)
+        return self._row(row)
+
+    def find(self, recipe_key: str, split: str) -> Candidate | None:
+        """A finished, successful evaluation of these weights on this split, if any."""
+        row = self.db.execute(
+            "SELECT id, " + ", ".join(_COLUMNS) + " FROM candidates WHERE recipe_key = ? AND split = ? "
+            "AND status = 'ok' ORDER BY id LIMIT 1",
+            (recipe_key, split),
+        ).fetchone()
+        return self._row(row) if row else None
+
+    def _row(self, row: tuple[Any, ...]) -> Candidate:
+        d = dict(zip(("id", *_COLUMNS), row, strict=True))
+        for col in (*_JSON, "recipe"):
+            if d[col] is not None:
+                d[col] = json.loads(d[col])
+        return Candidate(**d)
+
+    def save_checkpoint(self, generation: int, state: Any) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?)",
+                (generation, pickle.dumps(state), time.time()),
+            )
+
+    def last_checkpoint(self) -> tuple[int, Any] | None:
+        row = self.db.execute(
+            "SELECT generation, state FROM checkpoints ORDER BY generation DESC LIMIT 1"
+        ).fetchone()
+        return (row[0], pickle.loads(row[1])) if row else None

@@ -1,0 +1,138 @@
+"""Evaluation workers: each keeps the base and the task vectors in memory and merges candidates into
+one preallocated model in place; never writes a candidate to disk. Ray actors run them in parallel."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge.fitness import LmEvalFitness
+from evomerge.merge import Merger
+from evomerge.models import ModelSet
+from evomerge.recipe import Recipe
+
+
+@dataclass
+class Job:
+    """One evaluation: a recipe on a split, with the items to use (None: all). ``record`` holds the
+    store fields that say why it was asked for (kind, generation, genome, label)."""
+
+    key: Any
+    recipe: dict[str, Any]
+    split: str
+    items: dict[str, list[int]] | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+class Evaluator:
+    """Merges recipes into one model and scores them. Runs in a Ray actor or in-process."""
+
+    def __init__(
+        self,
+        models: dict[str, Any],
+        tasks: list[str],
+        include: list[str],
+        batch_size: int = 64,
+        threads: int = 1,
+    ):
+        torch.set_num_threads(threads)
+        self.models = ModelSet(**models)
+        self.model = self.models.load_model()
+        self.tokenizer = self.models.load_tokenizer()
+        self.merger = Merger(self.model.state_dict(), self.models.expert_state_dicts())
+        self.fitness = LmEvalFitness(tasks, batch_size=batch_size, include=include)
+        self.name = f"{os.uname().nodename}:{os.getpid()}"
+
+    def materialize(self, recipe: dict[str, Any]) -> torch.nn.Module:
+        """Write the recipe's weights into the worker's model; refuse non-finite results."""
+        self.merger.apply(Recipe.from_dict(recipe), out=self.model)
+        for name, p in self.model.state_dict().items():
+            if p.is_floating_point() and not torch.isfinite(p).all():
+                raise FloatingPointError(f"merge produced NaN/inf in tensor {name!r}")
+        return self.model
+
+    def evaluate(self, job: Job) -> dict[str, Any]:
+        start = time.perf_counter()
+        try:
+            model = self.materialize(job.recipe)
+            with torch.no_grad():
+                result = self.fitness.evaluate(model, self.tokenizer, job.split, job.items)
+            bad = [k for k, v in result.values.items() if not math.isfinite(v)]
+            if bad:
+                raise FloatingPointError(f"fitness returned non-finite values for {bad}")
+            out = {"status": "ok", "error": None, **asdict(result)}
+        except Exception as e:  # a failed candidate is a record with its reason, never a gap
+            out = {"status": "failed", "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+        out.update(wall_s=time.perf_counter() - start, worker=self.name)
+        return out
+
+    def n_items(self, split: str) -> dict[str, int]:
+        return self.fitness.n_items(split)
+
+    def save(self, recipe: dict[str, Any], path: str) -> str:
+        """Save the merged model and the tokenizer as an HF folder (safetensors)."""
+        model = self.materialize(recipe)
+        Path(path).mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+
+class WorkerPool:
+    """``workers`` Ray actors, each an Evaluator; ``run(jobs)`` yields (job, result) as each finishes."""
+
+    def __init__(
+        self,
+        models: dict[str, Any],
+        tasks: list[str],
+        include: list[str],
+        workers: int,
+        batch_size: int = 64,
+        threads: int = 1,
+        address: str | None = None,
+    ):
+        import ray
+
+        if not ray.is_initialized():
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(
+                    num_cpus=max(workers * threads, os.cpu_count() or 1),
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
+        actor = ray.remote(num_cpus=threads)(Evaluator)
+        self.ray = ray
+        self.actors = [actor.remote(models, tasks, include, batch_size, threads) for _ in range(workers)]
+
+    def call(self, method: str, *args: Any) -> Any:
+        """Run a method on the first worker and wait for it."""
+        return self.ray.get(getattr(self.actors[0], method).remote(*args))
+
+    def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, dict[str, Any]]]:
+        pending = list(jobs)[::-1]
+        running: dict[Any, tuple[Job, Any]] = {}
+        idle = list(self.actors)
+        while pending or running:
+            while pending and idle:
+                job, actor = pending.pop(), idle.pop()
+                running[actor.evaluate.remote(job)] = (job, actor)
+            done, _ = self.ray.wait(list(running), num_returns=1)
+            job, actor = running.pop(done[0])
+            idle.append(actor)
+            yield job, self.ray.get(done[0])
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        self.actors = []
