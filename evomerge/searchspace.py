@@ -33,7 +33,7 @@ class SearchSpaceConfig(BaseModel):
     )
     methods: tuple[str, ...] = Field(("task_arithmetic",), min_length=1)
     genes: dict[str, tuple[float, float]] = Field(
-        default_factory=lambda: {"weight": (0.0, 1.0), "density": (0.1, 1.0)},
+        default_factory=lambda: {"weight": (0.0, 1.0)},
         description="searched per-model parameters and their [low, high] bounds",
     )
     fixed: dict[str, Any] = Field(default_factory=dict, description="shared parameters set for every group")

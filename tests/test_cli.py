@@ -1,0 +1,116 @@
+"""Bad input gets one line naming the problem and exit code 2; nothing stored is touched."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from tiny import save_model_set
+from typer.testing import CliRunner
+
+from evomerge.cli import app
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    folders = save_model_set(root, ["base", "a", "b"])
+    folders["wide"] = save_model_set(root, ["wide"], hidden=64)["wide"]
+    return folders
+
+
+def write_config(tmp_path, models, **changes):
+    cfg = {
+        "models": {"base": str(models["base"]), "experts": {"a": str(models["a"]), "b": str(models["b"])}},
+        "fitness": {"tasks": ["zoo_addition", "zoo_script"], "items": 5},
+        "algorithm": {"name": "ga", "pop_size": 2, "generations": 1},
+        "out": str(tmp_path / "run"),
+    }
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stderr.strip()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"algorithm__popsize": 4},
+            "config: unknown key 'algorithm.popsize'; allowed: name, pop_size, generations, options",
+        ),
+        ({"colour": "red"}, "config: unknown key 'colour'; allowed: models, search_space, fitness"),
+        ({"models__base": "./no/such/model"}, "model folder './no/such/model' does not exist"),
+        ({"search_space": {"methods": ["tie"]}}, "unknown merge method 'tie' (did you mean 'ties'?)"),
+        (
+            {"search_space": {"methods": ["ties"], "genes": {"weight": [0, 1], "density": [0.2, 1.5]}}},
+            "search space gene 'density' bounds [0.2, 1.5] are outside [0, 1]",
+        ),
+        (
+            {"fitness__tasks": ["zoo_addition", "zoo_adition"]},
+            "unknown fitness task 'zoo_adition' (did you mean 'zoo_addition'?)",
+        ),
+        (
+            {"objectives": [{"name": "x", "of": "zoo_reversal"}]},
+            "objective 'x' is of 'zoo_reversal', which is not a fitness task",
+        ),
+        ({"algorithm__name": "cmaes"}, "config: algorithm.name: Input should be 'ga' or 'nsga2'"),
+    ],
+)
+def test_bad_config_one_line_exit_2(tmp_path, models, changes, message):
+    code, err = run_cli("run", write_config(tmp_path, models, **changes))
+    assert code == 2, err
+    assert message in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_experts_with_other_shapes(tmp_path, models):
+    path = write_config(
+        tmp_path, models, models__experts={"a": str(models["a"]), "wide": str(models["wide"])}
+    )
+    code, err = run_cli("run", path)
+    assert code == 2
+    assert err == "error: expert 'wide' has tensor shapes that differ from the base: hidden_size 64 vs 32"
+
+
+def test_missing_config_file(tmp_path):
+    code, err = run_cli("run", tmp_path / "nope.yaml")
+    assert (code, err) == (2, f"error: config file {str(tmp_path / 'nope.yaml')!r} does not exist")
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path, models):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "store.sqlite").write_bytes(b"precious")
+    code, err = run_cli("run", write_config(tmp_path, models))
+    assert code == 2 and "already holds a run" in err
+    assert (run / "store.sqlite").read_bytes() == b"precious"
+
+
+def test_front_of_a_folder_that_is_no_run(tmp_path):
+    code, err = run_cli("front", tmp_path)
+    assert code == 2 and "has no front.csv" in err
+
+
+def test_console_script_exit_code(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [1, 2]\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "evomerge.cli", "run", str(bad)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: config: models")
+    assert "Traceback" not in proc.stderr

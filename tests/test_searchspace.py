@@ -1,0 +1,88 @@
+"""The search space owns genome layout, bounds and decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evomerge.errors import EvomergeError
+from evomerge.searchspace import SearchSpace, SearchSpaceConfig, load_space_config
+
+
+def space(experts=("a", "b"), layers=4, **kw):
+    return SearchSpace(load_space_config({"name": "per_layer", **kw}), list(experts), layers)
+
+
+def test_catalogue_entry_loads_and_overrides():
+    s = space(layer_groups=4)
+    assert s.config.layer_groups == 4
+    assert [g for g, _ in s.groups] == ["layers_0-0", "layers_1-1", "layers_2-2", "layers_3-3", "other"]
+    assert s.n_var == 5 * 2  # one weight gene per expert per group
+
+
+def test_decode_maps_genes_onto_bounds_per_group():
+    s = space(genes={"weight": (0.2, 0.6)}, layer_groups=2)
+    x = np.array([0.0, 1.0, 0.5, 0.25, 1.0, 0.0])
+    r = s.decode(x)
+    assert [g.name for g in r.groups] == ["layers_0-1", "layers_2-3", "other"]
+    assert r.groups[0].parameters == {"weight": {"a": 0.2, "b": 0.6}}
+    assert r.groups[1].parameters == {"weight": {"a": 0.4, "b": 0.3}}
+    assert r.groups[0].layers == (0, 2)
+    assert r.group_for("model.layers.3.mlp.up_proj.weight").name == "layers_2-3"
+    assert r.group_for("lm_head.weight").name == "other"
+
+
+def test_method_gene_and_unused_parameters():
+    s = SearchSpace(load_space_config("per_layer_methods"), ["a", "b"], 4)
+    assert s.describe()[:3] == ["layers_0-1/method", "layers_0-1/a/weight", "layers_0-1/a/density"]
+    x = np.full(s.n_var, 0.5)
+    x[0] = 0.0  # task_arithmetic: no density
+    x[5] = 0.5  # ties
+    r = s.decode(x)
+    assert r.groups[0].method == "task_arithmetic" and "density" not in r.groups[0].parameters
+    assert r.groups[1].method == "ties" and set(r.groups[1].parameters) == {"weight", "density"}
+
+
+def test_encode_inverts_decode():
+    s = SearchSpace(load_space_config("per_layer_methods"), ["a", "b", "c"], 4)
+    x = np.random.default_rng(0).random(s.n_var)
+    r = s.decode(x)
+    assert s.decode(s.encode(r)).to_dict() == r.to_dict()
+
+
+def test_identical_genomes_give_identical_keys():
+    s = space()
+    x = np.random.default_rng(1).random(s.n_var)
+    assert s.decode(x).key() == s.decode(x.copy()).key()
+    assert s.decode(x).key() != s.decode(1 - x).key()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"methods": ["ties"], "genes": {"density": (0.0, 1.5)}}, "bounds [0.0, 1.5] are outside [0, 1]"),
+        ({"genes": {"weight": (0.8, 0.2)}}, "low exceeds high"),
+        ({"genes": {"density": (0.1, 0.9)}}, "gene 'density' is not a parameter of ['task_arithmetic']"),
+        ({"methods": ["slurp"]}, "unknown merge method 'slurp'"),
+        ({"layer_group": 2}, "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_search_spaces(overrides, message):
+    with pytest.raises((EvomergeError, ValueError)) as err:
+        load_space_config({"name": "per_layer", **overrides})
+    assert message in str(err.value)
+
+
+def test_genomes_outside_unit_cube_are_refused():
+    s = space()
+    with pytest.raises(EvomergeError, match=r"\[0, 1\]"):
+        s.decode(np.full(s.n_var, 1.5))
+
+
+def test_unknown_catalogue_entry_lists_available():
+    with pytest.raises(EvomergeError, match="available: per_layer, per_layer_methods"):
+        load_space_config("per_layers")
+
+
+def test_defaults_without_catalogue():
+    assert SearchSpaceConfig().methods == ("task_arithmetic",)
