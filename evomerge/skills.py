@@ -1,0 +1,163 @@
+"""Synthetic skills for the tiny model zoo, and the multiple-choice items that measure them.
+
+Three skills, each in a "full" form (what experts are fine-tuned on and what fitness measures) and an
+"easy" form (what the base model is pre-trained on, so that every expert starts from shared ground):
+
+- ``addition``: ``37+85=122.`` (full: 2-digit operands; easy: 1-digit operands)
+- ``script``: a fixed digit<->letter substitution, ``374>tux.`` and ``tux<374.`` (full: 3-4 symbols; easy: 1)
+- ``reversal``: ``abcde|edcba.`` (full: 4-6 letters; easy: 2 letters)
+
+An item's prompt is the text up to and including the separator (``=``, ``>``, ``<``, ``|``); each choice is a
+completion ending with ``.``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+
+SKILLS: tuple[str, ...] = ("addition", "script", "reversal")
+# Bump when any generator below changes: it is part of the zoo recipe hash.
+SKILLS_VERSION = 1
+
+LEVELS = ("full", "easy")
+N_CHOICES = 4
+# Digit d is written as SCRIPT[d] in the script skill.
+SCRIPT = "qrstuvwxyz"
+_UNSCRIPT = {c: str(d) for d, c in enumerate(SCRIPT)}
+LETTERS = string.ascii_lowercase
+# Every character any skill can produce, for building the tokenizer.
+ALPHABET = string.digits + LETTERS + "+=.><|"
+
+# Full operands from 50 make every full sum three digits long, so each answer digit sits at a fixed offset
+# from the operand digits it depends on; with a varying length, the units digit takes far more training.
+ADD_RANGE = {"full": (50, 99), "easy": (0, 9)}
+
+SPLIT_SEEDS = {"search": 1001, "test": 2002}
+SPLIT_SIZE = 200
+
+
+def _check(skill: str, level: str = "full") -> None:
+    if skill not in SKILLS:
+        raise ValueError(f"unknown skill {skill!r}; expected one of {SKILLS}")
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}; expected one of {LEVELS}")
+
+
+def _example(skill: str, rng: random.Random, level: str) -> tuple[str, str]:
+    """One (prompt, answer) pair; the answer ends with '.'."""
+    _check(skill, level)
+    if skill == "addition":
+        lo, hi = ADD_RANGE[level]
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        return f"{a}+{b}=", f"{a + b}."
+    if skill == "script":
+        n = rng.randint(3, 4) if level == "full" else 1
+        digits = "".join(rng.choice(string.digits) for _ in range(n))
+        letters = "".join(SCRIPT[int(d)] for d in digits)
+        if rng.random() < 0.5:
+            return f"{digits}>", f"{letters}."
+        return f"{letters}<", f"{digits}."
+    n = rng.randint(4, 6) if level == "full" else 2
+    word = "".join(rng.choice(LETTERS) for _ in range(n))
+    return f"{word}|", f"{word[::-1]}."
+
+
+def training_text(skill: str, rng: random.Random, level: str = "full") -> str:
+    """One training example of ``skill`` at ``level``, e.g. ``"37+85=122."``."""
+    prompt, answer = _example(skill, rng, level)
+    return prompt + answer
+
+
+def _replace_one(s: str, pool: str, rng: random.Random) -> str:
+    i = rng.randrange(len(s))
+    return s[:i] + rng.choice([c for c in pool if c != s[i]]) + s[i + 1 :]
+
+
+def _swap_adjacent(s: str, rng: random.Random) -> str:
+    i = rng.randrange(len(s) - 1)
+    return s[:i] + s[i + 1] + s[i] + s[i + 2 :]
+
+
+def _distractor(skill: str, prompt: str, answer: str, rng: random.Random) -> str:
+    """A plausible wrong completion (may equal the answer; the caller rejects those)."""
+    body = answer[:-1]
+    if skill == "addition":
+        value = int(body)
+        kind = rng.choice(["+1", "-1", "+10", "-10", "swap"])
+        if kind == "swap":
+            wrong = _swap_adjacent(body, rng)
+            if wrong.startswith("0"):
+                return answer
+            return wrong + "."
+        return f"{max(0, value + int(kind))}."
+    if skill == "script":
+        pool = SCRIPT if prompt.endswith(">") else string.digits
+        if rng.random() < 0.75:
+            return _replace_one(body, pool, rng) + "."
+        return _swap_adjacent(body, rng) + "."
+    kind = rng.choice(["replace", "replace", "swap", "unreversed"])
+    if kind == "replace":
+        return _replace_one(body, LETTERS, rng) + "."
+    if kind == "swap":
+        return _swap_adjacent(body, rng) + "."
+    return prompt[:-1] + "."
+
+
+def make_item(skill: str, rng: random.Random) -> dict:
+    """A 4-choice item of the full skill: ``{"prompt": "37+85=", "choices": [...], "label": i}``."""
+    prompt, answer = _example(skill, rng, "full")
+    choices = [answer]
+    while len(choices) < N_CHOICES:
+        wrong = _distractor(skill, prompt, answer, rng)
+        if wrong not in choices:
+            choices.append(wrong)
+    wrongs = choices[1:]
+    rng.shuffle(wrongs)
+    label = rng.randrange(N_CHOICES)
+    choices = wrongs[:label] + [answer] + wrongs[label:]
+    return {"prompt": prompt, "choices": choices, "label": label}
+
+
+def make_split(skill: str, n: int, seed: int, exclude: frozenset[str] | set[str] = frozenset()) -> list[dict]:
+    """``n`` items with distinct prompts, none in ``exclude``; the same arguments give the same items."""
+    _check(skill)
+    # Mixing the skill into the seed keeps the three skills' splits independent of each other.
+    rng = random.Random(f"{skill}:{seed}")
+    items: list[dict] = []
+    seen = set(exclude)
+    while len(items) < n:
+        item = make_item(skill, rng)
+        if item["prompt"] not in seen:
+            seen.add(item["prompt"])
+            items.append(item)
+    return items
+
+
+def task_splits(skill: str, n: int = SPLIT_SIZE) -> dict[str, list[dict]]:
+    """The fitness splits of ``skill``: ``{"test": [...], "search": [...]}``, disjoint in prompts."""
+    test = make_split(skill, n, SPLIT_SEEDS["test"])
+    search = make_split(skill, n, SPLIT_SEEDS["search"], exclude={item["prompt"] for item in test})
+    return {"search": search, "test": test}
+
+
+def heldout_prompts(n: int = SPLIT_SIZE) -> frozenset[str]:
+    """Every prompt of every fitness split; zoo training never shows these."""
+    return frozenset(
+        item["prompt"] for skill in SKILLS for split in task_splits(skill, n).values() for item in split
+    )
+
+
+def write_task_data(root: Path) -> list[Path]:
+    """Write ``<root>/<skill>/{search,test}.jsonl`` for every skill; returns the written paths."""
+    written = []
+    for skill in SKILLS:
+        folder = Path(root) / skill
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, items in task_splits(skill).items():
+            path = folder / f"{split}.jsonl"
+            path.write_text("".join(json.dumps(item) + "\n" for item in items))
+            written.append(path)
+    return written

@@ -1,0 +1,391 @@
+"""The tiny model zoo: a Llama base and three experts fine-tuned on synthetic skills, built once and cached.
+
+The base is pre-trained on the easy forms of every skill (see :mod:`evomerge.skills`); each expert continues
+from the base on one full skill at a low learning rate, so that the task vectors are small, mostly disjoint,
+and merge well: a task-arithmetic merge of the three beats every single expert on mean accuracy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+from evomerge import skills
+
+# Bump when the build procedure changes in a way the recipe dict does not capture.
+ZOO_VERSION = 1
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+MANIFEST = "zoo.json"
+
+RECIPE: dict = {
+    "zoo_version": ZOO_VERSION,
+    "skills_version": skills.SKILLS_VERSION,
+    "skills": list(skills.SKILLS),
+    "model": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "head_dim": 32,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": False,
+    },
+    "seq_len": 16,
+    "base": {"steps": 800, "batch_size": 64, "lr": 3e-3, "warmup": 50, "weight_decay": 0.0, "full_fraction": {"addition": 0.3, "script": 0.0, "reversal": 0.03}, "seed": 0},
+    "expert": {"steps": 900, "batch_size": 32, "lr": 3e-4, "warmup": 30, "weight_decay": 0.0, "replay": 0.25, "seed": 1},
+    "eval_split": "test",
+    "threads": 2,
+}
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/evomerge``, or ``~/.cache/evomerge``."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "evomerge"
+
+
+def recipe_hash(recipe: dict) -> str:
+    """12 hex digits identifying ``recipe``."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over :data:`evomerge.skills.ALPHABET`; it adds no special tokens."""
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *skills.ALPHABET])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=RECIPE["model"]["max_position_embeddings"],
+    )
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, recipe: dict, seed: int) -> LlamaForCausalLM:
+    """A freshly initialised Llama of the recipe's shape."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **recipe["model"],
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+# --- training -------------------------------------------------------------------------------------------
+
+
+def _pack_row(texts: Iterator[str], seq_len: int, vocab: dict[str, int]) -> list[int]:
+    """Whole examples from ``texts`` packed from position 0 until the next one would not fit."""
+    row: list[int] = []
+    for text in texts:
+        if len(row) + len(text) > seq_len:
+            break
+        row.extend(vocab[c] for c in text)
+    return row
+
+
+def _example_stream(rng: random.Random, pick, heldout: frozenset[str]) -> Iterator[str]:
+    """Endless training texts; ``pick(rng)`` chooses (skill, level). Held-out prompts are never shown."""
+    while True:
+        skill, level = pick(rng)
+        text = skills.training_text(skill, rng, level)
+        if level == "full" and text[: _prompt_len(text)] in heldout:
+            continue
+        yield text
+
+
+def _prompt_len(text: str) -> int:
+    return max(text.find(sep) for sep in "=><|") + 1
+
+
+def _base_pick(full_fraction: dict[str, float]):
+    """A uniform choice of skill, then the full level with that skill's ``full_fraction``."""
+
+    def pick(rng: random.Random) -> tuple[str, str]:
+        skill = rng.choice(skills.SKILLS)
+        return skill, "full" if rng.random() < full_fraction[skill] else "easy"
+
+    return pick
+
+
+def _batches(rows: Iterator[list[int]], batch_size: int, seq_len: int, pad_id: int) -> Iterator[torch.Tensor]:
+    while True:
+        batch = torch.full((batch_size, seq_len), pad_id, dtype=torch.long)
+        for i in range(batch_size):
+            row = next(rows)
+            batch[i, : len(row)] = torch.tensor(row)
+        yield batch
+
+
+def _train(
+    model: LlamaForCausalLM,
+    rows: Iterator[list[int]],
+    pad_id: int,
+    steps: int,
+    lr: float,
+    warmup: int,
+    weight_decay: float,
+    batch_size: int,
+    seq_len: int,
+    on_step=None,
+) -> None:
+    """AdamW with linear warmup then cosine decay to zero; loss on every non-pad token."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    batches = _batches(rows, batch_size, seq_len, pad_id)
+    for _ in range(steps):
+        batch = next(batches)
+        labels = batch.masked_fill(batch == pad_id, -100)
+        # Right padding needs no attention mask: causal attention never lets a real token see a later pad.
+        loss = model(input_ids=batch, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if on_step is not None:
+            on_step(loss.item())
+    model.eval()
+
+
+def _rows(
+    pick, seed: int, heldout: frozenset[str], seq_len: int, vocab: dict[str, int]
+) -> Iterator[list[int]]:
+    stream = _example_stream(random.Random(seed), pick, heldout)
+    while True:
+        yield _pack_row(stream, seq_len, vocab)
+
+
+def _expert_rows(
+    skill: str, recipe: dict, heldout: frozenset[str], vocab: dict[str, int]
+) -> Iterator[list[int]]:
+    """Rows of the full skill, with a ``replay`` fraction of base-mixture rows against forgetting."""
+    cfg, seq_len = recipe["expert"], recipe["seq_len"]
+    seed = cfg["seed"] * 1000 + skills.SKILLS.index(skill)
+    own = _rows(lambda rng: (skill, "full"), seed, heldout, seq_len, vocab)
+    replay = _rows(_base_pick(recipe["base"]["full_fraction"]), seed + 500, heldout, seq_len, vocab)
+    coin = random.Random(seed + 7)
+    while True:
+        yield next(replay) if coin.random() < cfg["replay"] else next(own)
+
+
+# --- scoring --------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def mc_accuracy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, items: Sequence[dict], batch_size: int = 1024
+) -> float:
+    """Fraction of ``items`` whose highest summed log-prob choice is the label (lm-eval ``acc``, no delimiter)."""
+    return float(mc_correct(model, tokenizer, items, batch_size).float().mean())
+
+
+@torch.inference_mode()
+def mc_correct(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, items: Sequence[dict], batch_size: int = 1024
+) -> torch.Tensor:
+    """Per-item 0/1 correctness (bool tensor) under the same scoring as :func:`mc_accuracy`."""
+    if not items:
+        return torch.zeros(0, dtype=torch.bool)
+    was_training = model.training
+    model.eval()
+    n_choices = len(items[0]["choices"])
+    prompts = tokenizer([it["prompt"] for it in items], add_special_tokens=False)["input_ids"]
+    conts = tokenizer([c for it in items for c in it["choices"]], add_special_tokens=False)["input_ids"]
+    seqs, starts = [], []
+    for i, prompt in enumerate(prompts):
+        for cont in conts[i * n_choices : (i + 1) * n_choices]:
+            seqs.append(prompt + cont)
+            starts.append(len(prompt))
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    for j, seq in enumerate(seqs):
+        ids[j, : len(seq)] = torch.tensor(seq)
+    lengths = torch.tensor([len(s) for s in seqs])
+    pos = torch.arange(width)
+    # Token t is scored by the logits at t-1; keep only continuation tokens.
+    scored = (pos[None, 1:] >= torch.tensor(starts)[:, None]) & (pos[None, 1:] < lengths[:, None])
+    device = next(model.parameters()).device
+    totals = []
+    for k in range(0, len(seqs), batch_size):
+        chunk = ids[k : k + batch_size].to(device)
+        logits = model(input_ids=chunk).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, chunk[:, 1:, None])[..., 0]
+        totals.append((logp * scored[k : k + batch_size].to(device)).sum(-1).cpu())
+    if was_training:
+        model.train()
+    scores = torch.cat(totals).view(len(items), n_choices)
+    labels = torch.tensor([it["label"] for it in items])
+    return scores.argmax(-1) == labels
+
+
+def evaluate(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, split: str = "test"
+) -> dict[str, float]:
+    """Accuracy of ``model`` on each skill's fitness ``split``."""
+    return {s: mc_accuracy(model, tokenizer, skills.task_splits(s)[split]) for s in skills.SKILLS}
+
+
+# --- building and caching -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int) -> Iterator:
+    """Yields ``update(description, loss)``; a rich progress bar when ``enabled``."""
+    if not enabled:
+        yield lambda desc, loss: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("[bold]zoo[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task("", total=total, loss=float("nan"))
+
+        def update(desc: str, loss: float) -> None:
+            bar.update(task, advance=1, description=desc, loss=loss)
+
+        yield update
+
+
+def _save(folder: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def _build(out: Path, recipe: dict, progress: bool) -> dict:
+    """Train and save the whole zoo into ``out``; returns the manifest."""
+    started = time.perf_counter()
+    tokenizer = build_tokenizer()
+    vocab = tokenizer.get_vocab()
+    pad_id = tokenizer.pad_token_id
+    heldout = skills.heldout_prompts()
+    base_cfg, exp_cfg = recipe["base"], recipe["expert"]
+    common = {"seq_len": recipe["seq_len"], "pad_id": pad_id}
+    total = base_cfg["steps"] + exp_cfg["steps"] * len(recipe["skills"])
+    accuracy: dict[str, dict[str, float]] = {}
+    with _threads(recipe["threads"]), _progress(progress, total) as update:
+        base = build_model(tokenizer, recipe, base_cfg["seed"])
+        rows = _rows(
+            _base_pick(base_cfg["full_fraction"]), base_cfg["seed"], heldout, recipe["seq_len"], vocab
+        )
+        _train(
+            base,
+            rows,
+            steps=base_cfg["steps"],
+            batch_size=base_cfg["batch_size"],
+            lr=base_cfg["lr"],
+            warmup=base_cfg["warmup"],
+            weight_decay=base_cfg["weight_decay"],
+            on_step=lambda loss: update("base", loss),
+            **common,
+        )
+        _save(out / "base", base, tokenizer)
+        accuracy["base"] = evaluate(base, tokenizer, recipe["eval_split"])
+        for skill in recipe["skills"]:
+            expert = copy.deepcopy(base)
+            torch.manual_seed(exp_cfg["seed"])
+            _train(
+                expert,
+                _expert_rows(skill, recipe, heldout, vocab),
+                steps=exp_cfg["steps"],
+                batch_size=exp_cfg["batch_size"],
+                lr=exp_cfg["lr"],
+                warmup=exp_cfg["warmup"],
+                weight_decay=exp_cfg["weight_decay"],
+                on_step=lambda loss, skill=skill: update(f"expert {skill}", loss),
+                **common,
+            )
+            _save(out / "experts" / skill, expert, tokenizer)
+            accuracy[skill] = evaluate(expert, tokenizer, recipe["eval_split"])
+    return {
+        "recipe": recipe,
+        "hash": recipe_hash(recipe),
+        "experts": list(recipe["skills"]),
+        "accuracy": accuracy,
+        "build_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file()
+
+
+def build_zoo(cache_dir: Path | None = None, force: bool = False, progress: bool = True) -> Path:
+    """The zoo folder ``<cache_dir>/zoo-<hash12>/``, built on first use and reused afterwards.
+
+    It holds ``base/`` and ``experts/<skill>/`` (Hugging Face folders with tokenizer) and ``zoo.json``.
+    The build happens in a temporary folder renamed into place, so a killed build leaves no zoo behind.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    digest = recipe_hash(RECIPE)
+    final = cache_dir / f"zoo-{digest}"
+    if _complete(final) and not force:
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # One builder at a time; a waiting process then finds the finished zoo.
+    with open(cache_dir / f"zoo-{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _complete(final) and not force:
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".zoo-{digest}-", dir=cache_dir))
+        try:
+            manifest = _build(tmp, RECIPE, progress)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_manifest(zoo_dir: Path) -> dict:
+    """The ``zoo.json`` manifest of a built zoo."""
+    return json.loads((Path(zoo_dir) / MANIFEST).read_text())
