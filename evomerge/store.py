@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS candidates (
@@ -173,7 +175,7 @@ class Store:
         with self._tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?)",
-                (generation, pickle.dumps(state), time.time()),
+                (generation, cloudpickle.dumps(state), time.time()),
             )
 
     def last_checkpoint(self) -> tuple[int, Any] | None:
