@@ -6,29 +6,31 @@ import json
 import sys
 from pathlib import Path
 
-import typer
+import click
 from rich.console import Console
 
 from evomerge.errors import EvomergeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Evolutionary model merging.")
-zoo_app = typer.Typer(no_args_is_help=True, help="The tiny model zoo used by the demo and the tests.")
-app.add_typer(zoo_app, name="zoo")
 console = Console()
 
 
 def fail(message: str) -> None:
+    """Print ``error: message`` as one line on stderr and exit with code 2."""
     Console(stderr=True).print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def app() -> None:
+    """Evolutionary model merging."""
 
 
 @app.command()
-def run(
-    config: Path = typer.Argument(..., help="run config YAML"),
-    out: Path | None = typer.Option(None, "--out", help="run folder (default: runs/<config name>)"),
-    workers: int | None = typer.Option(None, "--workers", help="number of Ray workers"),
-    ray_address: str | None = typer.Option(None, "--ray-address", help="join this Ray cluster"),
-) -> None:
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="run folder (default: runs/<config name>)")
+@click.option("--workers", type=int, help="number of Ray workers")
+@click.option("--ray-address", help="join this Ray cluster")
+def run(config: Path, out: Path | None, workers: int | None, ray_address: str | None) -> None:
     """Run an evolutionary merge search."""
     from evomerge.config import load_config
     from evomerge.search import Search
@@ -44,7 +46,8 @@ def run(
 
 
 @app.command()
-def front(run_dir: Path = typer.Argument(..., help="run folder")) -> None:
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def front(run_dir: Path) -> None:
     """Print the Pareto front of a finished run."""
     from evomerge.report import front_table, print_frame, print_summary
 
@@ -56,15 +59,19 @@ def front(run_dir: Path = typer.Argument(..., help="run folder")) -> None:
         print_summary(console, json.loads(summary.read_text()))
 
 
-@zoo_app.command("build")
-def zoo_build(
-    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="default: $XDG_CACHE_HOME/evomerge"),
-    force: bool = typer.Option(False, "--force", help="rebuild even when cached"),
-) -> None:
-    """Build (or find in the cache) the tiny model zoo and print its folder."""
-    from evomerge import zoo
+@app.group()
+def zoo() -> None:
+    """The tiny model zoo used by the demo and the tests."""
 
-    path = zoo.build_zoo(cache_dir, force=force, progress=sys.stderr.isatty())
+
+@zoo.command("build")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="default: $XDG_CACHE_HOME/evomerge")
+@click.option("--force", is_flag=True, help="rebuild even when cached")
+def zoo_build(cache_dir: Path | None, force: bool) -> None:
+    """Build (or find in the cache) the tiny model zoo and print its folder."""
+    from evomerge import zoo as zoo_module
+
+    path = zoo_module.build_zoo(cache_dir, force=force, progress=sys.stderr.isatty())
     console.print(str(path))
 
 

@@ -26,6 +26,23 @@ _SHAPE_KEYS = (
 )
 
 
+def save_hf(folder: str | Path, model, tokenizer) -> Path:
+    """Save ``model`` (safetensors) and ``tokenizer`` as a Hugging Face folder, without progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+    return folder
+
+
 def _looks_local(ref: str) -> bool:
     """Paths, unlike hub ids ("gpt2", "org/name"), start with . / ~, have several parts, or start in an
     existing folder ("runs/x" where runs/ exists here is a typo'd local path, not a hub id)."""

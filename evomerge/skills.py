@@ -1,11 +1,16 @@
 """Synthetic skills for the tiny model zoo, and the multiple-choice items that measure them.
 
-Three skills, each in a "full" form (what experts are fine-tuned on and what fitness measures) and an
-"easy" form (what the base model is pre-trained on, so that every expert starts from shared ground):
+Three skills, each written in three ways ("levels"):
 
-- ``addition``: ``37+85=122.`` (full: 2-digit operands; easy: 1-digit operands)
-- ``script``: a fixed digit<->letter substitution, ``374>tux.`` and ``tux<374.`` (full: 3-4 symbols; easy: 1)
-- ``reversal``: ``abcde|edcba.`` (full: 4-6 letters; easy: 2 letters)
+- ``addition``: ``57+85=142.``; full: operands 50-99; easy: operands 0-9
+- ``script``: a fixed digit<->letter substitution, ``374>tux.`` and ``tux<374.``; full: 3-4 symbols; easy: 1
+- ``reversal``: ``abcde|edcba.``; full: 4-6 letters; easy: 2 letters
+
+``full`` is what experts are fine-tuned on and what fitness measures; ``easy`` is the short form in the same
+notation; ``alt`` is the full form in another notation (``57+85:142.``, ``374]tux.``, ``tux[374.``,
+``abcde/edcba.``). The base learns ``easy`` and ``alt``: it can do every full skill, but not in the task's
+notation, so each expert only has to connect what the base knows to its own notation. That small,
+skill-specific change is what makes the experts' task vectors add up in a merge.
 
 An item's prompt is the text up to and including the separator (``=``, ``>``, ``<``, ``|``); each choice is a
 completion ending with ``.``.
@@ -22,14 +27,15 @@ SKILLS: tuple[str, ...] = ("addition", "script", "reversal")
 # Bump when any generator below changes: it is part of the zoo recipe hash.
 SKILLS_VERSION = 1
 
-LEVELS = ("full", "easy")
+LEVELS = ("full", "easy", "alt")
 N_CHOICES = 4
 # Digit d is written as SCRIPT[d] in the script skill.
 SCRIPT = "qrstuvwxyz"
-_UNSCRIPT = {c: str(d) for d, c in enumerate(SCRIPT)}
 LETTERS = string.ascii_lowercase
+# Task notation separator -> the separator of the same skill in the "alt" level.
+ALT_SEPARATORS = {"=": ":", ">": "]", "<": "[", "|": "/"}
 # Every character any skill can produce, for building the tokenizer.
-ALPHABET = string.digits + LETTERS + "+=.><|"
+ALPHABET = string.digits + LETTERS + "+=.><|" + "".join(ALT_SEPARATORS.values())
 
 # Full operands from 50 make every full sum three digits long, so each answer digit sits at a fixed offset
 # from the operand digits it depends on; with a varying length, the units digit takes far more training.
@@ -46,29 +52,44 @@ def _check(skill: str, level: str = "full") -> None:
         raise ValueError(f"unknown level {level!r}; expected one of {LEVELS}")
 
 
-def _example(skill: str, rng: random.Random, level: str) -> tuple[str, str]:
-    """One (prompt, answer) pair; the answer ends with '.'."""
-    _check(skill, level)
+def _example(skill: str, rng: random.Random, full: bool) -> tuple[str, str]:
+    """One (prompt, answer) pair in task notation; the answer ends with '.'."""
     if skill == "addition":
-        lo, hi = ADD_RANGE[level]
+        lo, hi = ADD_RANGE["full" if full else "easy"]
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
         return f"{a}+{b}=", f"{a + b}."
     if skill == "script":
-        n = rng.randint(3, 4) if level == "full" else 1
+        n = rng.randint(3, 4) if full else 1
         digits = "".join(rng.choice(string.digits) for _ in range(n))
         letters = "".join(SCRIPT[int(d)] for d in digits)
         if rng.random() < 0.5:
             return f"{digits}>", f"{letters}."
         return f"{letters}<", f"{digits}."
-    n = rng.randint(4, 6) if level == "full" else 2
+    n = rng.randint(4, 6) if full else 2
     word = "".join(rng.choice(LETTERS) for _ in range(n))
     return f"{word}|", f"{word[::-1]}."
 
 
+def training_example(skill: str, rng: random.Random, level: str = "full") -> tuple[str, str]:
+    """One training example of ``skill`` at ``level`` as (prompt, answer), e.g. ``("57+85=", "142.")``."""
+    _check(skill, level)
+    prompt, answer = _example(skill, rng, full=level != "easy")
+    if level == "alt":
+        prompt = prompt[:-1] + ALT_SEPARATORS[prompt[-1]]
+    return prompt, answer
+
+
 def training_text(skill: str, rng: random.Random, level: str = "full") -> str:
-    """One training example of ``skill`` at ``level``, e.g. ``"37+85=122."``."""
-    prompt, answer = _example(skill, rng, level)
-    return prompt + answer
+    """One training example of ``skill`` at ``level``, e.g. ``"57+85=142."``."""
+    return "".join(training_example(skill, rng, level))
+
+
+def task_prompt(prompt: str) -> str:
+    """``prompt`` in task notation (an ``alt`` separator replaced by the task's)."""
+    return prompt[:-1] + _TASK_SEPARATORS.get(prompt[-1], prompt[-1])
+
+
+_TASK_SEPARATORS = {alt: sep for sep, alt in ALT_SEPARATORS.items()}
 
 
 def _replace_one(s: str, pool: str, rng: random.Random) -> str:
@@ -107,8 +128,9 @@ def _distractor(skill: str, prompt: str, answer: str, rng: random.Random) -> str
 
 
 def make_item(skill: str, rng: random.Random) -> dict:
-    """A 4-choice item of the full skill: ``{"prompt": "37+85=", "choices": [...], "label": i}``."""
-    prompt, answer = _example(skill, rng, "full")
+    """A 4-choice item of the full skill: ``{"prompt": "57+85=", "choices": [...], "label": i}``."""
+    _check(skill)
+    prompt, answer = _example(skill, rng, full=True)
     choices = [answer]
     while len(choices) < N_CHOICES:
         wrong = _distractor(skill, prompt, answer, rng)
@@ -144,7 +166,7 @@ def task_splits(skill: str, n: int = SPLIT_SIZE) -> dict[str, list[dict]]:
 
 
 def heldout_prompts(n: int = SPLIT_SIZE) -> frozenset[str]:
-    """Every prompt of every fitness split; zoo training never shows these."""
+    """Every prompt of every fitness split; zoo training never shows these, in any notation."""
     return frozenset(
         item["prompt"] for skill in SKILLS for split in task_splits(skill, n).values() for item in split
     )

@@ -9,14 +9,13 @@ import time
 import traceback
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from evomerge.fitness import LmEvalFitness
 from evomerge.merge import Merger
-from evomerge.models import ModelSet
+from evomerge.models import ModelSet, save_hf
 from evomerge.recipe import Recipe
 
 
@@ -79,10 +78,7 @@ class Evaluator:
 
     def save(self, recipe: dict[str, Any], path: str) -> str:
         """Save the merged model and the tokenizer as an HF folder (safetensors)."""
-        model = self.materialize(recipe)
-        Path(path).mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        save_hf(path, self.materialize(recipe), self.tokenizer)
         return path
 
 

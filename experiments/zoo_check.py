@@ -33,7 +33,9 @@ def _override(recipe: dict, assignment: str) -> None:
 
 
 def task_arithmetic(base: dict, experts: list[dict], weights: list[float]) -> dict:
-    return {k: v + sum(w * (e[k] - v) for w, e in zip(weights, experts, strict=True)) for k, v in base.items()}
+    return {
+        k: v + sum(w * (e[k] - v) for w, e in zip(weights, experts, strict=True)) for k, v in base.items()
+    }
 
 
 def main() -> None:
@@ -89,7 +91,9 @@ def main() -> None:
         print(f"{name:28s}" + "".join(f"{acc[s]:10.3f}" for s in [*skills.SKILLS, "mean"]))
     best_expert = max(rows[s]["mean"] for s in recipe["skills"])
     print(f"ta-0.5 - best expert: {rows['ta-0.5']['mean'] - best_expert:+.3f}")
-    print(f"tuned - best expert:  {list(rows.values())[-1]['mean'] - best_expert:+.3f}  (tuning {tune_s:.0f} s)")
+    print(
+        f"tuned - best expert:  {list(rows.values())[-1]['mean'] - best_expert:+.3f}  (tuning {tune_s:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

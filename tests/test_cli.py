@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import yaml
+from click.testing import CliRunner
 from tiny import save_model_set
-from typer.testing import CliRunner
 
 from evomerge.cli import app
 

@@ -24,7 +24,12 @@ def run_dir(zoo_dir, tmp_path_factory):
     cfg = load_config(
         "experiments/demo.yaml",
         out=str(root / "run"),
-        **{"fitness.items": 20, "algorithm.pop_size": 4, "algorithm.generations": 2, "zoo.cache_dir": str(zoo_dir.parent)},
+        **{
+            "fitness.items": 20,
+            "algorithm.pop_size": 4,
+            "algorithm.generations": 2,
+            "zoo.cache_dir": str(zoo_dir.parent),
+        },
     )
     try:
         yield Search(cfg).run()
@@ -67,6 +72,8 @@ def test_saved_best_model_scores_what_the_store_says(run_dir):
     # the worker scored with 1 thread, this process with more: allow a near-tie item to flip
     assert result.values["mean"] == pytest.approx(summary["best"]["mean_accuracy"], abs=0.01)
     store = Store(run_dir / "store.sqlite")
-    test_row = next(c for c in store.candidates(kind="test") if c.label == f"front:{summary['best_candidate']}")
+    test_row = next(
+        c for c in store.candidates(kind="test") if c.label == f"front:{summary['best_candidate']}"
+    )
     same = sum(test_row.responses[t][i] == v for t in TASKS for i, v in result.responses[t].items())
     assert same >= 0.99 * result.n_items
