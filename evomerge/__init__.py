@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Merger": "evomerge.merge",
+    "merge_state_dicts": "evomerge.merge",
+    "METHODS": "evomerge.merge",
     "Recipe": "evomerge.recipe",
     "RunConfig": "evomerge.config",
     "load_config": "evomerge.config",

@@ -1,4 +1,4 @@
-"""The command line: ``evomerge run``, ``evomerge zoo build``, ``evomerge front``."""
+"""The command line: ``evomerge run``, ``front``, ``export`` and ``zoo build``."""
 
 from __future__ import annotations
 
@@ -57,6 +57,31 @@ def front(run_dir: Path) -> None:
     summary = run_dir / "summary.json"
     if summary.is_file():
         print_summary(console, json.loads(summary.read_text()))
+
+
+@app.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--candidate", "candidate_id", type=int, required=True, help="candidate id (see `evomerge front`)"
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["mergekit"]),
+    default="mergekit",
+    show_default=True,
+    help="output format",
+)
+@click.option("--out", type=click.Path(path_type=Path), help="file to write (default: RUN_DIR/exports/...)")
+def export(run_dir: Path, candidate_id: int, fmt: str, out: Path | None) -> None:
+    """Write a candidate's recipe as a mergekit YAML (reproduce it with mergekit-yaml)."""
+    from evomerge.export import export_candidate
+
+    try:
+        path = export_candidate(run_dir, candidate_id, out)
+    except EvomergeError as e:
+        fail(str(e))
+    console.print(str(path))
 
 
 @app.group()

@@ -6,6 +6,7 @@ norm, lm_head) form the group ``other``. Each group has a merge method and that 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -40,7 +41,12 @@ class GroupRecipe:
     layers: tuple[int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name, "method": self.method, "parameters": dict(self.parameters)}
+        # a deep copy: the recipe is immutable, so nothing done to the dict may reach it
+        d: dict[str, Any] = {
+            "name": self.name,
+            "method": self.method,
+            "parameters": copy.deepcopy(dict(self.parameters)),
+        }
         if self.layers is not None:
             d["layers"] = list(self.layers)
         return d
@@ -62,7 +68,7 @@ class Recipe:
                 GroupRecipe(
                     g["name"],
                     g["method"],
-                    dict(g["parameters"]),
+                    copy.deepcopy(dict(g["parameters"])),
                     tuple(g["layers"]) if "layers" in g else None,
                 )
                 for g in d["groups"]

@@ -99,6 +99,7 @@ class Search:
         store = Store(path)
         store.set_meta("config", self.config.model_dump(mode="json"))
         store.set_meta("genes", self.space.describe())
+        store.set_meta("models", self._models_spec())
         (self.run_dir / "config.yaml").write_text(self.config.to_yaml())
         return store
 

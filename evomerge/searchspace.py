@@ -2,8 +2,9 @@
 
 A genome x lives in [0, 1]^n. For each layer group (plus the ``other`` group of tensors outside the
 layers) it holds, in order: a method gene when more than one method is allowed (the method is
-``methods[floor(x * M)]``), then for each expert one gene per searched per-model parameter, mapped
-linearly onto that parameter's bounds. Parameters the chosen method does not declare are ignored.
+``methods[floor(x * M)]``), one gene per searched shared parameter (slerp's ``t``, ``lambda``, ...), then
+for each expert one gene per searched per-model parameter (``weight``, ``density``, ...), each mapped
+linearly onto its bounds. Parameters the chosen method does not declare are ignored.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class SearchSpaceConfig(BaseModel):
     methods: tuple[str, ...] = Field(("task_arithmetic",), min_length=1)
     genes: dict[str, tuple[float, float]] = Field(
         default_factory=lambda: {"weight": (0.0, 1.0)},
-        description="searched per-model parameters and their [low, high] bounds",
+        description="searched parameters and their [low, high] bounds (one gene per expert for per-model ones)",
     )
     fixed: dict[str, Any] = Field(default_factory=dict, description="shared parameters set for every group")
 
@@ -55,8 +56,10 @@ class SearchSpaceConfig(BaseModel):
                     f"their parameters: {', '.join(sorted(declared))}"
                 )
             p = declared[name]
-            if p.scope != "model" or p.kind is bool:
-                raise EvomergeError(f"search space gene {name!r} must be a numeric per-model parameter")
+            if p.kind is bool:
+                raise EvomergeError(
+                    f"search space gene {name!r} is a true/false parameter; set it under `fixed:` instead"
+                )
             if not low <= high:
                 raise EvomergeError(f"search space gene {name!r} bounds [{low}, {high}]: low exceeds high")
             if p.name == "density" and not (low >= 0.0 and high <= 1.0):
@@ -64,6 +67,12 @@ class SearchSpaceConfig(BaseModel):
             if low < p.low or high > p.high:
                 raise EvomergeError(
                     f"search space gene {name!r} bounds [{low}, {high}] are outside [{p.low}, {p.high}]"
+                )
+        for name in self.fixed:
+            if name not in declared:
+                raise EvomergeError(
+                    f"search space fixed parameter {name!r} is not a parameter of {list(self.methods)}; "
+                    f"their parameters: {', '.join(sorted(declared))}"
                 )
         return self
 
@@ -84,7 +93,7 @@ def load_space_config(spec: SearchSpaceConfig | dict[str, Any] | str) -> SearchS
 @dataclass(frozen=True)
 class Gene:
     group: str
-    expert: str | None  # None for a method gene
+    expert: str | None  # None for a method gene or a shared parameter
     param: str  # "method" for a method gene
     low: float
     high: float
@@ -100,13 +109,20 @@ class SearchSpace:
         self.groups: list[tuple[str, tuple[int, int] | None]] = [
             (f"layers_{a}-{b - 1}", (a, b)) for a, b in ranges
         ] + [(OTHER, None)]
+        for m in config.methods:
+            get_method(m).check_count(len(self.experts))
+        shared = {p.name for m in config.methods for p in get_method(m).params if p.scope == "shared"}
         self.genes: list[Gene] = []
         for group, _ in self.groups:
             if len(config.methods) > 1:
                 self.genes.append(Gene(group, None, "method", 0.0, 1.0))
+            for param, (low, high) in config.genes.items():
+                if param in shared:
+                    self.genes.append(Gene(group, None, param, low, high))
             for expert in self.experts:
                 for param, (low, high) in config.genes.items():
-                    self.genes.append(Gene(group, expert, param, low, high))
+                    if param not in shared:
+                        self.genes.append(Gene(group, expert, param, low, high))
 
     @property
     def n_var(self) -> int:
@@ -126,7 +142,10 @@ class SearchSpace:
                 methods[gene.group] = self.config.methods[min(int(xi * m), m - 1)]
             else:
                 value = round(gene.low + float(xi) * (gene.high - gene.low), 6)
-                values[gene.group].setdefault(gene.param, {})[gene.expert] = value
+                if gene.expert is None:
+                    values[gene.group][gene.param] = value
+                else:
+                    values[gene.group].setdefault(gene.param, {})[gene.expert] = value
         groups = []
         for group, layers in self.groups:
             declared = {p.name for p in get_method(methods[group]).params}
@@ -145,10 +164,12 @@ class SearchSpace:
                 m = len(self.config.methods)
                 x[i] = (self.config.methods.index(g.method) + 0.5) / m
             elif gene.param in g.parameters:
-                value = g.parameters[gene.param][gene.expert]
+                value = g.parameters[gene.param]
+                if gene.expert is not None:
+                    value = value[gene.expert]
                 span = gene.high - gene.low
                 x[i] = 0.0 if span == 0 else (value - gene.low) / span
         return np.clip(x, 0.0, 1.0)
 
     def describe(self) -> list[str]:
-        return [f"{g.group}/{g.expert}/{g.param}" if g.expert else f"{g.group}/method" for g in self.genes]
+        return [f"{g.group}/{g.expert}/{g.param}" if g.expert else f"{g.group}/{g.param}" for g in self.genes]

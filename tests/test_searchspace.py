@@ -86,3 +86,41 @@ def test_unknown_catalogue_entry_lists_available():
 
 def test_defaults_without_catalogue():
     assert SearchSpaceConfig().methods == ("task_arithmetic",)
+
+
+def test_shared_parameters_get_one_gene_per_group():
+    s = SearchSpace(SearchSpaceConfig(methods=("slerp",), genes={"t": (0.2, 0.8)}, layer_groups=2), ["a"], 4)
+    assert s.describe() == ["layers_0-1/t", "layers_2-3/t", "other/t"]
+    r = s.decode(np.array([0.0, 0.5, 1.0]))
+    assert [g.parameters for g in r.groups] == [{"t": 0.2}, {"t": 0.5}, {"t": 0.8}]
+    np.testing.assert_allclose(s.encode(r), [0.0, 0.5, 1.0])
+
+
+def test_shared_and_per_model_genes_mix():
+    cfg = SearchSpaceConfig(methods=("ties",), genes={"weight": (0, 1), "lambda": (0.5, 1.5)})
+    s = SearchSpace(cfg, ["a", "b"], 4)
+    assert s.describe() == ["layers_0-3/lambda", "layers_0-3/a/weight", "layers_0-3/b/weight"] + [
+        "other/lambda",
+        "other/a/weight",
+        "other/b/weight",
+    ]
+    r = s.decode(np.array([0.5, 0.1, 0.2, 1.0, 0.3, 0.4]))
+    assert r.groups[1].parameters == {"lambda": 1.5, "weight": {"a": 0.3, "b": 0.4}}
+
+
+def test_methods_that_cannot_take_the_experts_are_refused():
+    with pytest.raises(EvomergeError, match="'slerp' needs the base and exactly 1 other model"):
+        SearchSpace(SearchSpaceConfig(methods=("ties", "slerp"), genes={"weight": (0, 1)}), ["a", "b"], 4)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"fixed": {"lamda": 1.0}}, "fixed parameter 'lamda' is not a parameter of"),
+        ({"genes": {"normalize": (0, 1)}}, "'normalize' is a true/false parameter; set it under `fixed:`"),
+    ],
+)
+def test_bad_fixed_and_boolean_genes(overrides, message):
+    with pytest.raises(ValueError) as err:  # EvomergeError, inside pydantic's ValidationError
+        load_space_config({"methods": ["ties"], **overrides})
+    assert message in str(err.value)

@@ -14,6 +14,9 @@ from typing import Any, Literal
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.merge.kernels import STORE, Workspace
+from evomerge.merge.orderstats import OrderSketch, Selection, select_direct
+from evomerge.merge.streams import Stream, TorchStream
 from evomerge.registry import Registry
 
 REQUIRED: Any = object()
@@ -43,8 +46,11 @@ class Param:
 class MergeInputs:
     """The inputs to one output tensor: the base and the experts' task vectors (``deltas``, K x shape).
 
-    Methods that need the experts' own weights read ``tensors`` (base first, then each expert); methods
-    that need magnitude order statistics call ``magnitude_mask``, which a ``Merger`` serves from its cache.
+    Besides the tensors it carries what a ``Merger`` provides to make a method fast: ``out`` (the
+    preallocated float32 output to write into, or None), a per-tensor ``cache`` of genome-independent
+    statistics that outlives the merge, a ``workspace`` of reusable scratch buffers and the random
+    ``stream`` of the stochastic methods. Built by hand (``MergeInputs(name, base, deltas)``) it works
+    the same, computing everything on the spot.
     """
 
     def __init__(
@@ -52,41 +58,93 @@ class MergeInputs:
         name: str,
         base: torch.Tensor,
         deltas: torch.Tensor,
-        thresholds: Callable[[int, float], torch.Tensor] | None = None,
+        *,
+        out: torch.Tensor | None = None,
+        cache: dict[Any, Any] | None = None,
+        workspace: Workspace | None = None,
+        stream: Stream | None = None,
     ) -> None:
         self.name = name
         self.base = base
         self.deltas = deltas
-        self._thresholds = thresholds
+        self.out = out
+        self.persistent = cache is not None
+        self.cache: dict[Any, Any] = cache if cache is not None else {}
+        self.workspace = workspace if workspace is not None else Workspace()
+        self.stream = stream if stream is not None else TorchStream()
 
     @property
     def n_experts(self) -> int:
         return self.deltas.shape[0]
 
     @property
+    def numel(self) -> int:
+        return self.base.numel()
+
+    @property
     def tensors(self) -> list[torch.Tensor]:
         return [self.base] + [self.base + d for d in self.deltas]
 
-    def magnitude_threshold(self, i: int, density: float) -> torch.Tensor:
-        """The k-th largest |delta_i| with k = max(1, int(density * numel)): top-k is ``|delta_i| >= it``."""
-        if self._thresholds is not None:
-            return self._thresholds(i, density)
-        flat = self.deltas[i].abs().reshape(-1)
-        k = max(1, int(density * flat.numel()))
-        return torch.kthvalue(flat, flat.numel() - k + 1).values
+    def flat_base(self) -> torch.Tensor:
+        return self.base.reshape(-1)
 
-    def magnitude_mask(self, i: int, density: float) -> torch.Tensor:
-        """Keep-mask of the ``density`` fraction of largest-magnitude entries of delta_i (mergekit's
-        ``magnitude`` sparsification: at least one entry survives any positive density)."""
-        if density >= 1:
-            return torch.ones_like(self.deltas[i], dtype=torch.bool)
-        if density <= 0:
-            return torch.zeros_like(self.deltas[i], dtype=torch.bool)
-        return self.deltas[i].abs() >= self.magnitude_threshold(i, density)
+    def delta(self, i: int) -> torch.Tensor:
+        """Expert i's task vector, flat (a view)."""
+        return self.deltas[i].reshape(-1)
+
+    def output(self) -> torch.Tensor:
+        """The flat float32 output to write into (``out``, or a fresh tensor kept as ``out``)."""
+        if self.out is None:
+            self.out = torch.empty(self.base.shape, dtype=self.deltas.dtype)
+        return self.out.view(-1)
+
+    def result(self) -> torch.Tensor:
+        assert self.out is not None
+        return self.out
+
+    def cached(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """A genome-independent statistic: computed once per tensor and worker when a Merger owns us."""
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+    def abs_sum(self, i: int) -> torch.Tensor:
+        """sum |delta_i| as a float32 scalar, reduced as mergekit's ``tensor.abs().sum()`` (bit-identical
+        for a given thread count; a one-time full-size temporary)."""
+
+        def compute() -> torch.Tensor:
+            d = self.delta(i)
+            if d.numel() > STORE:  # a transient rather than a workspace buffer kept at this size
+                return d.abs().sum()
+            return torch.abs(d, out=self.workspace.buf("whole", d.numel())).sum()
+
+        return self.cached(("abs_sum", i), compute)
+
+    def magnitude_select(self, i: int, rank: int, ties: bool = True) -> Selection:
+        """The ``rank``-th smallest |delta_i| (0-based), exactly, with the count below it and (``ties``)
+        the indices equal to it: a sketch lookup, plus one pass when needed, under a Merger;
+        ``kthvalue`` otherwise."""
+        d = self.delta(i)
+        if not self.persistent:
+            return select_direct(d, rank, ties)
+        sketch = self.cached(("order", i), lambda: OrderSketch(d, self.workspace.buf("sort", d.numel())))
+        return sketch.select(rank, lambda sl, _buf: d[sl], self.workspace, ties)
+
+
+BasePolicy = Literal["required", "optional", "input"]
 
 
 @dataclass(frozen=True)
 class MergeMethod:
+    """A registered method: ``fn(inputs, **params)`` and its declaration.
+
+    ``base`` says what the base model is to the method (mergekit's input contract): ``"required"``,
+    the reference the task vectors are taken from; ``"optional"`` (nuslerp), without one the experts
+    are used as they are; ``"input"`` (linear), one more weighted input (``base_weight``).
+    ``check(params, experts)`` rejects parameter combinations the ranges cannot express;
+    ``prepare(inputs)`` computes a tensor's genome-independent statistics ahead of the first merge.
+    """
+
     name: str
     fn: Callable[..., torch.Tensor]
     params: tuple[Param, ...]
@@ -94,6 +152,11 @@ class MergeMethod:
     min_experts: int = 1
     max_experts: int | None = None
     doc: str = field(default="", repr=False)
+    base: BasePolicy = "required"
+    check: Callable[[MergeMethod, dict[str, Any], Sequence[Any]], None] | None = field(
+        default=None, repr=False
+    )
+    prepare: Callable[[MergeInputs], None] | None = field(default=None, repr=False)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -104,17 +167,27 @@ class MergeMethod:
             f"its parameters: {', '.join(p.name for p in self.params)}"
         )
 
-    def resolve(self, parameters: Mapping[str, Any], experts: Sequence[str]) -> dict[str, Any]:
+    def check_count(self, k: int) -> None:
+        """Refuse a number of experts (inputs besides the base) the method cannot merge."""
+        if k >= self.min_experts and (self.max_experts is None or k <= self.max_experts):
+            return
+        if self.min_experts == self.max_experts:
+            allowed = f"exactly {self.min_experts}"
+        elif self.max_experts is None:
+            allowed = f"at least {self.min_experts}"
+        else:
+            allowed = f"{self.min_experts} to {self.max_experts}"
+        if self.base == "required":
+            raise EvomergeError(
+                f"merge method {self.name!r} needs the base and {allowed} other model(s), got {k}"
+            )
+        besides = " besides the optional base" if self.base == "optional" else ""
+        raise EvomergeError(f"merge method {self.name!r} needs {allowed} expert model(s){besides}, got {k}")
+
+    def resolve(self, parameters: Mapping[str, Any], experts: Sequence[Any]) -> dict[str, Any]:
         """Check ``parameters`` against the declaration and return them ready for ``fn``: per-model
         values become float tensors of shape (K,) in ``experts`` order, defaults filled in."""
-        k = len(experts)
-        if k < self.min_experts or (self.max_experts is not None and k > self.max_experts):
-            allowed = (
-                f"exactly {self.min_experts}"
-                if self.min_experts == self.max_experts
-                else f"at least {self.min_experts}"
-            )
-            raise EvomergeError(f"merge method {self.name!r} needs {allowed} expert model(s), got {k}")
+        self.check_count(len(experts))
         for name in parameters:
             self.param(name)
         out: dict[str, Any] = {}
@@ -126,9 +199,11 @@ class MergeMethod:
             else:
                 value = p.default
             out[p.name] = self._resolve_value(p, value, experts)
+        if self.check is not None:
+            self.check(self, out, experts)
         return out
 
-    def _resolve_value(self, p: Param, value: Any, experts: Sequence[str]) -> Any:
+    def _resolve_value(self, p: Param, value: Any, experts: Sequence[Any]) -> Any:
         if p.scope == "shared":
             self._check_range(p, value)
             return p.kind(value)
@@ -137,7 +212,7 @@ class MergeMethod:
             extra = [e for e in value if e not in experts]
             if missing or extra:
                 raise EvomergeError(
-                    f"merge method {self.name!r} parameter {p.name!r}: values given for {sorted(value)}, "
+                    f"merge method {self.name!r} parameter {p.name!r}: values given for {sorted(map(str, value))}, "
                     f"expected one per expert: {list(experts)}"
                 )
             values = [value[e] for e in experts]
@@ -150,18 +225,28 @@ class MergeMethod:
             values = list(value)
         else:
             values = [value] * len(experts)
-        for v in values:
-            self._check_range(p, v)
+        for v, e in zip(values, experts, strict=True):
+            self._check_range(p, v, e if len(experts) > 1 else None)
         return torch.tensor([float(v) for v in values], dtype=torch.float64)
 
-    def _check_range(self, p: Param, value: Any) -> None:
+    def _check_range(self, p: Param, value: Any, expert: Any = None) -> None:
+        of = f" (expert {expert!r})" if expert is not None else ""
         if p.kind is bool:
             if not isinstance(value, bool):
-                raise EvomergeError(f"merge method {self.name!r} parameter {p.name!r} must be true or false")
+                raise EvomergeError(
+                    f"merge method {self.name!r} parameter {p.name!r} must be true or false{of}"
+                )
             return
-        if not isinstance(value, (int, float)) or not (p.low <= float(value) <= p.high):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or math.isnan(value)
+            or not (p.low <= float(value) <= p.high)
+        ):
             raise EvomergeError(
-                f"merge method {self.name!r} parameter {p.name!r}={value!r} is outside [{p.low}, {p.high}]"
+                f"merge method {self.name!r} parameter {p.name!r}={value!r} is outside [{p.low}, {p.high}]{of}"
             )
 
 
@@ -175,13 +260,27 @@ def merge_method(
     reference: str = "",
     min_experts: int = 1,
     max_experts: int | None = None,
+    base: BasePolicy = "required",
+    check: Callable[[MergeMethod, dict[str, Any], Sequence[Any]], None] | None = None,
+    prepare: Callable[[MergeInputs], None] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn(inputs: MergeInputs, **params) -> Tensor`` under ``name`` with its parameters."""
 
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         METHODS.add(
             name,
-            MergeMethod(name, fn, tuple(params), reference, min_experts, max_experts, fn.__doc__ or ""),
+            MergeMethod(
+                name,
+                fn,
+                tuple(params),
+                reference,
+                min_experts,
+                max_experts,
+                fn.__doc__ or "",
+                base,
+                check,
+                prepare,
+            ),
         )
         return fn
 

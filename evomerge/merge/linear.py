@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from evomerge.merge.base import MergeInputs, Param, merge_method
+from evomerge.merge.kernels import weighted_sum
 
 
 @merge_method(
@@ -15,18 +16,17 @@ from evomerge.merge.base import MergeInputs, Param, merge_method
         Param("normalize", "shared", default=True, kind=bool),
     ],
     reference="https://arxiv.org/abs/2203.05482",
+    base="input",
 )
 def linear(x: MergeInputs, weight: torch.Tensor, base_weight: float, normalize: bool) -> torch.Tensor:
     """merged = sum_i w_i * theta_i / sum_i w_i   (without the division when normalize is false).
 
     The inputs are the experts plus the base with ``base_weight`` (mergekit: the base is one more input
-    with its own ``weight``; 0 leaves it out).
+    with its own ``weight``; 0 leaves it out). Computed as c_b base + sum_i c_i delta_i with
+    c_i = w_i / total and c_b = (sum_i w_i + base_weight) / total.
     """
-    w = weight.to(x.deltas.dtype)
-    total = w.sum() + base_weight
-    # sum_i w_i (base + d_i) + w_b base = (sum w + w_b) base + sum_i w_i d_i
-    out = torch.tensordot(w, x.deltas, dims=1) if x.n_experts else torch.zeros_like(x.base)
-    out.add_(x.base, alpha=float(total))
-    if normalize:
-        out.div_(total)
-    return out
+    w = [float(v) for v in weight.to(torch.float32)]
+    total = float(torch.tensor(w + [base_weight], dtype=torch.float32).sum()) if normalize else 1.0
+    base_coef = (sum(w) + base_weight) / total
+    weighted_sum(x.output(), x.flat_base(), base_coef, [(x.delta(i), wi / total) for i, wi in enumerate(w)])
+    return x.result()

@@ -4,26 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.base import MergeInputs, Param, merge_method, per_model
-from evomerge.merge.task_arithmetic import LAMBDA, WEIGHT, combine
+from evomerge.merge.base import MergeInputs, Param, merge_method
+from evomerge.merge.generalized import DENSITY, INT8_MASK, LAMBDA, WEIGHT, generalized, sign_consensus
+from evomerge.merge.sparsify import prepare_magnitude
 
-
-def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
-    """Mask of entries whose sign agrees with the sign of the column sum (ties toward +; zeros never)."""
-    majority = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
-    return weighted.sign() == majority
+__all__ = ["sign_consensus", "ties"]
 
 
 @merge_method(
     "ties",
-    params=[
-        WEIGHT,
-        Param("density", "model", default=1.0, low=0.0, high=1.0),
-        Param("normalize", "shared", default=True, kind=bool),
-        LAMBDA,
-        Param("int8_mask", "shared", default=False, kind=bool),
-    ],
+    params=[WEIGHT, DENSITY, Param("normalize", "shared", default=True, kind=bool), LAMBDA, INT8_MASK],
     reference="https://arxiv.org/abs/2306.01708",
+    prepare=prepare_magnitude,
 )
 def ties(
     x: MergeInputs, weight: torch.Tensor, density: torch.Tensor, normalize: bool, **shared: float
@@ -33,8 +25,5 @@ def ties(
 
     ``int8_mask`` only changes mergekit's mask storage type, never the result.
     """
-    deltas = torch.stack(
-        [d * x.magnitude_mask(i, float(p)) for i, (d, p) in enumerate(zip(x.deltas, density, strict=True))]
-    )
-    mask = sign_consensus(deltas * per_model(weight, deltas))
-    return combine(x, deltas, weight, normalize, shared["lambda"], mask)
+    params = {"weight": weight, "density": density, "normalize": normalize, "lambda": shared["lambda"]}
+    return generalized(x, "magnitude", True, params)

@@ -1,0 +1,136 @@
+"""Export a recipe as a mergekit YAML, so that ``mergekit-yaml`` reproduces evomerge's merge.
+
+A recipe's layer groups become mergekit parameter filters: each per-model or shared parameter is a list
+of ``{filter: "layers.<i>.", value: v}`` entries, one per decoder layer, ending with the ``other``
+group's value without a filter (embeddings, final norm, lm_head). Every parameter is written explicitly,
+defaults included, so the file does not depend on either tool's defaults.
+
+mergekit 0.1.5 applies one ``merge_method`` per configuration, so a recipe whose groups use different
+methods cannot be written as one file; ``to_mergekit`` refuses it with the methods it found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.errors import EvomergeError
+from evomerge.merge import get_method
+from evomerge.recipe import Recipe
+
+
+def _value(v: Any) -> Any:
+    if isinstance(v, bool):
+        return v
+    return float(v)
+
+
+def _setting(per_group: list[tuple[tuple[int, int] | None, Any]]) -> Any:
+    """One parameter's mergekit setting: a scalar when every group agrees, else filtered values."""
+    values = [v for _, v in per_group]
+    if all(v == values[0] for v in values):
+        return values[0]
+    entries: list[dict[str, Any]] = []
+    fallback = None
+    for layers, v in per_group:
+        if layers is None:
+            fallback = v
+            continue
+        entries += [{"filter": f"layers.{i}.", "value": v} for i in range(*layers)]
+    if fallback is not None:
+        entries.append({"value": fallback})
+    return entries
+
+
+def to_mergekit(
+    recipe: Recipe | Mapping[str, Any],
+    base: str,
+    experts: Mapping[str, str],
+    *,
+    dtype: str = "float32",
+    tokenizer: str | None = None,
+) -> dict[str, Any]:
+    """The mergekit configuration (a dict ready for YAML) that merges ``experts`` onto ``base`` as
+    ``recipe`` says. ``base``/``experts`` are what mergekit should load: local paths or hub ids."""
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.from_dict(recipe)
+    methods = sorted({g.method for g in recipe.groups})
+    if len(methods) > 1:
+        groups = ", ".join(f"{g.name}: {g.method}" for g in recipe.groups)
+        raise EvomergeError(
+            f"recipe uses several merge methods ({groups}); a mergekit configuration has one "
+            "merge_method, so only single-method recipes can be exported"
+        )
+    method = get_method(methods[0])
+    names = list(experts)
+    resolved = [(g.layers, method.resolve(g.parameters, names)) for g in recipe.groups]
+    per_model: dict[str, dict[str, Any]] = {e: {} for e in names}
+    shared: dict[str, Any] = {}
+    base_params: dict[str, Any] = {}
+    for p in method.params:
+        if p.scope == "model":
+            for i, e in enumerate(names):
+                per_model[e][p.name] = _setting([(layers, _value(r[p.name][i])) for layers, r in resolved])
+        elif method.base == "input" and p.name == "base_weight":
+            # linear: the base is one more input, weighted like the others (mergekit's `weight`)
+            base_params["weight"] = _setting([(layers, _value(r[p.name])) for layers, r in resolved])
+        else:
+            shared[p.name] = _setting([(layers, _value(r[p.name])) for layers, r in resolved])
+    models: list[dict[str, Any]] = [{"model": experts[e], "parameters": per_model[e]} for e in names]
+    config: dict[str, Any] = {"merge_method": method.name}
+    if method.base == "input":
+        models.insert(0, {"model": base, "parameters": base_params})
+    else:
+        config["base_model"] = base
+    config["models"] = models
+    if shared:
+        config["parameters"] = shared
+    config["dtype"] = dtype
+    config["tokenizer_source"] = tokenizer or base
+    return config
+
+
+def export_candidate(run_dir: str | Path, candidate_id: int, out: str | Path | None = None) -> Path:
+    """Write candidate ``candidate_id`` of a run as a mergekit YAML (default
+    ``RUN_DIR/exports/candidate-<id>.mergekit.yaml``) and return its path; existing files are kept."""
+    from evomerge.store import Store
+
+    run_dir = Path(run_dir)
+    store_path = run_dir / "store.sqlite"
+    if not store_path.is_file():
+        raise EvomergeError(f"{str(run_dir)!r} is not a run folder (no store.sqlite)")
+    store = Store(store_path)
+    try:
+        models = store.get_meta("models")
+        try:
+            candidate = store.get(candidate_id)
+        except KeyError:
+            ids = [c.id for c in store.candidates()]
+            raise EvomergeError(
+                f"run {str(run_dir)!r} has no candidate {candidate_id}; its candidates: "
+                f"{min(ids)}..{max(ids)}"
+                if ids
+                else f"run {str(run_dir)!r} has no candidates yet"
+            ) from None
+    finally:
+        store.close()
+    if models is None:
+        raise EvomergeError(
+            f"run {str(run_dir)!r} does not record its model paths (made by an older evomerge)"
+        )
+    config = to_mergekit(
+        candidate.recipe,
+        models["base"],
+        models["experts"],
+        dtype=models.get("dtype", "float32"),
+        tokenizer=models.get("tokenizer"),
+    )
+    path = Path(out) if out is not None else run_dir / "exports" / f"candidate-{candidate_id}.mergekit.yaml"
+    if path.exists():
+        raise EvomergeError(f"{str(path)!r} already exists; choose another --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

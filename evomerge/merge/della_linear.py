@@ -1,0 +1,26 @@
+"""della_linear: magnitude-ranked random drop (MAGPRUNE) and rescale, then task arithmetic (Deep et al., 2024)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from evomerge.merge.base import MergeInputs, merge_method
+from evomerge.merge.della import check_epsilon
+from evomerge.merge.generalized import EPSILON, generalized, gta_params
+from evomerge.merge.sparsify import prepare_rescale
+
+
+@merge_method(
+    "della_linear",
+    params=gta_params(normalize=False, rescale=True, extra=[EPSILON]),
+    reference="https://arxiv.org/abs/2406.11617",
+    check=check_epsilon,
+    prepare=prepare_rescale,
+)
+def della_linear(x: MergeInputs, **params: Any) -> torch.Tensor:
+    """merged = base + lambda * sum_i w_i s_i b_i d_i / D with della's rank-dependent Bernoulli mask b_i
+    (p = density_i - epsilon_i + 2 epsilon_i (r - 1)/(c - 1) by the row rank r of |d_i|), s_i the l1
+    rescale factor when rescale (else 1), D = sum_i w_i when normalize (else 1)."""
+    return generalized(x, "della_magprune", False, params)

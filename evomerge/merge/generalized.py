@@ -1,0 +1,192 @@
+"""mergekit's generalized task arithmetic: sparsify each task vector, weight, elect signs, sum, scale.
+
+task_arithmetic, ties, dare_*, breadcrumbs*, della* are this one computation with a different
+sparsification (``evomerge.merge.sparsify``) and with or without TIES' sign election:
+
+    d'_i  = w_i * s_i * sparse_i(delta_i)              (s_i: l1 rescale factor, 1 without rescale)
+    m_i   = [sign(d'_i) = sign(sum_j d'_j)]            (consensus only; sign(0) never agrees, ties -> +)
+    merged = base + lambda * sum_i m_i d'_i / D         D = sum_i m_i w_i (0 -> 1) with consensus,
+                                                        sum_i w_i (|.| < 1e-8 -> 1) without,
+                                                        and D = 1 when normalize is false.
+
+Everything runs chunk by chunk into the output. With consensus the weighted terms, their sum and the
+masks are computed in mergekit's order and precision, so the elected signs are bit-identical (up to
+four experts; more may differ where the sum is within one rounding of zero).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from evomerge.merge.base import MergeInputs, Param
+from evomerge.merge.kernels import CHUNK, chunks
+from evomerge.merge.sparsify import Sparse, sparsify
+
+WEIGHT = Param("weight", "model", low=-10.0, high=10.0)
+DENSITY = Param("density", "model", default=1.0, low=0.0, high=1.0)
+LAMBDA = Param("lambda", "shared", default=1.0, low=-10.0, high=10.0)
+INT8_MASK = Param("int8_mask", "shared", default=False, kind=bool)  # mask storage type only: no effect
+GAMMA = Param("gamma", "model", default=0.01, low=0.0, high=1.0)
+EPSILON = Param("epsilon", "model", default=0.15, low=0.0, high=1.0)
+
+
+def gta_params(*, normalize: bool, rescale: bool, extra: Sequence[Param] = ()) -> list[Param]:
+    """The declaration mergekit gives every generalized-task-arithmetic method (its defaults differ)."""
+    return [
+        WEIGHT,
+        DENSITY,
+        *extra,
+        Param("normalize", "shared", default=normalize, kind=bool),
+        Param("rescale", "shared", default=rescale, kind=bool),
+        LAMBDA,
+        INT8_MASK,
+    ]
+
+
+def generalized(
+    x: MergeInputs,
+    sparsification: str | None,
+    consensus: bool,
+    params: dict,
+) -> torch.Tensor:
+    """Run one registered generalized method: sparsify every expert with ``sparsification`` using the
+    per-model ``density`` (and ``gamma``/``epsilon``), then ``combine``."""
+    k = x.n_experts
+    weight = [float(v) for v in params["weight"]]
+    sparse: list[Sparse] = []
+    for i in range(k):
+        if sparsification is None:
+            sparse.append(sparsify(x, i, "magnitude", 1.0))
+            continue
+        extra = {key: float(params[key][i]) for key in ("gamma", "epsilon") if key in params}
+        sparse.append(
+            sparsify(
+                x,
+                i,
+                sparsification,
+                float(params["density"][i]),
+                rescale=params.get("rescale", False),
+                **extra,
+            )
+        )
+    return combine(
+        x, sparse, weight, normalize=params["normalize"], lam=params["lambda"], consensus=consensus
+    )
+
+
+def combine(
+    x: MergeInputs,
+    sparse: Sequence[Sparse],
+    weight: Sequence[float],
+    *,
+    normalize: bool,
+    lam: float,
+    consensus: bool,
+) -> torch.Tensor:
+    """merged = base + lambda * sum_i m_i w_i s_i sparse_i / D, written into ``x.output()``."""
+    out = x.output()
+    base = x.flat_base()
+    n = out.numel()
+    active = [(i, sp) for i, sp in enumerate(sparse) if not sp.zero]
+    if not consensus:
+        divisor = float(torch.tensor(list(weight), dtype=torch.float32).sum())
+        if abs(divisor) < 1e-8:
+            divisor = 1.0
+        coef = [
+            weight[i] * (sp.scale if sp.scale is not None else 1.0) / (divisor if normalize else 1.0) * lam
+            for i, sp in active
+        ]
+        ws = x.workspace
+        bufs = [ws.buf(f"gta.h{j}", min(n, CHUNK)) for j in range(len(active))]
+        tmp = ws.buf("gta.tmp", min(n, CHUNK))
+        for sl in chunks(n):
+            m = sl.stop - sl.start
+            o = out[sl]
+            if not active:
+                o.copy_(base[sl])
+            for j, (_, sp) in enumerate(active):
+                h = sp.fill(sl, bufs[j][:m], tmp[:m])
+                if j == 0:
+                    torch.add(base[sl], h, alpha=coef[0], out=o)
+                else:
+                    o.add_(h, alpha=coef[j])
+        return x.result()
+    ws = x.workspace
+    size = min(n, CHUNK)
+    dps = [ws.buf(f"gta.h{j}", size) for j in range(len(active))]
+    tmp, s_buf, sign_buf, sel, num, den = (
+        ws.buf(f"gta.{s}", size) for s in ("tmp", "S", "M", "sel", "num", "den")
+    )
+    ones = ws.ones(size)
+    for sl in chunks(n):
+        m = sl.stop - sl.start
+        o = out[sl]
+        if not active:
+            o.copy_(base[sl])
+            continue
+        terms = []
+        for j, (i, sp) in enumerate(active):
+            dp = dps[j][:m]
+            h = sp.fill(sl, dp, tmp[:m])
+            if sp.scale is not None:  # mergekit: (masked * scale) * weight, two roundings
+                torch.mul(h, sp.scale, out=dp)
+                dp.mul_(weight[i])
+            else:
+                torch.mul(h, weight[i], out=dp)
+            terms.append((dp, 1.0, weight[i]))
+        sign_consensus(
+            terms, s_buf[:m], sign_buf[:m], sel[:m], num[:m], den[:m] if normalize else None, ones[:m]
+        )
+        q = num[:m]
+        if normalize:
+            d = den[:m]
+            d.add_(torch.eq(d, 0, out=tmp[:m]))  # mergekit: divisor[divisor == 0] = 1
+            q.div_(d)
+        if lam != 1:
+            q.mul_(lam)
+        torch.add(base[sl], q, out=o)
+    return x.result()
+
+
+def sign_consensus(
+    terms: Sequence[tuple[torch.Tensor, float, float]],
+    s: torch.Tensor,
+    sign: torch.Tensor,
+    sel: torch.Tensor,
+    num: torch.Tensor,
+    den: torch.Tensor | None,
+    ones: torch.Tensor,
+) -> torch.Tensor:
+    """TIES sign election over terms (t_i, c_i, v_i), into preallocated buffers:
+
+        S = sum_i t_i,  M = +1 where S >= 0 else -1,  m_i = [t_i * M > 0]   (zeros never agree)
+        num = sum_i c_i m_i t_i,  den = sum_i v_i m_i
+
+    Sums run in mergekit's order (t_0 + t_1 + ...), so for <= 4 terms M is bit-identical to
+    mergekit's ``get_mask(..., "sum")``, and with c_i = 1 num and den equal its masked sums exactly.
+    """
+    t0 = terms[0][0]
+    if len(terms) == 1:
+        total = t0
+    else:
+        total = torch.add(t0, terms[1][0], out=s)
+        for t, _, _ in terms[2:]:
+            total.add_(t)
+    # copysign gives -1 for S = -0.0, which only occurs when every term is a zero: never selected.
+    torch.copysign(ones, total, out=sign)
+    for j, (t, c, v) in enumerate(terms):
+        torch.mul(t, sign, out=sel)
+        torch.gt(sel, 0, out=sel)
+        if j == 0:
+            torch.mul(t, sel, out=num)
+            if c != 1:
+                num.mul_(c)
+            if den is not None:
+                torch.mul(sel, v, out=den)
+        else:
+            num.addcmul_(t, sel, value=c)
+            if den is not None:
+                den.add_(sel, alpha=v)
+    return num

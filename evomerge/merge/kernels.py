@@ -1,0 +1,116 @@
+"""How merges touch memory: reusable scratch buffers, chunked loops and the fused weighted sum.
+
+A merge streams every tensor once. Working chunk by chunk (``CHUNK`` elements) keeps a method's
+intermediate results in cache and lets every intermediate live in a buffer that is reused for every
+tensor of every merge, so a merge allocates (and page-faults) nothing per tensor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+CHUNK = 1 << 18  # elements: 1 MiB of float32, several of which fit in L2/L3 cache together
+# Tensors up to STORE elements may be held whole in scratch (4 MiB of float32): whole-tensor
+# reductions then match mergekit's bit for bit. Larger ones (embeddings) are only ever chunked.
+STORE = 1 << 20
+
+
+class Workspace:
+    """Named, growable scratch buffers; ``buf(slot, n)`` returns a length-``n`` view of slot's buffer.
+
+    One workspace serves every tensor of every merge of a ``Merger`` (one per worker), so its size is
+    that of the largest request, usually a few chunks.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def buf(self, slot: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        key = (slot, dtype)
+        b = self._buffers.get(key)
+        if b is None or b.numel() < n:
+            del b
+            self._buffers.pop(key, None)  # free the old buffer before allocating the larger one
+            b = self._buffers[key] = torch.empty(n, dtype=dtype)
+        return b[:n]
+
+    def ones(self, n: int) -> torch.Tensor:
+        b = self._buffers.get(("ones", torch.float32))
+        if b is None or b.numel() < n:
+            self._buffers.pop(("ones", torch.float32), None)
+            b = self._buffers["ones", torch.float32] = torch.ones(max(n, CHUNK))
+        return b[:n]
+
+    def release(self, slot: str) -> None:
+        """Free a slot's buffers (all dtypes)."""
+        for key in [k for k in self._buffers if k[0] == slot]:
+            del self._buffers[key]
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+def release_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    glibc raises its mmap threshold as large blocks are freed, after which chunk-sized temporaries
+    fragment the heap: a worker that merges thousands of times would keep hundreds of MiB it does
+    not use. Trimming after each merge costs about a millisecond."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def chunks(n: int, size: int = CHUNK) -> Iterator[slice]:
+    """Consecutive slices covering ``range(n)``, each at most ``size`` long."""
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def weighted_sum(
+    out: torch.Tensor,
+    base: torch.Tensor | None,
+    base_coef: float,
+    terms: Sequence[tuple[torch.Tensor, float]],
+) -> torch.Tensor:
+    """out = base_coef * base + sum_j coef_j * t_j over flat tensors, chunk by chunk, in place.
+
+    The memory-bound kernel behind linear, task arithmetic and every method whose result is an affine
+    combination of the base and the task vectors. ``base`` None means a zero base.
+    """
+    n = out.numel()
+    terms = [(t, c) for t, c in terms if c != 0]
+    for sl in chunks(n):
+        o = out[sl]
+        if base is None or base_coef == 0:
+            if terms:
+                torch.mul(terms[0][0][sl], terms[0][1], out=o)
+                rest = terms[1:]
+            else:
+                o.zero_()
+                rest = []
+        elif terms and base_coef == 1:
+            torch.add(base[sl], terms[0][0][sl], alpha=terms[0][1], out=o)
+            rest = terms[1:]
+        else:
+            torch.mul(base[sl], base_coef, out=o)
+            rest = terms
+        for t, c in rest:
+            o.add_(t[sl], alpha=c)
+    return out

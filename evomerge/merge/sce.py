@@ -1,0 +1,140 @@
+"""sce: select by variance, calculate weights by energy, erase minority signs (Wan et al., 2024)."""
+
+from __future__ import annotations
+
+import torch
+
+from evomerge.merge.base import MergeInputs, Param, merge_method
+from evomerge.merge.generalized import INT8_MASK, sign_consensus
+from evomerge.merge.kernels import CHUNK, chunks
+from evomerge.merge.orderstats import OrderSketch, select_direct
+from evomerge.merge.sparsify import surplus
+
+
+def _variance(x: MergeInputs, sl: slice, out: torch.Tensor) -> torch.Tensor:
+    """Population variance across the task vectors for elements ``sl``, into ``out`` (float32).
+
+    torch.var accumulates in float64 (and is ~100 ns per element across a short leading axis); the
+    two-pass float64 formula here rounds to the same float32 values at ~2 ns per element."""
+    m = sl.stop - sl.start
+    mean = x.workspace.buf("sce.mean", m, torch.float64)
+    acc = x.workspace.buf("sce.acc", m, torch.float64)
+    tmp = x.workspace.buf("sce.tmp", m, torch.float64)
+    k = x.n_experts
+    mean.copy_(x.delta(0)[sl])
+    for i in range(1, k):
+        mean.add_(x.delta(i)[sl])
+    mean.div_(k)
+    for i in range(k):
+        tmp.copy_(x.delta(i)[sl]).sub_(mean)
+        if i == 0:
+            torch.mul(tmp, tmp, out=acc)
+        else:
+            acc.addcmul_(tmp, tmp)
+    return out.copy_(acc.div_(k))
+
+
+def _sketch(x: MergeInputs) -> OrderSketch:
+    """Order statistics of the variance (genome-independent, cached); its zero count gives mergekit's
+    ``count_nonzero(var)``."""
+
+    def compute() -> OrderSketch:
+        var = x.workspace.buf("sort", x.numel)
+        for sl in chunks(x.numel):
+            _variance(x, sl, var[sl])
+        return OrderSketch(var, var)  # sorted in place
+
+    return x.cached("sce.var", compute)
+
+
+def prepare(x: MergeInputs) -> None:
+    _sketch(x)
+
+
+def _count(nonzero: int, select_topk: float) -> int:
+    """mergekit's k = int(count_nonzero(var) * density): a float32 product (it rounds up at times)."""
+    return int(torch.tensor(nonzero) * select_topk)
+
+
+def _threshold(x: MergeInputs, select_topk: float) -> tuple[float | None, torch.Tensor | None]:
+    """Keep var >= the returned value except the returned flat indices (the surplus of values tied
+    with the threshold, so exactly k survive as with mergekit's topk); None keeps everything."""
+    if select_topk >= 1:
+        return None, None
+    if select_topk <= 0:
+        return float("inf"), None
+    n = x.numel
+    if x.persistent:
+        sketch = _sketch(x)
+        k = _count(n - sketch.zeros, select_topk)
+        if k == 0:
+            return float("inf"), None
+        sel = sketch.select(n - k, lambda sl, buf: _variance(x, sl, buf), x.workspace)
+    else:
+        var = torch.empty(n)
+        _variance(x, slice(0, n), var)
+        k = _count(int(torch.count_nonzero(var)), select_topk)
+        if k == 0:
+            return float("inf"), None
+        sel = select_direct(var, n - k)
+    return sel.value, surplus(sel, n - k, n - 1)
+
+
+@merge_method(
+    "sce",
+    params=[Param("select_topk", "shared", default=1.0, low=0.0, high=1.0), INT8_MASK],
+    reference="https://arxiv.org/abs/2408.07990",
+    prepare=prepare,
+)
+def sce(x: MergeInputs, select_topk: float, int8_mask: bool) -> torch.Tensor:
+    """Select: b = [var_i(delta_i) among the top int(select_topk * #nonzero) variances], v_i = b delta_i;
+    Calculate: c_i = mean(v_i^2) / sum_j mean(v_j^2) (1/K when that sum < 1e-6);
+    Erase: m_i = [sign(v_i) = sign(sum_j v_j)];
+    merged = base + sum_i c_i m_i v_i / max(sum_i c_i m_i, 1e-6)."""
+    k = x.n_experts
+    n = x.numel
+    thr, drop = _threshold(x, select_topk)
+    ws = x.workspace
+    size = min(n, CHUNK)
+    vs = [ws.buf(f"sce.v{i}", size) for i in range(k)]
+    var_buf, mask = ws.buf("sce.var", size), ws.buf("sce.mask", size)
+    # the selection, computed once; shares the byte-mask slot of the random sparsifiers
+    keep = ws.buf("sparsify.mask0", n, torch.uint8) if thr is not None else None
+
+    def selected(sl: slice, first: bool) -> list[torch.Tensor]:
+        m = sl.stop - sl.start
+        if thr is None:
+            return [x.delta(i)[sl] for i in range(k)]
+        if first:
+            torch.ge(_variance(x, sl, var_buf[:m]), thr, out=mask[:m])
+            if drop is not None:
+                a, b = torch.searchsorted(drop, torch.tensor([sl.start, sl.stop])).tolist()
+                mask[:m].index_fill_(0, drop[a:b] - sl.start, 0)
+            keep[sl].copy_(mask[:m])
+        else:
+            mask[:m].copy_(keep[sl])
+        return [torch.mul(x.delta(i)[sl], mask[:m], out=vs[i][:m]) for i in range(k)]
+
+    def energy() -> list[float]:
+        e = [0.0] * k
+        for sl in chunks(n):
+            for i, v in enumerate(selected(sl, True)):
+                e[i] += float(torch.dot(v, v))
+        return e
+
+    e = x.cached("sce.energy", energy) if thr is None else energy()
+    weights = torch.tensor([v / n for v in e], dtype=torch.float32)
+    total = float(weights.sum())
+    coef = [1.0 / k] * k if abs(total) < 1e-6 else [float(w) / total for w in weights]
+
+    out = x.output()
+    base = x.flat_base()
+    s, sign, sel, num, den = (ws.buf(f"gta.{b}", size) for b in ("S", "M", "sel", "num", "den"))
+    ones = ws.ones(size)
+    for sl in chunks(n):
+        m = sl.stop - sl.start
+        terms = [(v, c, c) for v, c in zip(selected(sl, False), coef, strict=True)]
+        sign_consensus(terms, s[:m], sign[:m], sel[:m], num[:m], den[:m], ones[:m])
+        num[:m].div_(den[:m].clamp_(min=1e-6))
+        torch.add(base[sl], num[:m], out=out[sl])
+    return x.result()

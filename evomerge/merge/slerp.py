@@ -1,0 +1,66 @@
+"""slerp: spherical interpolation between the base and one expert (Shoemake, 1985)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from evomerge.merge.base import MergeInputs, Param, merge_method
+from evomerge.merge.kernels import CHUNK, chunks, weighted_sum
+
+DOT_THRESHOLD = 0.9995
+EPS = 1e-8
+
+
+def _stats(x: MergeInputs) -> tuple[float, float, float]:
+    """|base|, |expert| and base . expert over the flattened tensor (genome-independent, cached)."""
+
+    def compute() -> tuple[float, float, float]:
+        b, d = x.flat_base(), x.delta(0)
+        buf = x.workspace.buf("slerp.e", min(b.numel(), CHUNK))
+        aa = bb = ab = 0.0
+        for sl in chunks(b.numel()):
+            e = torch.add(b[sl], d[sl], out=buf[: sl.stop - sl.start])
+            aa += float(torch.dot(b[sl], b[sl]))
+            bb += float(torch.dot(e, e))
+            ab += float(torch.dot(b[sl], e))
+        return math.sqrt(aa), math.sqrt(bb), ab
+
+    return x.cached("slerp", compute)
+
+
+def prepare(x: MergeInputs) -> None:
+    _stats(x)
+
+
+def coefficients(t: float, dot: float) -> tuple[float, float]:
+    """mergekit's float32 slerp coefficients for base (a) and expert (b) given cos(theta) = dot."""
+    t_ = torch.tensor(t, dtype=torch.float32)
+    dot_ = torch.tensor(dot, dtype=torch.float32).clamp(-1, 1)
+    linear = dot_.abs() > DOT_THRESHOLD
+    theta = torch.acos(torch.where(linear, 0, dot_))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - t_, torch.sin((1 - t_) * theta) / sin_theta)
+    coef_b = torch.where(linear, t_, torch.sin(t_ * theta) / sin_theta)
+    return float(coef_a), float(coef_b)
+
+
+@merge_method(
+    "slerp",
+    params=[Param("t", "shared", low=0.0, high=1.0)],
+    reference="https://en.wikipedia.org/wiki/Slerp",
+    min_experts=1,
+    max_experts=1,
+    prepare=prepare,
+)
+def slerp(x: MergeInputs, t: float) -> torch.Tensor:
+    """cos(theta) = base . theta_1 / (|base| |theta_1|) over the flattened tensor;
+    merged = sin((1 - t) theta) / sin(theta) base + sin(t theta) / sin(theta) theta_1,
+    and (1 - t) base + t theta_1 where |cos(theta)| > 0.9995.  t = 0 gives the base, t = 1 the expert."""
+    na, nb, ab = _stats(x)
+    na, nb = (na if na > EPS else 1.0), (nb if nb > EPS else 1.0)
+    ca, cb = coefficients(t, ab / (na * nb))
+    # ca base + cb (base + delta) = (ca + cb) base + cb delta
+    weighted_sum(x.output(), x.flat_base(), ca + cb, [(x.delta(0), cb)])
+    return x.result()

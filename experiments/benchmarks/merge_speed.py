@@ -1,0 +1,324 @@
+"""Merge speed: evomerge's Merger vs mergekit's merge_state_dicts vs a fused task-arithmetic loop.
+
+Reproduce (a few minutes; needs mergekit: pip install -e '.[parity]'):
+
+    python experiments/benchmarks/merge_speed.py --threads 2
+
+Inputs: a base and two experts of SmolLM2-135M's shape (LlamaConfig hidden 576, intermediate 1536,
+30 layers, 9 heads, 3 kv heads, vocab 49152, tied embeddings), random init, float32. Each method merges
+the same inputs with the same parameters in one process: evomerge's ``Merger.merge`` into a
+preallocated model (after the one-time setup, timed separately), mergekit's ``merge_state_dicts``,
+and, as the memory-bandwidth reference, a plain loop ``out = base + w1*d1 + w2*d2`` over preallocated
+tensors. Random methods run from the same torch seed in both, so their results are compared too.
+
+A second process (``--mode rss``) runs evomerge alone, reading the models lazily from safetensors
+files, and reports its peak RSS against the model size (budget: K + 3 model sizes for K experts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+METHODS: dict[str, dict] = {
+    "linear": {"weight": [0.6, 0.4]},
+    "task_arithmetic": {"weight": [0.6, 0.4]},
+    "ties": {"weight": [0.6, 0.4], "density": [0.5, 0.7]},
+    "dare_ties": {"weight": [0.6, 0.4], "density": [0.5, 0.7]},
+    "dare_linear": {"weight": [0.6, 0.4], "density": [0.5, 0.7]},
+    "breadcrumbs": {"weight": [0.6, 0.4], "density": [0.8, 0.9], "gamma": 0.01},
+    "breadcrumbs_ties": {"weight": [0.6, 0.4], "density": [0.8, 0.9], "gamma": 0.01},
+    "della": {"weight": [0.6, 0.4], "density": [0.5, 0.6], "epsilon": 0.1},
+    "della_linear": {"weight": [0.6, 0.4], "density": [0.5, 0.6], "epsilon": 0.1},
+    "sce": {"select_topk": 0.3},
+    "model_stock": {},
+    "nuslerp": {"weight": [0.6, 0.4]},
+    "slerp": {"t": 0.4},
+}
+RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}
+# glibc raises its mmap threshold as large blocks are freed; the freed heap then fragments. A fixed
+# threshold (MALLOC_MMAP_THRESHOLD_) keeps chunk-sized temporaries off the heap.
+MMAP_THRESHOLD = 256 * 1024
+EXPERTS = ["a", "b"]
+
+
+def smollm2_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+    )
+
+
+def build_models(folder: Path) -> None:
+    """Random-init base and experts, saved one at a time as safetensors (tied lm_head dropped)."""
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    cfg = smollm2_config()
+    for seed, name in enumerate(["base", *EXPERTS]):
+        torch.manual_seed(seed)
+        sd = LlamaForCausalLM(cfg).state_dict()
+        sd = {k: v.contiguous() for k, v in sd.items() if k != "lm_head.weight"}
+        save_file(sd, str(folder / f"{name}.safetensors"))
+        del sd
+
+
+class LazyStateDict(Mapping[str, torch.Tensor]):
+    """A safetensors file read one tensor at a time (the Merger only ever holds one expert tensor)."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = str(path)
+        with safe_open(self.path, "pt") as f:
+            self.keys_ = list(f.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.path, "pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
+
+
+def model_bytes(sd: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in sd.values())
+
+
+def timed(fn, repeat: int, first: float | None = None) -> float:
+    """Best of ``repeat`` wall times (the least disturbed by other processes); a first run that took
+    over 5 s is not repeated."""
+    times = [first] if first is not None else []
+    if first is not None and first > 5:
+        return first
+    for _ in range(repeat - len(times)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_rss(folder: Path, methods: list[str]) -> dict:
+    """evomerge alone: lazy inputs, setup, then every method into one preallocated output."""
+    from evomerge.merge import Merger
+
+    start_rss = peak_rss()
+    base = LazyStateDict(folder / "base.safetensors")
+    size = sum(base[k].numel() * 4 for k in base)
+    start = time.perf_counter()
+    merger = Merger(base, {e: LazyStateDict(folder / f"{e}.safetensors") for e in EXPERTS})
+    methods = [m for m in methods if m != "slerp"]  # slerp needs one expert: the same kernel as linear
+    merger.prepare(methods)
+    setup = time.perf_counter() - start
+    out = {k: torch.empty_like(t) for k, t in merger.base.items()}
+    for m in methods:
+        merger.merge(m, METHODS[m], out=out)
+    rss = peak_rss()
+    return {
+        "model_bytes": size,
+        "peak_rss": rss,
+        "import_rss": start_rss,
+        "merger_bytes": merger.nbytes(),
+        "setup_s": setup,
+        "k": len(EXPERTS),
+    }
+
+
+def fused_baseline(base, deltas, out, w) -> None:
+    for name, b in base.items():
+        torch.add(b, deltas[0][name], alpha=w[0], out=out[name])
+        out[name].add_(deltas[1][name], alpha=w[1])
+
+
+def run_speed(folder: Path, methods: list[str], mergekit: bool, repeat: int) -> dict:
+    from safetensors.torch import load_file
+
+    from evomerge.merge import Merger
+
+    sds = {name: load_file(str(folder / f"{name}.safetensors")) for name in ["base", *EXPERTS]}
+    base = sds["base"]
+    rows: dict[str, dict] = {}
+    start = time.perf_counter()
+    merger = Merger(base, {e: sds[e] for e in EXPERTS}, seed=0)
+    construct = time.perf_counter() - start
+    start = time.perf_counter()
+    merger.prepare(methods)
+    prepare = time.perf_counter() - start
+    slerp_merger = Merger(base, {"a": sds["a"]}, seed=0) if "slerp" in methods else None
+    keyed = Merger.__new__(Merger)  # the same inputs and caches, drawing from keyed streams
+    keyed.__dict__.update(merger.__dict__)
+    keyed.random = "keyed"
+    out = {k: torch.empty_like(t) for k, t in base.items()}
+
+    deltas = [{k: sds[e][k] - base[k] for k in base} for e in EXPERTS]
+
+    def fused_run(deltas=deltas):
+        fused_baseline(base, deltas, out, [0.6, 0.4])
+
+    fused_run()  # first touch of the output pages
+    fused = timed(fused_run, repeat)
+    del deltas, fused_run
+
+    if mergekit:
+        from mergekit.merge_methods.api import merge_state_dicts as mk_merge
+    for m in methods:
+        params = METHODS[m]
+        mer = slerp_merger if m == "slerp" else merger
+        experts = mer.experts
+        merger_out = out
+
+        def ours(mer=mer, params=params, merger_out=merger_out, m=m):
+            return mer.merge(m, params, out=merger_out)
+
+        ours()  # first use of a tensor's statistics not built by prepare
+        start = time.perf_counter()
+        ours()
+        ev = timed(ours, repeat, time.perf_counter() - start)
+        row = {"evomerge_s": ev}
+        if mergekit:
+            mk_params = {
+                k: (dict(zip(experts, v, strict=True)) if isinstance(v, list) else v)
+                for k, v in params.items()
+            }
+            models = {"base": base, **{e: sds[e] for e in experts}}
+            if m == "linear":
+                models = {e: sds[e] for e in experts}
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            theirs = mk_merge(models, m, base=None if m == "linear" else "base", parameters=mk_params)
+            row["mergekit_s"] = time.perf_counter() - start
+            ref = ours()
+            row["max_abs_diff"] = max(float((ref[k] - t).abs().max()) for k, t in theirs.items())
+            row["n_diff"] = sum(int(((ref[k] - t).abs() > 1e-6).sum()) for k, t in theirs.items())
+            del theirs
+        rows[m] = row
+        print(json.dumps({m: row}), file=sys.stderr, flush=True)
+        if m in RANDOM:
+
+            def ours_keyed(params=params, m=m):
+                return keyed.merge(m, params, out=out)
+
+            start = time.perf_counter()
+            ours_keyed()
+            rows[f"{m} (keyed)"] = {"evomerge_s": timed(ours_keyed, repeat, time.perf_counter() - start)}
+            if mergekit:
+                rows[f"{m} (keyed)"]["mergekit_s"] = row["mergekit_s"]
+    return {
+        "rows": rows,
+        "fused_s": fused,
+        "construct_s": construct,
+        "prepare_s": prepare,
+        "model_bytes": model_bytes(base),
+    }
+
+
+def table(speed: dict, rss: dict | None, threads: int) -> str:
+    fused = speed["fused_s"]
+    lines = [
+        f"Reproduce: `python experiments/benchmarks/merge_speed.py --threads {threads}`",
+        "",
+        f"torch {torch.__version__}, {threads} thread(s), {os.cpu_count()} CPU(s); base + 2 experts, "
+        f"SmolLM2-135M shape, float32 ({speed['model_bytes'] / 2**20:.0f} MiB per model).",
+        f"evomerge one-time setup: Merger() {speed['construct_s']:.2f} s + prepare() {speed['prepare_s']:.2f} s; "
+        f"fused task-arithmetic baseline {fused:.3f} s.",
+        "",
+        "Times are the best of 3 runs (one run where it took over 5 s); mergekit runs once.",
+        "",
+        "| method | mergekit s | evomerge s | speedup | evomerge / fused | max abs diff | elements > 1e-6 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m, r in speed["rows"].items():
+        mk = r.get("mergekit_s")
+        mk_s = f"{mk:.2f}" if mk is not None else "-"
+        speedup = f"{mk / r['evomerge_s']:.0f}x" if mk is not None else "-"
+        diff = (
+            f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else ("other stream" if "keyed" in m else "-")
+        )
+        n_diff = str(r["n_diff"]) if "n_diff" in r else "-"
+        lines.append(
+            f"| {m} | {mk_s} | {r['evomerge_s']:.3f} | {speedup} | {r['evomerge_s'] / fused:.2f} | {diff} "
+            f"| {n_diff} |"
+        )
+    if rss is not None:
+        size = rss["model_bytes"]
+        lines += [
+            "",
+            f"evomerge-only process (K={rss['k']}, lazy safetensors inputs, every method into one preallocated "
+            f"model): peak RSS {rss['peak_rss'] / 2**20:.0f} MiB = {rss['peak_rss'] / size:.2f} x model size "
+            f"(budget K + 3 = {rss['k'] + 3}); after imports {rss['import_rss'] / 2**20:.0f} MiB; Merger holds "
+            f"{rss['merger_bytes'] / 2**20:.0f} MiB = {rss['merger_bytes'] / size:.2f} x; setup {rss['setup_s']:.1f} s.",
+            f"The same with MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} (glibc heap fragmentation avoided): peak RSS "
+            f"{rss['tuned_peak_rss'] / 2**20:.0f} MiB = {rss['tuned_peak_rss'] / size:.2f} x model size.",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-mergekit", action="store_true", help="time evomerge and the fused loop only")
+    ap.add_argument("--no-rss", action="store_true", help="skip the evomerge-only memory run")
+    ap.add_argument("--dir", type=Path, help="reuse (or create) the model files here")
+    ap.add_argument("--mode", choices=["all", "rss"], default="all", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.dir or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        if args.mode == "rss":
+            print(json.dumps(run_rss(folder, args.methods)))
+            return
+        if not all((folder / f"{n}.safetensors").exists() for n in ["base", *EXPERTS]):
+            build_models(folder)
+        rss = None
+        if not args.no_rss:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--mode",
+                "rss",
+                "--dir",
+                str(folder),
+                "--threads",
+                str(args.threads),
+            ]
+            cmd += ["--methods", *args.methods]
+            rss = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+            tuned = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+            rss["tuned_peak_rss"] = json.loads(tuned)["peak_rss"]
+        speed = run_speed(folder, args.methods, not args.no_mergekit, args.repeat)
+        print(table(speed, rss, args.threads))
+
+
+if __name__ == "__main__":
+    main()
