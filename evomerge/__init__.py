@@ -22,6 +22,8 @@ _LAZY = {
     "ModelSet": "evomerge.models",
     "Store": "evomerge.store",
     "EvomergeError": "evomerge.errors",
+    "load_run": "evomerge.run",
+    "Run": "evomerge.run",
 }
 
 

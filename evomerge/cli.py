@@ -1,4 +1,4 @@
-"""The command line: ``evomerge run``, ``front``, ``export`` and ``zoo build``."""
+"""The command line: ``evomerge run``, ``resume``, ``front``, ``export`` and ``zoo build``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,35 @@ def run(config: Path, out: Path | None, workers: int | None, ray_address: str | 
             config, out=str(out) if out else None, workers=workers, **{"ray.address": ray_address}
         )
         run_dir = Search(cfg, console=console).run()
+    except EvomergeError as e:
+        fail(str(e))
+    console.print(f"run folder: {run_dir}")
+
+
+@app.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--config", type=click.Path(path_type=Path), help="the run's config, checked against the stored one"
+)
+@click.option("--workers", type=int, help="number of Ray workers")
+@click.option("--ray-address", help="join this Ray cluster")
+def resume(run_dir: Path, config: Path | None, workers: int | None, ray_address: str | None) -> None:
+    """Continue a stopped run where it stopped; nothing stored is evaluated again."""
+    from evomerge.config import load_config
+    from evomerge.search import resume_search
+
+    try:
+        given = load_config(config, out=str(run_dir)) if config else None
+        search = resume_search(run_dir, given, console=console)
+        if workers or ray_address:
+            updates = {"workers": workers or search.config.workers}
+            if ray_address:
+                updates["ray"] = search.config.ray.model_copy(update={"address": ray_address})
+            search.config = search.config.model_copy(update=updates)
+        if (run_dir / "summary.json").is_file():
+            console.print(f"run {run_dir} already finished; see `evomerge front {run_dir}`")
+            return
+        search.resume()
     except EvomergeError as e:
         fail(str(e))
     console.print(f"run folder: {run_dir}")

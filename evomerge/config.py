@@ -30,8 +30,9 @@ class ZooConfig(_Frozen):
 
 
 class FitnessConfig(_Frozen):
-    tasks: tuple[str, ...] = Field(
-        min_length=1, description="lm-eval task names (fitness/ catalogue or lm-eval's)"
+    tasks: tuple[str, ...] = Field((), description="lm-eval task names (fitness/ catalogue or lm-eval's)")
+    function: str | None = Field(
+        None, description="a Python fitness 'module:function' (model, tokenizer) -> {name: value}"
     )
     include: tuple[Path, ...] = Field((), description="extra folders of lm-eval task YAMLs")
     search_split: str = "search"
@@ -44,12 +45,17 @@ class FitnessConfig(_Frozen):
 
 class ObjectiveConfig(_Frozen):
     name: str
-    of: str = Field("mean", description="a task name, or 'mean' for the mean accuracy over all tasks")
+    of: str = Field(
+        "mean",
+        description="a task name or 'mean' (mean accuracy over tasks); with a fitness function, a key it returns",
+    )
     direction: Literal["max", "min"] = "max"
 
 
 class AlgorithmConfig(_Frozen):
-    name: Literal["ga", "nsga2"] = "ga"
+    name: str = Field(
+        "ga", description="ga, de, cmaes, pso, nsga2, nsga3, smsemoa, spea2, random, or module:Class"
+    )
     pop_size: int = Field(16, ge=2)
     generations: int = Field(8, ge=1)
     options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for pymoo")
@@ -68,6 +74,7 @@ class RunConfig(_Frozen):
     algorithm: AlgorithmConfig = AlgorithmConfig()
     seed: int = 0
     workers: int = Field(2, ge=1)
+    retries: int = Field(1, ge=0, description="re-evaluations on another worker before a candidate fails")
     threads_per_worker: int = Field(1, ge=1)
     ray: RayConfig = RayConfig()
     zoo: ZooConfig = ZooConfig()
@@ -89,20 +96,26 @@ class RunConfig(_Frozen):
         names = [o.name for o in self.objectives]
         if len(set(names)) != len(names):
             raise EvomergeError(f"objective names must be unique, got {names}")
-        for o in self.objectives:
-            if o.of != "mean" and o.of not in self.fitness.tasks:
-                raise EvomergeError(
-                    f"objective {o.name!r} is of {o.of!r}, which is not a fitness task; "
-                    f"allowed: mean, {', '.join(self.fitness.tasks)}"
-                )
-        if self.algorithm.name == "ga" and len(self.objectives) != 1:
+        fitness = self.fitness
+        if bool(fitness.tasks) == bool(fitness.function):
             raise EvomergeError(
-                f"algorithm 'ga' optimises one objective, the config has {len(self.objectives)}; use nsga2"
+                "fitness: give either `tasks` (lm-eval task names) or `function` (module:function)"
             )
-        return self
+        if fitness.function:
+            from evomerge.fitness.python import load_function
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+            load_function(fitness.function)
+        else:
+            for o in self.objectives:
+                if o.of != "mean" and o.of not in fitness.tasks:
+                    raise EvomergeError(
+                        f"objective {o.name!r} is of {o.of!r}, which is not a fitness task; "
+                        f"allowed: mean, {', '.join(fitness.tasks)}"
+                    )
+        from evomerge.algorithms import check_algorithm
+
+        check_algorithm(self.algorithm.name, self.algorithm.options, len(self.objectives))
+        return self
 
 
 def format_validation_error(err: ValidationError) -> str:

@@ -6,6 +6,7 @@ tiny zoo that evomerge builds itself (``zoo:base``, ``zoo:addition``, ...).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,20 +27,27 @@ _SHAPE_KEYS = (
 )
 
 
-def save_hf(folder: str | Path, model, tokenizer) -> Path:
-    """Save ``model`` (safetensors) and ``tokenizer`` as a Hugging Face folder, without progress bars."""
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' per-shard progress bars off for the duration (they would print per candidate)."""
     from transformers.utils import logging as hf_logging
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
+        yield
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+def save_hf(folder: str | Path, model, tokenizer) -> Path:
+    """Save ``model`` (safetensors) and ``tokenizer`` as a Hugging Face folder, without progress bars."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with _no_progress_bars():
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -123,7 +131,8 @@ class ModelSet:
 
         ref = ref or self.base
         try:
-            model = AutoModelForCausalLM.from_pretrained(self.resolve(ref), dtype=self.torch_dtype)
+            with _no_progress_bars():
+                model = AutoModelForCausalLM.from_pretrained(self.resolve(ref), dtype=self.torch_dtype)
         except (OSError, ValueError) as e:
             raise EvomergeError(f"cannot load model {ref!r}: {str(e).splitlines()[0]}") from None
         return model.eval()

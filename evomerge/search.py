@@ -4,13 +4,17 @@ result written to the store as it arrives, the algorithm checkpointed after each
 from __future__ import annotations
 
 import json
+import pickle
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from evomerge import report
+from evomerge.algorithms import make_algorithm
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.fitness import check_tasks
@@ -23,15 +27,49 @@ from evomerge.workers import Job, WorkerPool
 FAILED_F = 1e6  # what the algorithm sees for a failed candidate: worse than any real objective
 
 
-def make_algorithm(config: RunConfig) -> Any:
-    from pymoo.algorithms.moo.nsga2 import NSGA2
-    from pymoo.algorithms.soo.nonconvex.ga import GA
+def stored_config(config: RunConfig) -> dict[str, Any]:
+    """The config as the store keeps it (a Python fitness callable by its qualified name)."""
+    data = config.model_dump(mode="json", exclude={"fitness": {"function"}})
+    fn = config.fitness.function
+    data["fitness"]["function"] = (
+        fn if fn is None or isinstance(fn, str) else f"{fn.__module__}:{fn.__qualname__}"
+    )
+    return data
 
-    cls = {"ga": GA, "nsga2": NSGA2}[config.algorithm.name]
+
+# What may differ between the config a run was started with and the one it is resumed with.
+RESUMABLE = ("workers", "threads_per_worker", "ray", "retries", "out")
+
+
+def resume_search(
+    run_dir: str | Path, config: RunConfig | None = None, console: Any = None, **kw: Any
+) -> Search:
+    """A Search that continues the run in ``run_dir``. ``config``, when given, must be the run's own
+    (only where it runs may differ: workers, threads, Ray, retries)."""
+    from evomerge.config import parse_config
+
+    run_dir = Path(run_dir)
+    path = run_dir / "store.sqlite"
+    if not path.is_file():
+        raise EvomergeError(f"{str(run_dir)!r} is not a run folder (no store.sqlite)")
+    store = Store(path)
     try:
-        return cls(pop_size=config.algorithm.pop_size, **config.algorithm.options)
-    except TypeError as e:
-        raise EvomergeError(f"algorithm {config.algorithm.name!r}: bad option ({e})") from None
+        stored = store.get_meta("config")
+    finally:
+        store.close()
+    if config is not None:
+        given = stored_config(config)
+        changed = sorted(
+            k for k in set(stored) | set(given) if k not in RESUMABLE and stored.get(k) != given.get(k)
+        )
+        if changed:
+            raise EvomergeError(
+                f"run folder {str(run_dir)!r} belongs to another config (differs in: {', '.join(changed)}); "
+                "resume it with its own config, or start a new run with --out"
+            )
+    else:
+        config = parse_config({**stored, "out": str(run_dir)})
+    return Search(config, out=run_dir, console=console, **kw)
 
 
 def reference_recipes(experts: list[str]) -> dict[str, Recipe]:
@@ -56,10 +94,23 @@ def choose_items(n_items: dict[str, int], items: int | None, seed: int) -> dict[
 
 
 class Search:
-    """One run of a config into a run folder. ``run()`` returns the run folder."""
+    """One run of a config into a run folder. ``run()`` starts it, ``resume()`` continues a stopped one;
+    both return the run folder. ``fitness`` (a callable ``(model, tokenizer) -> dict``) replaces the
+    config's fitness, for searches driven from Python."""
 
-    def __init__(self, config: RunConfig, out: str | Path | None = None, console: Any = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        out: str | Path | None = None,
+        console: Any = None,
+        fitness: Callable[[Any, Any], Any] | None = None,
+    ):
+        if fitness is not None:
+            config = config.model_copy(
+                update={"fitness": config.fitness.model_copy(update={"function": fitness, "tasks": ()})}
+            )
         self.config = config
+        self.fitness_fn = fitness
         self.run_dir = Path(out or config.out or "runs/run")
         self.console = console
         zoo_dir = None
@@ -76,7 +127,8 @@ class Search:
             zoo_dir,
         )
         self.models.check()
-        check_tasks(config.fitness.tasks, [str(p) for p in config.fitness.include])
+        if config.fitness.tasks:
+            check_tasks(config.fitness.tasks, [str(p) for p in config.fitness.include])
         self.experts = list(config.models.experts)
         self.space = SearchSpace(config.search_space, self.experts, self.models.num_layers())
         self.objectives = config.objectives
@@ -91,19 +143,34 @@ class Search:
             "dtype": m.dtype,
         }
 
+    def _fitness_spec(self) -> dict[str, Any]:
+        f = self.config.fitness
+        if f.function is not None:
+            return {"function": f.function}
+        return {"tasks": list(f.tasks), "include": [str(p) for p in f.include], "batch_size": f.batch_size}
+
     def _open_store(self) -> Store:
         path = self.run_dir / "store.sqlite"
         if path.exists():
-            raise EvomergeError(f"run folder {str(self.run_dir)!r} already holds a run; choose another --out")
+            raise EvomergeError(
+                f"run folder {str(self.run_dir)!r} already holds a run; continue it with "
+                f"`evomerge resume {self.run_dir}` or choose another --out"
+            )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         store = Store(path)
-        store.set_meta("config", self.config.model_dump(mode="json"))
+        store.set_meta("config", stored_config(self.config))
         store.set_meta("genes", self.space.describe())
         store.set_meta("models", self._models_spec())
-        (self.run_dir / "config.yaml").write_text(self.config.to_yaml())
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(stored_config(self.config), sort_keys=False))
         return store
 
     def objective_values(self, values: dict[str, float]) -> dict[str, float]:
+        missing = [o for o in self.objectives if o.of not in values]
+        if missing:
+            o = missing[0]
+            raise EvomergeError(
+                f"fitness returned no value {o.of!r} for objective {o.name!r}; it returned: {', '.join(values)}"
+            )
         return {o.name: values[o.of] for o in self.objectives}
 
     def to_F(self, c: Candidate) -> np.ndarray:
@@ -115,6 +182,8 @@ class Search:
 
     def _record(self, job: Job, result: dict[str, Any]) -> Candidate:
         ok = result["status"] == "ok"
+        if ok:
+            self.objective_values(result["values"])  # a missing objective stops the run, nothing stored
         c = Candidate(
             recipe=job.recipe,
             recipe_key=Recipe.from_dict(job.recipe).key(),
@@ -148,6 +217,8 @@ class Search:
         with report.progress(self.console, describe, len(todo)) as advance:
             for job, result in self.pool.run([same[0] for same in todo.values()]):
                 c = self._record(job, result)
+                if result.get("fatal"):
+                    raise EvomergeError(result["error"])
                 for twin in todo[c.recipe_key]:
                     out[twin.key] = c
                 advance()
@@ -155,31 +226,60 @@ class Search:
 
     # --- the run --------------------------------------------------------------------------------------
     def run(self) -> Path:
+        """Start the run in a new run folder."""
+        self.store = self._open_store()
+        return self._loop(resume=False)
+
+    def resume(self) -> Path:
+        """Continue the run in ``run_dir`` from its last checkpoint; nothing stored is evaluated again."""
+        self.store = Store(self.run_dir / "store.sqlite")
+        return self._loop(resume=True)
+
+    def _restore(self, problem: Any) -> tuple[Any, int]:
+        """The algorithm and the generation it finished: from the last checkpoint, or set up afresh
+        (generation 0; algorithms that cannot be pickled replay their generations from the store)."""
+        cfg = self.config
+        last = self.store.last_checkpoint()
+        if last is not None:
+            generation, algorithm = last
+            return algorithm, generation
+        algorithm = make_algorithm(
+            cfg.algorithm.name, cfg.algorithm.pop_size, dict(cfg.algorithm.options), len(self.objectives)
+        )
+        algorithm.setup(
+            problem, termination=("n_gen", cfg.algorithm.generations), seed=cfg.seed, verbose=False
+        )
+        return algorithm, 0
+
+    def _checkpoint(self, generation: int, algorithm: Any) -> None:
+        try:
+            self.store.save_checkpoint(generation, algorithm)
+        except (TypeError, AttributeError, pickle.PicklingError):
+            # e.g. CMA-ES holds a generator: a resume replays its generations, answered from the store
+            self.store.set_meta("checkpoint", "replay")
+
+    def _loop(self, resume: bool) -> Path:
         from pymoo.core.evaluator import Evaluator as PymooEvaluator
         from pymoo.core.problem import Problem
         from pymoo.problems.static import StaticProblem
 
         cfg = self.config
-        self.store = self._open_store()
-        start = time.time()
+        start = time.time() - (self.store.get_meta("search_seconds", 0.0) if resume else 0.0)
         self.pool = WorkerPool(
             self._models_spec(),
-            list(cfg.fitness.tasks),
-            [str(p) for p in cfg.fitness.include],
+            self._fitness_spec(),
             cfg.workers,
-            cfg.fitness.batch_size,
             cfg.threads_per_worker,
             cfg.ray.address,
+            cfg.retries,
         )
         try:
-            n_items = self.pool.call("n_items", cfg.fitness.search_split)
-            items = choose_items(n_items, cfg.fitness.items, cfg.seed)
+            items = None
+            if cfg.fitness.tasks:
+                n_items = self.pool.call("n_items", cfg.fitness.search_split)
+                items = choose_items(n_items, cfg.fitness.items, cfg.seed)
             problem = Problem(n_var=self.space.n_var, n_obj=len(self.objectives), xl=0.0, xu=1.0)
-            algorithm = make_algorithm(cfg)
-            algorithm.setup(
-                problem, termination=("n_gen", cfg.algorithm.generations), seed=cfg.seed, verbose=False
-            )
-            generation = 0
+            algorithm, generation = self._restore(problem)
             while algorithm.has_next():
                 generation += 1
                 pop = algorithm.ask()
@@ -198,7 +298,8 @@ class Search:
                 F = np.stack([self.to_F(results[i]) for i in range(len(X))])
                 PymooEvaluator().eval(StaticProblem(problem, F=F), pop)
                 algorithm.tell(infills=pop)
-                self.store.save_checkpoint(generation, algorithm)
+                self._checkpoint(generation, algorithm)
+                self.store.set_meta("search_seconds", time.time() - start)
             self._finish(time.time() - start)
         finally:
             self.pool.shutdown()

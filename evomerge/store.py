@@ -93,13 +93,30 @@ _COLUMNS = [
 
 
 class Store:
-    def __init__(self, path: str | Path):
+    """The run's SQLite database. ``readonly=True`` opens an existing store for reading only (a run that
+    is still writing it stays unaffected: WAL)."""
+
+    def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
+        if readonly:
+            self.db = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None
+            )
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+
+    def snapshot(self) -> tuple[dict[str, Any], list[Candidate]]:
+        """Every meta value and every candidate, read in one transaction (a consistent view)."""
+        self.db.execute("BEGIN")
+        try:
+            meta = {key: json.loads(value) for key, value in self.db.execute("SELECT key, value FROM meta")}
+            return meta, self.candidates()
+        finally:
+            self.db.execute("COMMIT")
 
     def close(self) -> None:
         self.db.close()
@@ -156,10 +173,11 @@ class Store:
         return self._row(row)
 
     def find(self, recipe_key: str, split: str) -> Candidate | None:
-        """A finished, successful evaluation of these weights on this split, if any."""
+        """The stored evaluation of these weights on this split, if any (a successful one first: a
+        failed one was already retried, so it stands)."""
         row = self.db.execute(
             "SELECT id, " + ", ".join(_COLUMNS) + " FROM candidates WHERE recipe_key = ? AND split = ? "
-            "AND status = 'ok' ORDER BY id LIMIT 1",
+            "ORDER BY status != 'ok', id LIMIT 1",
             (recipe_key, split),
         ).fetchone()
         return self._row(row) if row else None

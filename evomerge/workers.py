@@ -7,13 +7,15 @@ import math
 import os
 import time
 import traceback
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from evomerge.fitness import LmEvalFitness
+from evomerge.fitness import make_fitness
+from evomerge.fitness.python import FitnessOutputError
 from evomerge.merge import Merger
 from evomerge.models import ModelSet, save_hf
 from evomerge.recipe import Recipe
@@ -34,20 +36,13 @@ class Job:
 class Evaluator:
     """Merges recipes into one model and scores them. Runs in a Ray actor or in-process."""
 
-    def __init__(
-        self,
-        models: dict[str, Any],
-        tasks: list[str],
-        include: list[str],
-        batch_size: int = 64,
-        threads: int = 1,
-    ):
+    def __init__(self, models: dict[str, Any], fitness: dict[str, Any], threads: int = 1):
         torch.set_num_threads(threads)
         self.models = ModelSet(**models)
         self.model = self.models.load_model()
         self.tokenizer = self.models.load_tokenizer()
         self.merger = Merger(self.model.state_dict(), self.models.expert_state_dicts())
-        self.fitness = LmEvalFitness(tasks, batch_size=batch_size, include=include)
+        self.fitness = make_fitness(**fitness)
         self.name = f"{os.uname().nodename}:{os.getpid()}"
 
     def materialize(self, recipe: dict[str, Any]) -> torch.nn.Module:
@@ -68,6 +63,8 @@ class Evaluator:
             if bad:
                 raise FloatingPointError(f"fitness returned non-finite values for {bad}")
             out = {"status": "ok", "error": None, **asdict(result)}
+        except FitnessOutputError as e:  # the user's function is wrong: every candidate would fail
+            out = {"status": "failed", "error": str(e), "fatal": True}
         except Exception as e:  # a failed candidate is a record with its reason, never a gap
             out = {"status": "failed", "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
         out.update(wall_s=time.perf_counter() - start, worker=self.name)
@@ -88,12 +85,11 @@ class WorkerPool:
     def __init__(
         self,
         models: dict[str, Any],
-        tasks: list[str],
-        include: list[str],
+        fitness: dict[str, Any],
         workers: int,
-        batch_size: int = 64,
         threads: int = 1,
         address: str | None = None,
+        retries: int = 1,
     ):
         import ray
 
@@ -107,26 +103,48 @@ class WorkerPool:
                     log_to_driver=False,
                     configure_logging=False,
                 )
-        actor = ray.remote(num_cpus=threads)(Evaluator)
         self.ray = ray
-        self.actors = [actor.remote(models, tasks, include, batch_size, threads) for _ in range(workers)]
+        self.retries = retries
+        self._new = lambda: ray.remote(num_cpus=threads)(Evaluator).remote(models, fitness, threads)
+        self.actors = [self._new() for _ in range(workers)]
 
     def call(self, method: str, *args: Any) -> Any:
         """Run a method on the first worker and wait for it."""
         return self.ray.get(getattr(self.actors[0], method).remote(*args))
 
     def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, dict[str, Any]]]:
-        pending = list(jobs)[::-1]
-        running: dict[Any, tuple[Job, Any]] = {}
-        idle = list(self.actors)
+        """Evaluate jobs on idle workers; yield (job, result) as each finishes.
+
+        A failed evaluation (a dead worker, NaN weights, an exception) is retried up to ``retries``
+        times, on another worker when there is one; a dead worker is replaced by a fresh one. The
+        result says how many ``attempts`` it took."""
+        from ray.exceptions import RayActorError, WorkerCrashedError
+
+        pending: deque[tuple[Job, int, int | None]] = deque((job, 0, None) for job in jobs)
+        running: dict[Any, tuple[Job, int, int]] = {}
+        idle = list(range(len(self.actors)))
         while pending or running:
             while pending and idle:
-                job, actor = pending.pop(), idle.pop()
-                running[actor.evaluate.remote(job)] = (job, actor)
+                job, attempt, last = pending.popleft()
+                slot = next((s for s in idle if s != last), idle[0])
+                idle.remove(slot)
+                running[self.actors[slot].evaluate.remote(job)] = (job, attempt, slot)
             done, _ = self.ray.wait(list(running), num_returns=1)
-            job, actor = running.pop(done[0])
-            idle.append(actor)
-            yield job, self.ray.get(done[0])
+            job, attempt, slot = running.pop(done[0])
+            try:
+                result = self.ray.get(done[0])
+            except (RayActorError, WorkerCrashedError) as e:
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                result = {"status": "failed", "error": f"worker died ({type(e).__name__}): {reason}"[:500]}
+                result.update(wall_s=0.0, worker=f"worker-{slot}")
+                self.ray.kill(self.actors[slot])
+                self.actors[slot] = self._new()
+            idle.append(slot)
+            if result["status"] != "ok" and not result.get("fatal") and attempt < self.retries:
+                pending.appendleft((job, attempt + 1, slot))
+                continue
+            result["attempts"] = attempt + 1
+            yield job, result
 
     def shutdown(self) -> None:
         for a in self.actors:

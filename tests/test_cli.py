@@ -66,7 +66,23 @@ def run_cli(*args):
             {"objectives": [{"name": "x", "of": "zoo_reversal"}]},
             "objective 'x' is of 'zoo_reversal', which is not a fitness task",
         ),
-        ({"algorithm__name": "cmaes"}, "config: algorithm.name: Input should be 'ga' or 'nsga2'"),
+        (
+            {"algorithm__name": "smsemo"},
+            "unknown algorithm 'smsemo' (did you mean 'smsemoa'?); available: cmaes, de,",
+        ),
+        ({"algorithm__name": "nsga2"}, "algorithm 'nsga2' needs two or more objectives, the config has 1"),
+        (
+            {"algorithm__options": {"mutation_rate": 0.1}},
+            "algorithm 'ga' has no option 'mutation_rate'; its options:",
+        ),
+        (
+            {"fitness__tasks": [], "fitness__function": "no_such_mod:f"},
+            "fitness function 'no_such_mod:f' does not import",
+        ),
+        (
+            {"fitness__function": "os:getcwd"},
+            "fitness: give either `tasks` (lm-eval task names) or `function`",
+        ),
     ],
 )
 def test_bad_config_one_line_exit_2(tmp_path, models, changes, message):

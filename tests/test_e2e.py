@@ -9,32 +9,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evomerge.config import load_config
 from evomerge.fitness import LmEvalFitness
-from evomerge.search import Search
 from evomerge.store import Store
 
 TASKS = ["zoo_addition", "zoo_script", "zoo_reversal"]
 
 
 @pytest.fixture(scope="module")
-def run_dir(zoo_dir, tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    root = tmp_path_factory.mktemp("e2e")
-    cfg = load_config(
-        "experiments/demo.yaml",
-        out=str(root / "run"),
-        **{
-            "fitness.items": 20,
-            "algorithm.pop_size": 4,
-            "algorithm.generations": 2,
-            "zoo.cache_dir": str(zoo_dir.parent),
-        },
-    )
-    try:
-        yield Search(cfg).run()
-    finally:
-        ray.shutdown()
+def run_dir(tiny_run):
+    return tiny_run
 
 
 def test_store_holds_every_candidate(run_dir):

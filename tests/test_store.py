@@ -31,8 +31,11 @@ def test_round_trip_and_find(tmp_path):
     assert got.responses == {"t": {"0": 1.0, "3": 0.0}} and got.genome == [0.1, 0.9]
     assert store.find("k1", "search").id == cid
     assert store.find("k1", "test") is None
-    assert store.find("k2", "search") is None  # failed evaluations are not reused
-    assert [x.status for x in store.candidates()] == ["ok", "failed"]
+    assert store.find("k2", "search").status == "failed"  # already retried: it stands
+    later = Candidate(recipe={"groups": []}, recipe_key="k2", split="search", status="ok")
+    store.add(later)
+    assert store.find("k2", "search").id == later.id  # a success wins over a failure
+    assert [x.status for x in store.candidates()] == ["ok", "failed", "ok"]
     assert store.get(failed.id).error == "boom"
     store.close()
 

@@ -1,0 +1,113 @@
+"""pymoo algorithms by name: the catalogue, option checking, and objective-count checking.
+
+``algorithm.name`` is a short name below or any pymoo algorithm class as ``module:Class``
+(``pymoo.algorithms.moo.spea2:SPEA2``). Options are the class's keyword arguments; unknown ones are
+refused, since pymoo itself would silently ignore them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+from evomerge.errors import EvomergeError, unknown
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    target: str  # "module:Class"
+    objectives: str  # "single", "multi" or "any"
+    pop_option: str | None = "pop_size"  # the constructor argument that takes the population size
+    ref_dirs: bool = False  # needs reference directions (one per population member)
+
+
+ALGORITHMS: dict[str, AlgorithmSpec] = {
+    "ga": AlgorithmSpec("pymoo.algorithms.soo.nonconvex.ga:GA", "single"),
+    "de": AlgorithmSpec("pymoo.algorithms.soo.nonconvex.de:DE", "single"),
+    "cmaes": AlgorithmSpec("pymoo.algorithms.soo.nonconvex.cmaes:CMAES", "single"),
+    "pso": AlgorithmSpec("pymoo.algorithms.soo.nonconvex.pso:PSO", "single"),
+    "nsga2": AlgorithmSpec("pymoo.algorithms.moo.nsga2:NSGA2", "multi"),
+    "nsga3": AlgorithmSpec("pymoo.algorithms.moo.nsga3:NSGA3", "multi", ref_dirs=True),
+    "smsemoa": AlgorithmSpec("pymoo.algorithms.moo.sms:SMSEMOA", "multi"),
+    "spea2": AlgorithmSpec("pymoo.algorithms.moo.spea2:SPEA2", "multi"),
+    "random": AlgorithmSpec(
+        "pymoo.algorithms.soo.nonconvex.random_search:RandomSearch",
+        "any",
+        pop_option="n_points_per_iteration",
+    ),
+}
+
+
+def _load(target: str) -> type:
+    module, _, name = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise EvomergeError(f"algorithm {target!r} does not import: {e}") from None
+    if not isinstance(cls, type):
+        raise EvomergeError(f"algorithm {target!r} is not a class")
+    return cls
+
+
+def spec_for(name: str) -> AlgorithmSpec:
+    if name in ALGORITHMS:
+        return ALGORITHMS[name]
+    if ":" in name:
+        return AlgorithmSpec(name, "any")
+    raise EvomergeError(f"{unknown('algorithm', name, ALGORITHMS)}, or any pymoo algorithm as module:Class")
+
+
+def _accepted(cls: type) -> set[str] | None:
+    """Keyword arguments the class and its bases name explicitly (None: accepts anything)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names - {"self"}
+    return names - {"self"} or None
+
+
+def check_algorithm(name: str, options: dict[str, Any], n_objectives: int) -> None:
+    """Refuse unknown algorithms, unknown options, and algorithms that do not fit the objective count."""
+    spec = spec_for(name)
+    if spec.objectives == "single" and n_objectives != 1:
+        raise EvomergeError(
+            f"algorithm {name!r} optimises one objective, the config has {n_objectives}; "
+            f"multi-objective ones: {', '.join(n for n, s in ALGORITHMS.items() if s.objectives != 'single')}"
+        )
+    if spec.objectives == "multi" and n_objectives < 2:
+        raise EvomergeError(
+            f"algorithm {name!r} needs two or more objectives, the config has {n_objectives}; "
+            f"single-objective ones: {', '.join(n for n, s in ALGORITHMS.items() if s.objectives != 'multi')}"
+        )
+    cls = _load(spec.target)
+    accepted = _accepted(cls)
+    if accepted is not None:
+        bad = sorted(set(options) - accepted)
+        if bad:
+            raise EvomergeError(
+                f"algorithm {name!r} has no option {bad[0]!r}; its options: {', '.join(sorted(accepted))}"
+            )
+
+
+def make_algorithm(name: str, pop_size: int, options: dict[str, Any], n_objectives: int) -> Any:
+    """A fresh pymoo algorithm instance for ``n_objectives`` objectives and ``pop_size`` candidates."""
+    check_algorithm(name, options, n_objectives)
+    spec = spec_for(name)
+    kwargs = dict(options)
+    if spec.ref_dirs and "ref_dirs" not in kwargs:
+        from pymoo.util.ref_dirs import get_reference_directions
+
+        kwargs["ref_dirs"] = get_reference_directions("energy", n_objectives, pop_size, seed=1)
+    if spec.pop_option is not None:
+        kwargs.setdefault(spec.pop_option, pop_size)
+    try:
+        return _load(spec.target)(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise EvomergeError(f"algorithm {name!r}: bad options {options}: {e}") from None

@@ -1,0 +1,204 @@
+"""Explore a run folder from a notebook: ``run = evomerge.load_run("runs/demo")``.
+
+The store is opened read-only and read once, so a run still in progress can be loaded (call
+``load_run`` again for newer results); nothing in the folder is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from evomerge import report
+from evomerge.config import ObjectiveConfig, RunConfig, parse_config
+from evomerge.errors import EvomergeError
+from evomerge.store import Candidate, Store
+
+_HEAD_COLUMNS = ("id", "kind", "generation", "label", "split", "status")
+_TAIL_COLUMNS = (
+    "genome",
+    "recipe",
+    "recipe_key",
+    "metrics",
+    "n_items",
+    "n_tokens",
+    "wall_s",
+    "worker",
+    "error",
+)
+
+
+def load_run(path: str | Path) -> Run:
+    """Load the run folder ``path`` (one that holds store.sqlite)."""
+    return Run(path)
+
+
+def _read_store(path: Path) -> tuple[dict[str, Any], list[Candidate]]:
+    """The meta table and every candidate, read in one read-only transaction (WAL lets a writer go on)."""
+    store = Store(path, readonly=True)
+    try:
+        return store.snapshot()
+    finally:
+        store.close()
+
+
+class Run:
+    """One run folder, read from its store.
+
+    ``candidates`` has one row per stored candidate (index: candidate id): kind (search, test or
+    reference), generation, label, split, status, one column per objective, ``test_<objective>``, genome,
+    recipe, recipe_key, metrics (every value the fitness returned), n_items, n_tokens, wall_s (seconds
+    the evaluation took), worker and error. ``test_<objective>`` is set on successful search rows whose
+    weights were also scored on the test split (the run does this for its Pareto front) and is NaN on
+    every other row. ``objectives`` are the run's objective configs (name, of, direction); ``config`` is
+    the RunConfig, or the stored dict when this evomerge cannot parse it; ``models`` the resolved model
+    paths the run merged (base, experts, tokenizer, dtype).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        store = self.path / "store.sqlite"
+        if not store.is_file():
+            raise EvomergeError(f"{str(self.path)!r} is not a run folder (no store.sqlite)")
+        meta, self._records = _read_store(store)
+        if "config" not in meta:
+            raise EvomergeError(f"run {str(self.path)!r} has not recorded its config yet")
+        raw = meta["config"]
+        self.config: RunConfig | dict[str, Any]
+        try:
+            self.config = parse_config(raw)
+        except EvomergeError:  # another evomerge version, or a fitness function not importable here
+            self.config = raw
+        self.objectives = [ObjectiveConfig.model_validate(o) for o in raw["objectives"]]
+        self.models: dict[str, Any] | None = meta.get("models")
+        self.candidates = self._frame(raw["fitness"]["test_split"])
+
+    def _frame(self, test_split: str) -> pd.DataFrame:
+        names = [o.name for o in self.objectives]
+        tested = {
+            c.recipe_key: c.objectives for c in self._records if c.split == test_split and c.status == "ok"
+        }
+        rows = []
+        for c in self._records:
+            values = c.objectives or {}
+            test = tested.get(c.recipe_key, {}) if c.kind == "search" and c.status == "ok" else {}
+            rows.append(
+                [
+                    *(getattr(c, col) for col in _HEAD_COLUMNS),
+                    *(values.get(n, np.nan) for n in names),
+                    *(test.get(n, np.nan) for n in names),
+                    *(getattr(c, col) for col in _TAIL_COLUMNS),
+                ]
+            )
+        columns = [*_HEAD_COLUMNS, *names, *(f"test_{n}" for n in names), *_TAIL_COLUMNS]
+        df = pd.DataFrame(rows, columns=columns).set_index("id")
+        return df.astype({"generation": "Int64"})
+
+    # --- views -------------------------------------------------------------------------------------------
+    def _searched(self) -> pd.DataFrame:
+        """Successful search candidates."""
+        df = self.candidates
+        return df[(df.kind == "search") & (df.status == "ok")].astype({"generation": int})
+
+    def _front(self) -> list[Candidate]:
+        searched = [c for c in self._records if c.kind == "search" and c.status == "ok"]
+        return report.pareto_front(searched, self.objectives) if searched else []
+
+    def pareto_front(self) -> pd.DataFrame:
+        """The non-dominated successful search candidates (one per distinct recipe), best first by the
+        first objective; the same front the run wrote to front.csv."""
+        return self.candidates.loc[[c.id for c in self._front()]]
+
+    @property
+    def best_id(self) -> int:
+        """The front member the run saved as best_model/ (best mean of the objectives, earliest on ties)."""
+        front = self._front()
+        if not front:
+            raise EvomergeError(f"run {str(self.path)!r} has no successful search candidate yet")
+        return report.pick_best(front, self.objectives).id
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """One row per generation: candidates evaluated and failed, best and mean of each objective, the
+        best so far, and the evaluation seconds (summed over workers) of the generation and so far.
+        Genomes whose recipe the run had already scored are not re-evaluated, so are not counted."""
+        df = self.candidates[self.candidates.kind == "search"]
+        aggregations: dict[str, tuple[str, str]] = {
+            "evaluated": ("status", "size"),
+            "failed": ("failed", "sum"),
+        }
+        for o in self.objectives:
+            aggregations[f"best_{o.name}"] = (o.name, o.direction)
+            aggregations[f"mean_{o.name}"] = (o.name, "mean")
+        aggregations["wall_s"] = ("wall_s", "sum")
+        h = df.assign(failed=df.status != "ok").groupby("generation").agg(**aggregations)
+        for o in self.objectives:
+            h[f"cum_best_{o.name}"] = getattr(h[f"best_{o.name}"], f"cum{o.direction}")().ffill()
+        h["cum_wall_s"] = h["wall_s"].cumsum()
+        return h.reset_index()
+
+    def plot_front(self, ax: Any = None) -> Any:
+        """Plot the successful search candidates and return the matplotlib Figure. One objective: its value
+        per generation with the running best; more: the first two objectives coloured by generation, with
+        the Pareto front circled. Without a display matplotlib falls back to the Agg backend."""
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+        fig = ax.figure
+        searched = self._searched()
+        axis_label = {o.name: f"{o.name} ({o.direction})" for o in self.objectives}
+        if len(self.objectives) == 1:
+            name = self.objectives[0].name
+            ax.scatter(searched.generation, searched[name], c=searched.generation, cmap="viridis", alpha=0.7)
+            history = self.history
+            ax.plot(history.generation, history[f"cum_best_{name}"], color="C3", label="best so far")
+            ax.set_xlabel("generation")
+            ax.set_ylabel(axis_label[name])
+        else:
+            x, y = (o.name for o in self.objectives[:2])
+            points = ax.scatter(searched[x], searched[y], c=searched.generation, cmap="viridis", alpha=0.7)
+            front = self.pareto_front()
+            ax.scatter(front[x], front[y], s=150, facecolors="none", edgecolors="C3", label="Pareto front")
+            colorbar = fig.colorbar(points, ax=ax, label="generation")
+            colorbar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel(axis_label[x])
+            ax.set_ylabel(axis_label[y])
+        ax.set_title(f"{self.path.name}: search candidates")
+        ax.legend()
+        return fig
+
+    # --- models --------------------------------------------------------------------------------------------
+    def load_model(self, candidate_id: int) -> tuple[Any, Any]:
+        """Re-merge candidate ``candidate_id``'s recipe from the run's models, as its worker did, and return
+        the Hugging Face model (eval mode) and tokenizer."""
+        from evomerge.merge import Merger
+        from evomerge.models import ModelSet
+        from evomerge.recipe import Recipe
+
+        if candidate_id not in self.candidates.index:
+            ids = self.candidates.index
+            known = f"its candidates: {ids.min()}..{ids.max()}" if len(ids) else "it has no candidates yet"
+            raise EvomergeError(f"run {str(self.path)!r} has no candidate {candidate_id}; {known}")
+        if self.models is None:
+            raise EvomergeError(f"run {str(self.path)!r} does not record its model paths")
+        models = ModelSet(**self.models)
+        model = models.load_model()
+        merger = Merger(model.state_dict(), models.expert_state_dicts())
+        merger.apply(Recipe.from_dict(self.candidates.at[candidate_id, "recipe"]), out=model)
+        return model.eval(), models.load_tokenizer()
+
+    def __repr__(self) -> str:
+        kinds = self.candidates.kind.value_counts()
+        counts = ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+        objectives = ", ".join(f"{o.name} ({o.direction})" for o in self.objectives)
+        searched = self._searched()
+        best = ", ".join(f"{o.name}={getattr(searched[o.name], o.direction)():.4g}" for o in self.objectives)
+        return (
+            f"Run({str(self.path)!r}): {len(self.candidates)} candidates ({counts}); "
+            f"objectives: {objectives}; best on the search split: {best if len(searched) else 'none yet'}"
+        )

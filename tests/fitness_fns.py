@@ -1,0 +1,56 @@
+"""Python fitness functions for the search-engine tests (imported by Ray workers: PYTHONPATH=tests)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+# The merged weights of the tiny random models are a smooth function of the genome: these targets make
+# a two-objective problem whose front is not a single point.
+TARGET = 0.02
+
+
+def closeness(model, tokenizer) -> dict[str, float]:
+    """Two objectives from the merged weights, plus a per-item response vector."""
+    time.sleep(float(os.environ.get("EVOMERGE_TEST_SLEEP", "0")))
+    w = model.lm_head.weight
+    first = -abs(float(w[: w.shape[0] // 2].mean()) - TARGET)
+    second = -abs(float(w[w.shape[0] // 2 :].std()) - 2 * TARGET)
+    return {"first": first, "second": second, "mean": (first + second) / 2}
+
+
+def with_responses(model, tokenizer):
+    values = closeness(model, tokenizer)
+    return values, {
+        "probe": {str(i): float(v > 0) for i, v in enumerate(model.lm_head.weight[:5, 0].tolist())}
+    }
+
+
+def crash_once(model, tokenizer) -> dict[str, float]:
+    """Kills its worker process the first time it runs (a marker file beside the models remembers)."""
+    marker = Path(model.config.name_or_path).parent / "crashed"
+    if not marker.exists():
+        marker.write_text(str(os.getpid()))
+        os._exit(1)
+    return closeness(model, tokenizer)
+
+
+def nan(model, tokenizer) -> dict[str, float]:
+    return {"mean": float("nan")}
+
+
+def not_a_number(model, tokenizer) -> dict[str, float]:
+    return {"mean": "high"}
+
+
+def lacks_objective(model, tokenizer) -> dict[str, float]:
+    return {"other": 1.0}
+
+
+def loss(model, tokenizer) -> dict[str, float]:
+    with torch.no_grad():
+        ids = torch.arange(8).unsqueeze(0)
+        return {"mean": float(model(input_ids=ids, labels=ids).loss)}

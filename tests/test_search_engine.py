@@ -1,0 +1,252 @@
+"""The search engine: algorithms by name, Python fitness, worker faults, and kill -9 / resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from tiny import save_model_set
+
+from evomerge.algorithms import ALGORITHMS, make_algorithm
+from evomerge.config import load_config
+from evomerge.errors import EvomergeError
+from evomerge.search import Search, resume_search
+from evomerge.store import Store
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return save_model_set(tmp_path_factory.mktemp("models"), ["base", "a", "b"])
+
+
+@pytest.fixture(scope="module")
+def ray_env():
+    """Ray workers import the test fitness functions from tests/."""
+    ray = pytest.importorskip("ray")
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), old) if p)
+    yield
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("PYTHONPATH")
+    else:
+        os.environ["PYTHONPATH"] = old
+
+
+def write_config(root: Path, models, function="fitness_fns:closeness", **extra) -> Path:
+    cfg = {
+        "models": {"base": str(models["base"]), "experts": {"a": str(models["a"]), "b": str(models["b"])}},
+        "search_space": {"name": "per_layer", "layer_groups": 2},
+        "fitness": {"function": function},
+        "objectives": [{"name": "first", "of": "first"}, {"name": "second", "of": "second"}],
+        "algorithm": {"name": "nsga2", "pop_size": 6, "generations": 4},
+        "workers": 1,
+        "seed": 3,
+    }
+    for key, value in extra.items():
+        node = cfg
+        *parents, last = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# --- algorithms --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_every_algorithm_runs_ask_tell(name):
+    from pymoo.core.evaluator import Evaluator
+    from pymoo.core.problem import Problem
+    from pymoo.problems.static import StaticProblem
+
+    n_obj = 1 if ALGORITHMS[name].objectives == "single" else 2
+    problem = Problem(n_var=4, n_obj=n_obj, xl=0.0, xu=1.0)
+    algorithm = make_algorithm(name, 6, {}, n_obj)
+    algorithm.setup(problem, termination=("n_gen", 3), seed=0, verbose=False)
+    seen = 0
+    while algorithm.has_next():
+        pop = algorithm.ask()
+        X = pop.get("X")
+        assert X.shape[1] == 4 and np.all((X >= 0) & (X <= 1))
+        F = np.stack([((X - 0.3) ** 2).sum(1), ((X - 0.7) ** 2).sum(1)][:n_obj], axis=1)
+        Evaluator().eval(StaticProblem(problem, F=F), pop)
+        algorithm.tell(infills=pop)
+        seen += len(X)
+    assert seen >= 6
+
+
+def test_any_pymoo_class_by_path():
+    algorithm = make_algorithm("pymoo.algorithms.moo.spea2:SPEA2", 4, {}, 2)
+    assert type(algorithm).__name__ == "SPEA2"
+    with pytest.raises(EvomergeError, match="does not import"):
+        make_algorithm("pymoo.algorithms.moo.nope:X", 4, {}, 2)
+
+
+# --- Python fitness and faults ---------------------------------------------------------------------------
+
+
+def test_python_fitness_with_responses(tmp_path, models, ray_env):
+    cfg = load_config(write_config(tmp_path, models, "fitness_fns:with_responses"), out=str(tmp_path / "run"))
+    run = Search(cfg).run()
+    store = Store(run / "store.sqlite")
+    search = store.candidates(kind="search")
+    assert search and all(c.status == "ok" for c in search)
+    assert all(set(c.responses) == {"probe"} and len(c.responses["probe"]) == 5 for c in search)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["objectives"] == ["first", "second"] and summary["front"]
+
+
+def test_callable_fitness_from_the_python_api(tmp_path, models, ray_env):
+    import fitness_fns
+
+    cfg = load_config(
+        write_config(tmp_path, models, "fitness_fns:nan", objectives=[{"name": "loss", "direction": "min"}]),
+        out=str(tmp_path / "run"),
+        **{"algorithm.name": "ga", "algorithm.generations": 2, "algorithm.pop_size": 4},
+    )
+    run = Search(cfg, fitness=fitness_fns.loss).run()
+    assert yaml.safe_load((run / "config.yaml").read_text())["fitness"]["function"] == "fitness_fns:loss"
+    best = json.loads((run / "summary.json").read_text())["best"]["loss"]
+    losses = [c.objectives["loss"] for c in Store(run / "store.sqlite").candidates(kind="search")]
+    assert best <= max(losses) and all(np.isfinite(losses))
+
+
+def test_a_dead_worker_is_replaced_and_its_candidate_retried(tmp_path, models, ray_env):
+    marker = models["base"].parent / "crashed"
+    cfg = load_config(
+        write_config(tmp_path, models, "fitness_fns:crash_once", workers=2, retries=1),
+        out=str(tmp_path / "run"),
+        **{"algorithm.generations": 2, "algorithm.pop_size": 4},
+    )
+    run = Search(cfg).run()
+    assert marker.exists()  # a worker process really died
+    search = Store(run / "store.sqlite").candidates(kind="search")
+    assert len(search) >= 4 and all(c.status == "ok" for c in search)
+
+
+def test_nan_fitness_is_stored_as_failed_after_retries(tmp_path, models, ray_env):
+    cfg = load_config(
+        write_config(tmp_path, models, "fitness_fns:nan", objectives=[{"name": "m"}], retries=1),
+        out=str(tmp_path / "run"),
+        **{"algorithm.name": "ga", "algorithm.generations": 1, "algorithm.pop_size": 3},
+    )
+    with pytest.raises(EvomergeError, match="every candidate failed"):
+        Search(cfg).run()
+    rows = Store(tmp_path / "run" / "store.sqlite").candidates(kind="search")
+    assert rows and all(c.status == "failed" and "non-finite" in c.error for c in rows)
+
+
+@pytest.mark.parametrize(
+    ("function", "message"),
+    [
+        ("fitness_fns:not_a_number", "returned a non-number for 'mean': 'high' (str)"),
+        (
+            "fitness_fns:lacks_objective",
+            "fitness returned no value 'mean' for objective 'm'; it returned: other",
+        ),
+    ],
+)
+def test_bad_fitness_output_stops_the_run_with_one_line(tmp_path, models, ray_env, function, message):
+    cfg = load_config(
+        write_config(tmp_path, models, function, objectives=[{"name": "m"}]),
+        out=str(tmp_path / "run"),
+        **{"algorithm.name": "ga", "algorithm.generations": 1, "algorithm.pop_size": 3},
+    )
+    with pytest.raises(EvomergeError) as err:
+        Search(cfg).run()
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# --- kill -9 and resume --------------------------------------------------------------------------------
+
+
+def _cli(*args, env=None, **kw):
+    return subprocess.Popen(
+        [sys.executable, "-m", "evomerge.cli", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
+
+
+def _rows(db: Path) -> list[tuple]:
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(db) as con:
+            return con.execute("SELECT generation FROM candidates WHERE kind = 'search'").fetchall()
+    except sqlite3.OperationalError:
+        return []
+
+
+def test_kill_9_then_resume_ends_with_the_uninterrupted_front(tmp_path, models, ray_env):
+    env = {**os.environ, "EVOMERGE_TEST_SLEEP": "0.3"}
+    config = write_config(tmp_path, models)
+    full = _cli("run", config, "--out", tmp_path / "full", env={**os.environ})
+    assert full.wait(timeout=300) == 0, full.stdout.read()
+
+    run_dir = tmp_path / "killed"
+    proc = _cli("run", config, "--out", run_dir, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(g >= 3 for (g,) in _rows(run_dir / "store.sqlite")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    before = Store(run_dir / "store.sqlite").candidates()
+    assert before and not (run_dir / "summary.json").exists()
+    assert max(c.generation for c in before) >= 3
+
+    resumed = _cli("resume", run_dir, env=env)
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+    after = Store(run_dir / "store.sqlite").candidates(kind="search")
+    kept = {c.id: c for c in before}
+    assert all(kept[c.id].recipe_key == c.recipe_key for c in after if c.id in kept)  # nothing rewritten
+    keys = [(c.generation, c.recipe_key) for c in after]
+    assert len(set(c.recipe_key for c in after)) == len(after)  # nothing evaluated twice
+
+    def front(d):
+        return sorted(
+            json.dumps(f["search"], sort_keys=True)
+            for f in json.loads((d / "summary.json").read_text())["front"]
+        )
+
+    assert front(run_dir) == front(tmp_path / "full")
+    assert sorted(k for _, k in keys) == sorted(
+        c.recipe_key for c in Store(tmp_path / "full" / "store.sqlite").candidates(kind="search")
+    )
+
+
+def test_resume_refuses_another_config(tmp_path, models):
+    run = tmp_path / "run"
+    store = Store(run / "store.sqlite")
+    cfg = load_config(write_config(tmp_path, models), out=str(run))
+    from evomerge.search import stored_config
+
+    store.set_meta("config", stored_config(cfg))
+    store.close()
+    other = load_config(write_config(tmp_path, models, seed=4), out=str(run))
+    with pytest.raises(EvomergeError, match=r"belongs to another config \(differs in: seed\)"):
+        resume_search(run, other)
+    with pytest.raises(EvomergeError, match="is not a run folder"):
+        resume_search(tmp_path / "nothing")
+    # where it runs may change
+    moved = load_config(write_config(tmp_path, models, workers=2), out=str(run))
+    assert resume_search(run, moved).config.workers == 2
