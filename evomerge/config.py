@@ -29,6 +29,14 @@ class ZooConfig(_Frozen):
     cache_dir: Path | None = Field(None, description="where the tiny zoo is built (default: user cache)")
 
 
+class CalibrationConfig(_Frozen):
+    random_merges: int = Field(
+        20, ge=0, description="random merges evaluated on the full split, besides base and experts"
+    )
+    model: Literal["2pl", "multidim_2pl"] = "2pl"
+    params: Path | None = Field(None, description="a folder of fitted <scope>.json files: skip calibration")
+
+
 class FitnessConfig(_Frozen):
     tasks: tuple[str, ...] = Field((), description="lm-eval task names (fitness/ catalogue or lm-eval's)")
     function: str | None = Field(
@@ -41,6 +49,7 @@ class FitnessConfig(_Frozen):
         None, ge=1, description="items per task per candidate on the search split (all if null)"
     )
     batch_size: int = Field(64, ge=1)
+    calibration: CalibrationConfig = CalibrationConfig()
 
 
 class ObjectiveConfig(_Frozen):
@@ -50,6 +59,12 @@ class ObjectiveConfig(_Frozen):
         description="a task name or 'mean' (mean accuracy over tasks); with a fitness function, a key it returns",
     )
     direction: Literal["max", "min"] = "max"
+    estimator: Literal["mean", "irt", "pirt", "gpirt", "mpirt", "gmpirt"] | None = Field(
+        None,
+        description="estimate the full-split accuracy from `items` items with IRT (null: plain accuracy)",
+    )
+    items: int | None = Field(None, ge=1, description="subset size for the estimator")
+    selection: Literal["random", "anchor", "information"] = "random"
 
 
 class AlgorithmConfig(_Frozen):
@@ -112,6 +127,17 @@ class RunConfig(_Frozen):
                         f"objective {o.name!r} is of {o.of!r}, which is not a fitness task; "
                         f"allowed: mean, {', '.join(fitness.tasks)}"
                     )
+        estimated = [o for o in self.objectives if o.estimator]
+        for o in estimated:
+            if o.items is None:
+                raise EvomergeError(
+                    f"objective {o.name!r} has estimator {o.estimator!r} but no `items` (subset size)"
+                )
+        if estimated and (fitness.function or fitness.items):
+            raise EvomergeError(
+                "objective estimators need lm-eval tasks and choose their own items; "
+                "remove fitness.function / fitness.items"
+            )
         from evomerge.algorithms import check_algorithm
 
         check_algorithm(self.algorithm.name, self.algorithm.options, len(self.objectives))

@@ -63,6 +63,20 @@ def summary_table(summary: dict[str, Any]) -> pd.DataFrame:
 
 def print_summary(console: Any, summary: dict[str, Any]) -> None:
     print_frame(console, summary_table(summary), "test split")
+    est = summary.get("estimation")
+    if est:
+        rows = {
+            name: {"MAE on the front (estimate vs full split)": e["mae_on_front"]}
+            for name, e in est["errors"].items()
+        }
+        print_frame(console, pd.DataFrame(rows).T, "IRT fitness estimate")
+        c = est["cost"]
+        console.print(
+            f"fitness cost per candidate: {c['items_per_candidate']:.0f} items vs {c['full_items_per_candidate']:.0f} "
+            f"({c['item_reduction']:.1f}x fewer), {c['tokens_per_candidate']:.0f} forward tokens vs "
+            f"{c['full_tokens_per_candidate']:.0f} ({c['token_reduction']:.1f}x fewer); calibration: "
+            f"{c['calibration_subjects']} models on the full split, {c['calibration_seconds']:.0f} worker-seconds"
+        )
 
 
 def print_frame(console: Any, df: pd.DataFrame, title: str) -> None:

@@ -3,17 +3,18 @@ result written to the store as it arrives, the algorithm checkpointed after each
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from evomerge import report
+from evomerge import calibration, report
 from evomerge.algorithms import make_algorithm
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
@@ -132,6 +133,7 @@ class Search:
         self.experts = list(config.models.experts)
         self.space = SearchSpace(config.search_space, self.experts, self.models.num_layers())
         self.objectives = config.objectives
+        self.subsets: dict[str, calibration.Subset] = {}  # objective name -> its IRT item subset
 
     # --- plumbing -------------------------------------------------------------------------------------
     def _models_spec(self) -> dict[str, Any]:
@@ -164,14 +166,25 @@ class Search:
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(stored_config(self.config), sort_keys=False))
         return store
 
-    def objective_values(self, values: dict[str, float]) -> dict[str, float]:
-        missing = [o for o in self.objectives if o.of not in values]
-        if missing:
-            o = missing[0]
+    def objective_values(
+        self, values: dict[str, float], responses: dict[str, dict[str, float]] | None = None
+    ) -> dict[str, float]:
+        """Objective values from a fitness result; with ``responses`` (a search candidate scored on
+        its subsets), objectives with an estimator get the IRT estimate of their full-split value."""
+        if responses is not None and self.subsets:
+            out = {}
+            for o in self.objectives:
+                sub = self.subsets.get(o.name)
+                out[o.name] = sub.estimate(responses)[0] if sub else self._value(o, values)
+            return out
+        return {o.name: self._value(o, values) for o in self.objectives}
+
+    def _value(self, o: Any, values: dict[str, float]) -> float:
+        if o.of not in values:
             raise EvomergeError(
                 f"fitness returned no value {o.of!r} for objective {o.name!r}; it returned: {', '.join(values)}"
             )
-        return {o.name: values[o.of] for o in self.objectives}
+        return values[o.of]
 
     def to_F(self, c: Candidate) -> np.ndarray:
         if c.status != "ok":
@@ -182,14 +195,19 @@ class Search:
 
     def _record(self, job: Job, result: dict[str, Any]) -> Candidate:
         ok = result["status"] == "ok"
-        if ok:
-            self.objective_values(result["values"])  # a missing objective stops the run, nothing stored
+        objectives = None
+        if ok:  # a missing objective stops the run before anything is stored
+            estimate = job.record.get("kind") == "search"
+            objectives = self.objective_values(
+                result["values"], result.get("responses") if estimate else None
+            )
         c = Candidate(
             recipe=job.recipe,
             recipe_key=Recipe.from_dict(job.recipe).key(),
             split=job.split,
+            subset=job.subset,
             status=result["status"],
-            objectives=self.objective_values(result["values"]) if ok else None,
+            objectives=objectives,
             metrics=result.get("values"),
             responses=result.get("responses"),
             n_items=result.get("n_items", 0),
@@ -209,7 +227,7 @@ class Search:
         todo: dict[str, list[Job]] = {}
         for job in jobs:
             key = Recipe.from_dict(job.recipe).key()
-            hit = self.store.find(key, job.split)
+            hit = self.store.find(key, job.split, job.subset)
             if hit is not None:
                 out[job.key] = hit
             else:
@@ -227,13 +245,34 @@ class Search:
     # --- the run --------------------------------------------------------------------------------------
     def run(self) -> Path:
         """Start the run in a new run folder."""
-        self.store = self._open_store()
-        return self._loop(resume=False)
+        with self.session():
+            return self._loop(resume=False)
 
     def resume(self) -> Path:
         """Continue the run in ``run_dir`` from its last checkpoint; nothing stored is evaluated again."""
-        self.store = Store(self.run_dir / "store.sqlite")
-        return self._loop(resume=True)
+        with self.session(resume=True):
+            return self._loop(resume=True)
+
+    @contextlib.contextmanager
+    def session(self, resume: bool = False) -> Iterator[Search]:
+        """The run's store (new, or the existing one when ``resume``) and its workers, for the duration."""
+        cfg = self.config
+        self.store = Store(self.run_dir / "store.sqlite") if resume else self._open_store()
+        try:
+            self.pool = WorkerPool(
+                self._models_spec(),
+                self._fitness_spec(),
+                cfg.workers,
+                cfg.threads_per_worker,
+                cfg.ray.address,
+                cfg.retries,
+            )
+            try:
+                yield self
+            finally:
+                self.pool.shutdown()
+        finally:
+            self.store.close()
 
     def _restore(self, problem: Any) -> tuple[Any, int]:
         """The algorithm and the generation it finished: from the last checkpoint, or set up afresh
@@ -265,46 +304,119 @@ class Search:
 
         cfg = self.config
         start = time.time() - (self.store.get_meta("search_seconds", 0.0) if resume else 0.0)
-        self.pool = WorkerPool(
-            self._models_spec(),
-            self._fitness_spec(),
-            cfg.workers,
-            cfg.threads_per_worker,
-            cfg.ray.address,
-            cfg.retries,
-        )
-        try:
-            items = None
-            if cfg.fitness.tasks:
-                n_items = self.pool.call("n_items", cfg.fitness.search_split)
-                items = choose_items(n_items, cfg.fitness.items, cfg.seed)
-            problem = Problem(n_var=self.space.n_var, n_obj=len(self.objectives), xl=0.0, xu=1.0)
-            algorithm, generation = self._restore(problem)
-            while algorithm.has_next():
-                generation += 1
-                pop = algorithm.ask()
-                X = pop.get("X")
-                jobs = [
-                    Job(
-                        i,
-                        self.space.decode(x).to_dict(),
-                        cfg.fitness.search_split,
-                        items,
-                        {"kind": "search", "generation": generation, "genome": [float(v) for v in x]},
-                    )
-                    for i, x in enumerate(X)
-                ]
-                results = self.evaluate(jobs, f"generation {generation}/{cfg.algorithm.generations}")
-                F = np.stack([self.to_F(results[i]) for i in range(len(X))])
-                PymooEvaluator().eval(StaticProblem(problem, F=F), pop)
-                algorithm.tell(infills=pop)
-                self._checkpoint(generation, algorithm)
-                self.store.set_meta("search_seconds", time.time() - start)
-            self._finish(time.time() - start)
-        finally:
-            self.pool.shutdown()
-            self.store.close()
+        items = None
+        if cfg.fitness.tasks:
+            n_items = self.pool.call("n_items", cfg.fitness.search_split)
+            items = choose_items(n_items, cfg.fitness.items, cfg.seed)
+            if any(o.estimator for o in self.objectives):
+                self.subsets = self._prepare_estimators(n_items)
+                items = calibration.union_items(list(self.subsets.values()))
+        problem = Problem(n_var=self.space.n_var, n_obj=len(self.objectives), xl=0.0, xu=1.0)
+        algorithm, generation = self._restore(problem)
+        while algorithm.has_next():
+            generation += 1
+            pop = algorithm.ask()
+            X = pop.get("X")
+            jobs = [
+                Job(
+                    i,
+                    self.space.decode(x).to_dict(),
+                    cfg.fitness.search_split,
+                    items,
+                    {"kind": "search", "generation": generation, "genome": [float(v) for v in x]},
+                )
+                for i, x in enumerate(X)
+            ]
+            results = self.evaluate(jobs, f"generation {generation}/{cfg.algorithm.generations}")
+            F = np.stack([self.to_F(results[i]) for i in range(len(X))])
+            PymooEvaluator().eval(StaticProblem(problem, F=F), pop)
+            algorithm.tell(infills=pop)
+            self._checkpoint(generation, algorithm)
+            self.store.set_meta("search_seconds", time.time() - start)
+        self._finish(time.time() - start)
         return self.run_dir
+
+    # --- IRT fitness ------------------------------------------------------------------------------------
+    def calibrate(self) -> list[Candidate]:
+        """Evaluate the base, the experts and random merges on the whole search split (stored as
+        ``kind="calibration"``); the endpoints come first."""
+        cfg = self.config
+        rng = np.random.default_rng(cfg.seed + 1)
+        recipes = list(reference_recipes(self.experts).items())
+        recipes += [
+            (f"random-{i}", self.space.decode(rng.random(self.space.n_var)))
+            for i in range(cfg.fitness.calibration.random_merges)
+        ]
+        jobs = [
+            Job(i, r.to_dict(), cfg.fitness.search_split, None, {"kind": "calibration", "label": label})
+            for i, (label, r) in enumerate(recipes)
+        ]
+        done = self.evaluate(jobs, "calibration")
+        failed = [c for c in done.values() if c.status != "ok"]
+        if failed:
+            raise EvomergeError(f"calibration evaluation failed: {failed[0].error}")
+        return [done[i] for i in range(len(jobs))]
+
+    def _prepare_estimators(self, n_items: dict[str, int]) -> dict[str, calibration.Subset]:
+        """Each estimated objective's item subset, from saved IRT parameters or a calibration."""
+        cfg = self.config
+        cal = cfg.fitness.calibration
+        folder = self.run_dir / "irt"
+        scopes: dict[str, calibration.Scope | None] = {}
+        for o in self.objectives:
+            if o.estimator and o.of not in scopes:
+                cols = calibration.columns(n_items, o.of)
+                scopes[o.of] = calibration.Scope.load(Path(cal.params or folder), o.of, cols)
+        if any(sc is None for sc in scopes.values()):
+            if cal.params is not None:
+                missing = [name for name, sc in scopes.items() if sc is None]
+                raise EvomergeError(f"calibration.params {str(cal.params)!r} has no parameters for {missing}")
+            subjects = self.calibrate()
+            responses = [c.responses for c in subjects]
+            for name, sc in scopes.items():
+                if sc is None:
+                    cols = calibration.columns(n_items, name)
+                    sc = calibration.fit_scope(
+                        name, cols, responses, 1 + len(self.experts), cal.model, cfg.seed
+                    )
+                    sc.save(folder)
+                    scopes[name] = sc
+        return {
+            o.name: calibration.select(o.name, scopes[o.of], o.items, o.selection, o.estimator, cfg.seed)
+            for o in self.objectives
+            if o.estimator
+        }
+
+    def _estimation_report(self, front: list[Candidate]) -> dict[str, Any]:
+        """The estimator's error on the front (estimate vs the whole search split) and the cost saved."""
+        cfg = self.config
+        jobs = [
+            Job(
+                ("full", c.id),
+                c.recipe,
+                cfg.fitness.search_split,
+                None,
+                {"kind": "full", "label": f"full:{c.id}"},
+            )
+            for c in front
+        ]
+        full = self.evaluate(jobs, "front, full search split")
+        errors = {}
+        for name in self.subsets:
+            pairs = [(c.objectives[name], full[("full", c.id)].objectives[name]) for c in front]
+            errors[name] = {
+                "mae_on_front": float(np.mean([abs(a - b) for a, b in pairs])),
+                "front": [
+                    {"candidate": c.id, "estimate": a, "full": b}
+                    for c, (a, b) in zip(front, pairs, strict=True)
+                ],
+            }
+        n_full = sum(len(s.scope.cols) for s in self.subsets.values() if s.scope.name == "mean") or max(
+            len(s.scope.cols) for s in self.subsets.values()
+        )
+        searched = [c for c in self.store.candidates(kind="search") if c.status == "ok"]
+        cost = calibration.describe_cost(self.store.candidates(kind="calibration"), searched, n_full)
+        return {"errors": errors, "cost": cost}
 
     def _finish(self, search_seconds: float) -> None:
         cfg = self.config
@@ -339,6 +451,7 @@ class Search:
                 for c in front
             ],
             "candidates_evaluated": len(self.store.candidates(kind="search")),
+            **({"estimation": self._estimation_report(front)} if self.subsets else {}),
             "search_seconds": round(search_seconds, 1),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS candidates (
     generation INTEGER,
     label TEXT,
     split TEXT NOT NULL,
+    subset TEXT,
     genome TEXT,
     recipe TEXT NOT NULL,
     recipe_key TEXT NOT NULL,
@@ -40,7 +41,7 @@ CREATE TABLE IF NOT EXISTS candidates (
     error TEXT,
     created REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS candidates_key ON candidates (recipe_key, split);
+CREATE INDEX IF NOT EXISTS candidates_key ON candidates (recipe_key, split, subset);
 CREATE TABLE IF NOT EXISTS checkpoints (generation INTEGER PRIMARY KEY, state BLOB NOT NULL, created REAL NOT NULL);
 """
 
@@ -48,13 +49,15 @@ CREATE TABLE IF NOT EXISTS checkpoints (generation INTEGER PRIMARY KEY, state BL
 @dataclass
 class Candidate:
     """One evaluated model. ``objectives`` are the configured objective values; ``metrics`` every value
-    the fitness returned; ``responses`` per task the 0/1 correctness of each item id evaluated."""
+    the fitness returned; ``responses`` per task the 0/1 correctness of each item id evaluated;
+    ``subset`` a key of the items evaluated (None: the whole split)."""
 
     recipe: dict[str, Any]
     recipe_key: str
     split: str
     status: str
     kind: str = "search"
+    subset: str | None = None
     generation: int | None = None
     label: str | None = None
     genome: list[float] | None = None
@@ -76,6 +79,7 @@ _COLUMNS = [
     "generation",
     "label",
     "split",
+    "subset",
     "genome",
     "recipe",
     "recipe_key",
@@ -172,13 +176,13 @@ class Store:
             raise KeyError(candidate_id)
         return self._row(row)
 
-    def find(self, recipe_key: str, split: str) -> Candidate | None:
-        """The stored evaluation of these weights on this split, if any (a successful one first: a
+    def find(self, recipe_key: str, split: str, subset: str | None = None) -> Candidate | None:
+        """The stored evaluation of these weights on these items, if any (a successful one first: a
         failed one was already retried, so it stands)."""
         row = self.db.execute(
             "SELECT id, " + ", ".join(_COLUMNS) + " FROM candidates WHERE recipe_key = ? AND split = ? "
-            "ORDER BY status != 'ok', id LIMIT 1",
-            (recipe_key, split),
+            "AND subset IS ? ORDER BY status != 'ok', id LIMIT 1",
+            (recipe_key, split, subset),
         ).fetchone()
         return self._row(row) if row else None
 

@@ -3,6 +3,8 @@ one preallocated model in place; never writes a candidate to disk. Ray actors ru
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
@@ -31,6 +33,13 @@ class Job:
     split: str
     items: dict[str, list[int]] | None = None
     record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def subset(self) -> str | None:
+        """A key of the items (None: the whole split): evaluations are reused only on the same items."""
+        if self.items is None:
+            return None
+        return hashlib.sha1(json.dumps(self.items, sort_keys=True).encode()).hexdigest()[:12]
 
 
 class Evaluator:

@@ -124,17 +124,23 @@ class LmEvalFitness:
         from lm_eval.evaluator import evaluate
 
         lm = self._hflm(model, tokenizer)
-        out = evaluate(lm, self._load(split), samples=items, bootstrap_iters=0, log_samples=True)
+        loaded = self._load(split)
+        tasks = loaded["tasks"]
+        if items is not None:  # only the tasks that have items to evaluate
+            tasks = {name: task for name, task in tasks.items() if items.get(name)}
+            items = {name: ids for name, ids in items.items() if ids}
+        out = evaluate(lm, {**loaded, "tasks": tasks}, samples=items, bootstrap_iters=0, log_samples=True)
         values: dict[str, float] = {}
         responses: dict[str, dict[str, float]] = {}
         n_tokens = 0
-        for task in self.tasks:
+        evaluated = [t for t in self.tasks if t in tasks]
+        for task in evaluated:
             samples = out["samples"][task]
             responses[task] = {str(s["doc_id"]): float(s["acc"]) for s in samples}
             values[task] = float(np.mean(list(responses[task].values())))
             for s in samples:
                 n_tokens += self._count_tokens(tokenizer, task, split, s)
-        values["mean"] = float(np.mean([values[t] for t in self.tasks]))
+        values["mean"] = float(np.mean([values[t] for t in evaluated]))
         return FitnessResult(values, responses, sum(len(r) for r in responses.values()), n_tokens)
 
     def _count_tokens(self, tokenizer: Any, task: str, split: str, sample: dict[str, Any]) -> int:

@@ -1,0 +1,144 @@
+"""IRT fitness: calibrate item parameters on the user's own tasks, then estimate each candidate's
+full-split accuracy from a small item subset (MERGE^3), per objective.
+
+An objective with ``estimator`` set is scored on ``items`` items of its scope (its task, or every task's
+items together for ``of: mean``), chosen once with ``selection`` from the fitted parameters. Calibration
+evaluates the base, every expert and ``random_merges`` random merges on the whole search split (stored
+as ``kind="calibration"``), fits one IRT model per scope with py-irt, and saves it as
+``RUN_DIR/irt/<scope>.json`` (reused on resume; ``calibration.params`` names a folder of such files
+fitted elsewhere, which makes calibration free).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evomerge import irt
+from evomerge.errors import EvomergeError
+
+Column = tuple[str, str]  # (task, item id)
+
+
+def columns(n_items: dict[str, int], scope: str) -> list[Column]:
+    """The items an objective of ``scope`` ("mean" = every task) is about, in a fixed order."""
+    tasks = list(n_items) if scope == "mean" else [scope]
+    return [(t, str(i)) for t in tasks for i in range(n_items[t])]
+
+
+def response_matrix(responses: list[dict[str, dict[str, float]]], cols: list[Column]) -> np.ndarray:
+    """Subjects x items of 0/1 from stored per-item responses (every item must be present)."""
+    try:
+        return np.array([[r[t][i] for t, i in cols] for r in responses], dtype=float)
+    except KeyError as e:
+        raise EvomergeError(f"calibration responses lack item {e}; evaluate the full split") from None
+
+
+@dataclass
+class Scope:
+    """One objective scope's fitted parameters, its items, and the endpoint models' abilities."""
+
+    name: str
+    cols: list[Column]
+    params: irt.IrtParams
+    endpoint_thetas: np.ndarray
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.params.save(folder / f"{self.name}.json")
+        np.save(folder / f"{self.name}.endpoints.npy", self.endpoint_thetas)
+
+    @classmethod
+    def load(cls, folder: Path, name: str, cols: list[Column]) -> Scope | None:
+        path = folder / f"{name}.json"
+        if not path.is_file():
+            return None
+        params = irt.IrtParams.load(path)
+        if params.n_items != len(cols):
+            raise EvomergeError(
+                f"IRT parameters {str(path)!r} cover {params.n_items} items, scope {name!r} has {len(cols)}"
+            )
+        ends = folder / f"{name}.endpoints.npy"
+        thetas = np.load(ends) if ends.is_file() else np.zeros((0, params.dims))
+        return cls(name, cols, params, thetas)
+
+
+def fit_scope(
+    name: str,
+    cols: list[Column],
+    responses: list[dict[str, dict[str, float]]],
+    n_endpoints: int,
+    model: str,
+    seed: int,
+) -> Scope:
+    """Fit ``model`` on the calibration responses; the first ``n_endpoints`` subjects are the base and
+    the experts, whose abilities (from every item) the mp estimators combine."""
+    y = response_matrix(responses, cols)
+    params = irt.fit_irt(y, model=model, seed=seed)
+    everything = np.arange(len(cols))
+    thetas = np.stack([irt.fit_ability(params, everything, y[j]) for j in range(n_endpoints)])
+    return Scope(name, cols, params, thetas)
+
+
+@dataclass
+class Subset:
+    """The items one objective is scored on: positions in its scope, and anchor weights if any."""
+
+    objective: str
+    scope: Scope
+    idx: np.ndarray
+    estimator: str
+    weights: np.ndarray | None = None
+    items: list[Column] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.items = [self.scope.cols[i] for i in self.idx]
+
+    def estimate(self, responses: dict[str, dict[str, float]]) -> tuple[float, float]:
+        """(estimated full-scope accuracy, plain subset mean) from a candidate's responses."""
+        try:
+            y = np.array([responses[t][i] for t, i in self.items], dtype=float)
+        except KeyError as e:
+            raise EvomergeError(f"objective {self.objective!r}: no response for item {e}") from None
+        ends = self.scope.endpoint_thetas if self.estimator in ("mpirt", "gmpirt") else None
+        value = irt.estimate_accuracy(self.scope.params, self.idx, y, self.estimator, ends, self.weights)
+        return float(value), float(y.mean())
+
+
+def select(objective: str, scope: Scope, n: int, method: str, estimator: str, seed: int) -> Subset:
+    if n > len(scope.cols):
+        raise EvomergeError(
+            f"objective {objective!r}: items={n} exceeds the {len(scope.cols)} items of {scope.name!r}"
+        )
+    idx = irt.select_items(scope.params, n, method, seed=seed)
+    weights = irt.anchor_weights(scope.params, idx) if method == "anchor" else None
+    return Subset(objective, scope, np.asarray(idx), estimator, weights)
+
+
+def union_items(subsets: list[Subset]) -> dict[str, list[int]]:
+    """Per task, the sorted item ids any objective needs: what each candidate is evaluated on."""
+    out: dict[str, set[int]] = {}
+    for s in subsets:
+        for t, i in s.items:
+            out.setdefault(t, set()).add(int(i))
+    return {t: sorted(ids) for t, ids in out.items()}
+
+
+def describe_cost(calibration: list[Any], searched: list[Any], full_items: int) -> dict[str, float]:
+    """What IRT fitness saved per candidate against full-split fitness, and what calibration cost."""
+    full_tokens = float(np.mean([c.n_tokens for c in calibration])) if calibration else float("nan")
+    items = float(np.mean([c.n_items for c in searched]))
+    tokens = float(np.mean([c.n_tokens for c in searched]))
+    return {
+        "items_per_candidate": items,
+        "full_items_per_candidate": float(full_items),
+        "item_reduction": full_items / items,
+        "tokens_per_candidate": tokens,
+        "full_tokens_per_candidate": full_tokens,
+        "token_reduction": full_tokens / tokens,
+        "calibration_subjects": len(calibration),
+        "calibration_seconds": float(sum(c.wall_s for c in calibration)),
+    }

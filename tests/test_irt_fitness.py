@@ -1,0 +1,102 @@
+"""IRT fitness in a run: calibration, per-objective subsets and estimates, error and cost report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evomerge import irt
+from evomerge.calibration import Scope, columns
+from evomerge.config import load_config, parse_config
+from evomerge.errors import EvomergeError
+from evomerge.search import Search
+from evomerge.store import Store
+
+OBJECTIVES = [
+    {"name": "mean_accuracy", "of": "mean", "estimator": "gmpirt", "items": 12, "selection": "information"},
+    {"name": "script", "of": "zoo_script", "estimator": "gpirt", "items": 6, "selection": "random"},
+]
+
+
+@pytest.fixture(scope="module")
+def irt_run(zoo_dir, tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    data = yaml.safe_load(Path("experiments/demo.yaml").read_text())
+    del data["fitness"]["items"]  # the estimators choose the items
+    data.update(
+        objectives=OBJECTIVES,
+        out=str(tmp_path_factory.mktemp("irt") / "run"),
+        algorithm={"name": "nsga2", "pop_size": 4, "generations": 2},
+        zoo={"cache_dir": str(zoo_dir.parent)},
+    )
+    data["fitness"]["calibration"] = {"random_merges": 6}
+    cfg = parse_config(data)
+    try:
+        yield Search(cfg).run()
+    finally:
+        ray.shutdown()
+
+
+def test_calibration_is_stored_and_fitted_per_scope(irt_run):
+    store = Store(irt_run / "store.sqlite")
+    cal = store.candidates(kind="calibration")
+    assert [c.label for c in cal[:4]] == ["base", "addition", "script", "reversal"] and len(cal) == 10
+    assert all(c.n_items == 600 and c.subset is None for c in cal)
+    n_items = {t: 200 for t in ("zoo_addition", "zoo_script", "zoo_reversal")}
+    for scope, n in (("mean", 600), ("zoo_script", 200)):
+        sc = Scope.load(irt_run / "irt", scope, columns(n_items, scope))
+        assert sc.params.n_items == n and sc.endpoint_thetas.shape[0] == 4
+
+
+def test_search_candidates_are_scored_on_the_subsets_only(irt_run):
+    search = Store(irt_run / "store.sqlite").candidates(kind="search")
+    assert search and all(c.status == "ok" for c in search)
+    for c in search:
+        assert c.n_items <= 12 + 6 and c.subset is not None
+        assert 0.0 <= c.objectives["mean_accuracy"] <= 1.0 and 0.0 <= c.objectives["script"] <= 1.0
+
+
+def test_summary_reports_estimator_error_and_cost(irt_run):
+    est = json.loads((irt_run / "summary.json").read_text())["estimation"]
+    assert set(est["errors"]) == {"mean_accuracy", "script"}
+    for e in est["errors"].values():
+        assert 0.0 <= e["mae_on_front"] <= 0.5
+        assert all(0 <= f["full"] <= 1 for f in e["front"])
+    cost = est["cost"]
+    assert cost["full_items_per_candidate"] == 600 and cost["item_reduction"] >= 600 / 18
+    assert cost["token_reduction"] > 10 and cost["calibration_subjects"] == 10
+
+
+def test_estimate_matches_the_library_call(irt_run):
+    store = Store(irt_run / "store.sqlite")
+    c = store.candidates(kind="search")[0]
+    n_items = {t: 200 for t in ("zoo_addition", "zoo_script", "zoo_reversal")}
+    sc = Scope.load(irt_run / "irt", "zoo_script", columns(n_items, "zoo_script"))
+    idx = irt.select_items(sc.params, 6, "random", seed=0)
+    y = [c.responses["zoo_script"][sc.cols[i][1]] for i in idx]
+    assert c.objectives["script"] == pytest.approx(irt.estimate_accuracy(sc.params, idx, y, "gpirt"))
+
+
+@pytest.mark.parametrize(
+    ("objective", "extra", "message"),
+    [
+        ({"name": "m", "estimator": "gpirt"}, {}, "objective 'm' has estimator 'gpirt' but no `items`"),
+        (
+            {"name": "m", "estimator": "gpirt", "items": 5},
+            {"fitness.items": 10},
+            "remove fitness.function / fitness.items",
+        ),
+        (
+            {"name": "m", "estimator": "tinyirt", "items": 5},
+            {},
+            "objectives.0.estimator: Input should be 'mean', 'irt'",
+        ),
+    ],
+)
+def test_bad_estimator_configs(objective, extra, message):
+    with pytest.raises(EvomergeError) as err:
+        load_config("experiments/demo.yaml", objectives=[objective], **extra)
+    assert message in str(err.value)
