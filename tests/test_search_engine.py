@@ -250,3 +250,31 @@ def test_resume_refuses_another_config(tmp_path, models):
     # where it runs may change
     moved = load_config(write_config(tmp_path, models, workers=2), out=str(run))
     assert resume_search(run, moved).config.workers == 2
+
+
+@pytest.mark.parametrize("restart", ["checkpoint", "replay"])
+def test_cmaes_resumes_from_its_checkpoint_or_by_replay(tmp_path, models, ray_env, restart):
+    """Drop the last generation's rows and the summary (as a crash there would), and its checkpoint
+    (or every checkpoint: the algorithm then replays its generations, answered from the store);
+    the resumed run re-evaluates only the dropped rows and ends with the same front."""
+    cfg = load_config(
+        write_config(tmp_path, models, objectives=[{"name": "m", "of": "mean"}]),
+        out=str(tmp_path / "run"),
+        **{"algorithm.name": "cmaes", "algorithm.pop_size": 4, "algorithm.generations": 3},
+    )
+    run = Search(cfg).run()
+    store = Store(run / "store.sqlite")
+    rows = store.candidates(kind="search")
+    last = max(c.generation for c in rows)
+    summary = json.loads((run / "summary.json").read_text())
+    store.db.execute("DELETE FROM candidates WHERE generation = ? OR kind != 'search'", (last,))
+    keep = last - 1 if restart == "checkpoint" else 0
+    store.db.execute("DELETE FROM checkpoints WHERE generation > ?", (keep,))
+    store.close()
+    (run / "summary.json").unlink()
+
+    resume_search(run).resume()
+    after = Store(run / "store.sqlite").candidates(kind="search")
+    assert {c.recipe_key for c in after} == {c.recipe_key for c in rows}
+    assert [c.id for c in after if c.generation != last] == [c.id for c in rows if c.generation != last]
+    assert json.loads((run / "summary.json").read_text())["front"] == summary["front"]
