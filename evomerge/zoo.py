@@ -280,7 +280,8 @@ def evaluate(
 
 
 @contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` for the duration."""
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -290,7 +291,7 @@ def _threads(n: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool, total: int) -> Iterator:
+def training_progress(enabled: bool, total: int) -> Iterator:
     """Yields ``update(description, loss)``; a rich progress bar when ``enabled``."""
     if not enabled:
         yield lambda desc, loss: None
@@ -354,7 +355,11 @@ def _build(out: Path, recipe: dict, progress: bool) -> dict:
     experts = []
     total = base_cfg["steps"] + exp_cfg["steps"] * len(recipe["skills"])
     # fork_rng: the build seeds torch itself and must not disturb the caller's random state.
-    with torch.random.fork_rng(), _threads(recipe["threads"]), _progress(progress, total) as update:
+    with (
+        torch.random.fork_rng(),
+        torch_threads(recipe["threads"]),
+        training_progress(progress, total) as update,
+    ):
         base = build_model(tokenizer, recipe, base_cfg["seed"])
         pick = _base_pick(base_cfg["levels"], base_cfg["skill_weights"])
         train(
