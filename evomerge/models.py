@@ -58,16 +58,22 @@ def save_hf(folder: str | Path, model, tokenizer) -> Path:
     return folder
 
 
-def build_once(final: Path, build: Callable[[Path], None], force: bool = False) -> Path:
+def build_once(
+    final: Path,
+    build: Callable[[Path], None],
+    force: bool = False,
+    complete: Callable[[Path], bool] = Path.is_dir,
+) -> Path:
     """``final``, made by ``build(tmp)`` into a temporary sibling folder renamed into place under a file
-    lock: a killed build leaves nothing behind, and a process that waited for the lock reuses the result."""
+    lock: a killed build leaves nothing behind, and a process that waited for the lock reuses the result.
+    ``complete(final)`` says whether an existing folder can be trusted."""
     final = Path(final)
-    if final.is_dir() and not force:
+    if complete(final) and not force:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with open(final.parent / f"{final.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if final.is_dir() and not force:
+        if complete(final) and not force:
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import hashlib
 import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,7 +25,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from evomerge import skills
-from evomerge.models import save_hf
+from evomerge.models import build_once, save_hf
 
 # Bump when the build procedure changes in a way the recipe dict does not capture.
 ZOO_VERSION = 1
@@ -403,25 +400,12 @@ def build_zoo(cache_dir: Path | None = None, force: bool = False, progress: bool
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     digest = recipe_hash(RECIPE)
     final = cache_dir / f"zoo-{digest}"
-    if _complete(final) and not force:
-        return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # One builder at a time; a waiting process then finds the finished zoo.
-    with open(cache_dir / f"zoo-{digest}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _complete(final) and not force:
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".zoo-{digest}-", dir=cache_dir))
-        try:
-            manifest = _build(tmp, RECIPE, progress)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    def build(tmp: Path) -> None:
+        manifest = _build(tmp, RECIPE, progress)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    return build_once(final, build, force, complete=_complete)
 
 
 def load_manifest(zoo_dir: Path) -> dict:
