@@ -43,7 +43,8 @@ def irt_run(zoo_dir, tmp_path_factory):
 def test_calibration_is_stored_and_fitted_per_scope(irt_run):
     store = Store(irt_run / "store.sqlite")
     cal = store.candidates(kind="calibration")
-    assert [c.label for c in cal[:4]] == ["base", "addition", "script", "reversal"] and len(cal) == 10
+    labels = {c.label for c in cal}  # stored as each finishes, so in any order
+    assert labels >= {"base", "addition", "script", "reversal"} and len(cal) == 10
     assert all(c.n_items == 600 and c.subset is None for c in cal)
     n_items = {t: 200 for t in ("zoo_addition", "zoo_script", "zoo_reversal")}
     for scope, n in (("mean", 600), ("zoo_script", 200)):
