@@ -72,7 +72,10 @@ def overhead(pop: int, generations: int, root: Path) -> dict:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
     cfg = parse_config(
         {
-            "models": {"base": str(models["base"]), "experts": {"a": str(models["a"]), "b": str(models["b"])}},
+            "models": {
+                "base": str(models["base"]),
+                "experts": {"a": str(models["a"]), "b": str(models["b"])},
+            },
             "fitness": {"function": "fitness_fns:closeness"},
             "objectives": [{"name": "m", "of": "mean"}],
             "algorithm": {"name": "ga", "pop_size": pop, "generations": generations},
@@ -107,7 +110,9 @@ def main() -> None:
             ray.shutdown()
         rows.append(overhead(64, 4, root))
         ray.shutdown()
-    print(f"Reproduce: `python experiments/benchmarks/scaling.py --pop {args.pop} --generations {args.generations}`")
+    print(
+        f"Reproduce: `python experiments/benchmarks/scaling.py --pop {args.pop} --generations {args.generations}`"
+    )
     print(f"{os.cpu_count()} CPU(s)\n")
     print(pd.DataFrame(rows).to_markdown(index=False))
 

@@ -104,9 +104,9 @@ def main() -> None:
         frames.append(df)
     df = pd.concat(frames)
     top = (
-        df.sort_values("MAE").groupby("items", as_index=False).first()[
-            ["items", "reduction", "model", "selection", "estimator", "MAE", "Spearman"]
-        ]
+        df.sort_values("MAE")
+        .groupby("items", as_index=False)
+        .first()[["items", "reduction", "model", "selection", "estimator", "MAE", "Spearman"]]
     )
     plain = df[(df.selection == "random") & (df.estimator == "mean") & (df.model == "2pl")][
         ["items", "MAE", "Spearman"]
@@ -142,7 +142,12 @@ def main() -> None:
         if estimator in ("mean", "gpirt", "gmpirt") and selection in ("random", "information"):
             ax.plot(g["items"], g["MAE"], marker="o", label=f"{estimator}, {selection}")
     ax.axhline(0.02, color="grey", ls="--", lw=1)
-    ax.set(xscale="log", xlabel="items evaluated (of 600)", ylabel="MAE of full-split accuracy", title="zoo merges")
+    ax.set(
+        xscale="log",
+        xlabel="items evaluated (of 600)",
+        ylabel="MAE of full-split accuracy",
+        title="zoo merges",
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(HERE / "mae.png", dpi=120)
