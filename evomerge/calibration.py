@@ -6,7 +6,10 @@ items together for ``of: mean``), chosen once with ``selection`` from the fitted
 evaluates the base, every expert and ``random_merges`` random merges on the whole search split (stored
 as ``kind="calibration"``), fits one IRT model per scope with py-irt, and saves it as
 ``RUN_DIR/irt/<scope>.json`` (reused on resume; ``calibration.params`` names a folder of such files
-fitted elsewhere, which makes calibration free).
+fitted elsewhere, which makes calibration free). ``estimator: sgpirt`` also fits, per scope, a Gaussian
+process of accuracy over genomes on the calibration merges (:class:`evomerge.irt.Surrogate`), refitted
+from the stored calibration on every start, and fuses its prediction for each candidate's genome with
+the gp-IRT estimate.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Scope:
     cols: list[Column]
     params: irt.IrtParams
     endpoint_thetas: np.ndarray
+    surrogate: irt.Surrogate | None = None  # accuracy over genomes, for sgpirt (refitted, not saved)
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -83,6 +87,14 @@ def fit_scope(
     return Scope(name, cols, params, thetas)
 
 
+def fit_surrogate(
+    scope: Scope, genomes: list[list[float]], responses: list[dict[str, dict[str, float]]], seed: int
+) -> None:
+    """Fit ``scope.surrogate`` on calibration merges: their genomes and whole-split responses."""
+    acc = response_matrix(responses, scope.cols).mean(axis=1)
+    scope.surrogate = irt.fit_surrogate(np.asarray(genomes, dtype=float), acc, seed)
+
+
 @dataclass
 class Subset:
     """The items one objective is scored on: positions in its scope, and anchor weights if any."""
@@ -97,14 +109,26 @@ class Subset:
     def __post_init__(self) -> None:
         self.items = [self.scope.cols[i] for i in self.idx]
 
-    def estimate(self, responses: dict[str, dict[str, float]]) -> tuple[float, float]:
-        """(estimated full-scope accuracy, plain subset mean) from a candidate's responses."""
+    def estimate(
+        self, responses: dict[str, dict[str, float]], genome: list[float] | None = None
+    ) -> tuple[float, float]:
+        """(estimated full-scope accuracy, plain subset mean) from a candidate's responses (and, for
+        sgpirt, its genome)."""
         try:
             y = np.array([responses[t][i] for t, i in self.items], dtype=float)
         except KeyError as e:
             raise EvomergeError(f"objective {self.objective!r}: no response for item {e}") from None
         ends = self.scope.endpoint_thetas if self.estimator in ("mpirt", "gmpirt") else None
-        value = irt.estimate_accuracy(self.scope.params, self.idx, y, self.estimator, ends, self.weights)
+        prior = None
+        if self.estimator in irt.PRIOR_ESTIMATORS:
+            if self.scope.surrogate is None or genome is None:
+                raise EvomergeError(
+                    f"objective {self.objective!r}: sgpirt needs a fitted surrogate and the genome"
+                )
+            prior = self.scope.surrogate.predict(genome)
+        value = irt.estimate_accuracy(
+            self.scope.params, self.idx, y, self.estimator, ends, self.weights, prior
+        )
         return float(value), float(y.mean())
 
 

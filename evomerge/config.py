@@ -59,9 +59,10 @@ class ObjectiveConfig(_Frozen):
         description="a task name or 'mean' (mean accuracy over tasks); with a fitness function, a key it returns",
     )
     direction: Literal["max", "min"] = "max"
-    estimator: Literal["mean", "irt", "pirt", "gpirt", "mpirt", "gmpirt"] | None = Field(
+    estimator: Literal["mean", "irt", "pirt", "gpirt", "mpirt", "gmpirt", "sgpirt"] | None = Field(
         None,
-        description="estimate the full-split accuracy from `items` items with IRT (null: plain accuracy)",
+        description="estimate the full-split accuracy from `items` items with IRT (null: plain accuracy); "
+        "sgpirt also uses a surrogate of accuracy over genomes fitted on the calibration merges",
     )
     items: int | None = Field(None, ge=1, description="subset size for the estimator")
     selection: Literal["random", "anchor", "information"] = "random"
@@ -127,11 +128,19 @@ class RunConfig(_Frozen):
                         f"objective {o.name!r} is of {o.of!r}, which is not a fitness task; "
                         f"allowed: mean, {', '.join(fitness.tasks)}"
                     )
+        from evomerge.irt import MIN_SURROGATE_MERGES
+
         estimated = [o for o in self.objectives if o.estimator]
         for o in estimated:
             if o.items is None:
                 raise EvomergeError(
                     f"objective {o.name!r} has estimator {o.estimator!r} but no `items` (subset size)"
+                )
+            if o.estimator == "sgpirt" and fitness.calibration.random_merges < MIN_SURROGATE_MERGES:
+                raise EvomergeError(
+                    f"objective {o.name!r}: estimator 'sgpirt' fits its surrogate on the calibration merges; "
+                    f"set fitness.calibration.random_merges >= {MIN_SURROGATE_MERGES} "
+                    f"(got {fitness.calibration.random_merges})"
                 )
         if estimated and (fitness.function or fitness.items):
             raise EvomergeError(

@@ -16,6 +16,10 @@ ability distribution: :func:`fit_ability` uses it as prior.
 Typical use: ``params = fit_irt(responses)`` on a calibration matrix (subjects x items), ``idx =
 select_items(params, 20, "anchor")``, evaluate a new model on those items only, then
 ``estimate_accuracy(params, idx, y, "gpirt", weights=anchor_weights(params, idx))``.
+
+For a merge population, where every subject is a point in a genome space, :func:`fit_surrogate` fits a
+Gaussian process of accuracy over genomes on calibration merges; ``estimator="sgpirt"`` fuses its
+prediction for a candidate's genome with the gp-IRT estimate from the candidate's items.
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ from evomerge.errors import EvomergeError, unknown
 
 MODELS = ("2pl", "multidim_2pl")
 SELECTORS = ("random", "anchor", "information")
-ESTIMATORS = ("mean", "irt", "pirt", "gpirt", "mpirt", "gmpirt")
+ESTIMATORS = ("mean", "irt", "pirt", "gpirt", "mpirt", "gmpirt", "sgpirt")
+PRIOR_ESTIMATORS = ("sgpirt",)  # estimators that need a prior on the accuracy (``prior=``)
 DEFAULT_MULTIDIM_DIMS = 2
 ANCHOR_VARIANCE_FACTOR = 4.0
+MIN_SURROGATE_MERGES = 8  # calibration merges a Surrogate needs at least
 FORMAT = "evomerge.irt"
 
 
@@ -500,6 +506,76 @@ def estimate_gmpirt(
     return lam * estimate_mean(params, idx, y, weights) + (1 - lam) * mp
 
 
+def gp_variance(params: IrtParams, n: int, weighted: bool = False) -> float:
+    """The expected squared error of the gp-IRT estimate from ``n`` items, under gp-IRT's own model
+    (an IRT prediction with error variance b_hat^2 averaged, with the optimal :func:`gp_lambda`, with a
+    subset mean of variance v / n_eff): 1 / (1 / b_hat^2 + n_eff / v)."""
+    gp_lambda(params, n, weighted)  # the same checks
+    assert params.irt_bias is not None and params.response_variance is not None
+    n_eff = n * (ANCHOR_VARIANCE_FACTOR if weighted else 1.0)
+    if params.irt_bias == 0 or params.response_variance == 0:
+        return 0.0
+    return float(1.0 / (1.0 / params.irt_bias**2 + n_eff / params.response_variance))
+
+
+class Surrogate:
+    """A Gaussian process of accuracy over genomes (scikit-learn's GaussianProcessRegressor: constant x
+    anisotropic RBF + white noise, hyperparameters by marginal likelihood, targets standardised), fitted
+    on calibration merges: ``predict(genome)`` gives the accuracy's predictive mean and variance."""
+
+    def __init__(self, genomes: np.ndarray, accuracy: np.ndarray, seed: int = 0) -> None:
+        from sklearn.gaussian_process import GaussianProcessRegressor
+        from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+
+        x, acc = np.asarray(genomes, dtype=float), np.asarray(accuracy, dtype=float)
+        if x.ndim != 2 or acc.shape != (len(x),) or len(x) < MIN_SURROGATE_MERGES:
+            raise EvomergeError(
+                f"a surrogate needs genomes (m x d) and m accuracies with m >= {MIN_SURROGATE_MERGES}; "
+                f"got {x.shape} and {acc.shape}"
+            )
+        if not (np.isfinite(x).all() and np.isfinite(acc).all()):
+            raise EvomergeError("surrogate genomes and accuracies must be finite (no NaN)")
+        kernel = ConstantKernel(1.0) * RBF(np.ones(x.shape[1]), (1e-2, 1e3)) + WhiteKernel(1e-3, (1e-8, 1.0))
+        self.gp = GaussianProcessRegressor(
+            kernel, normalize_y=True, n_restarts_optimizer=3, random_state=seed
+        )
+        with warnings.catch_warnings():  # length scales at their bounds: irrelevant genes, not an error
+            warnings.simplefilter("ignore")
+            self.gp.fit(x, acc)
+        self.n_genes = x.shape[1]
+
+    def predict(self, genome: Sequence[float] | np.ndarray) -> tuple[float, float]:
+        """(mean, variance) of the accuracy at ``genome``."""
+        g = np.asarray(genome, dtype=float).reshape(1, -1)
+        if g.shape[1] != self.n_genes:
+            raise EvomergeError(f"genome has {g.shape[1]} genes, the surrogate was fitted on {self.n_genes}")
+        mean, sd = self.gp.predict(g, return_std=True)
+        return float(mean[0]), float(sd[0]) ** 2
+
+
+def fit_surrogate(genomes: np.ndarray, accuracy: np.ndarray, seed: int = 0) -> Surrogate:
+    """A :class:`Surrogate` of accuracy over genomes from calibration merges (m >= 8 of them)."""
+    return Surrogate(genomes, accuracy, seed)
+
+
+def estimate_sgpirt(
+    params: IrtParams,
+    idx: np.ndarray,
+    y: np.ndarray,
+    prior: tuple[float, float],
+    weights: np.ndarray | None = None,
+) -> float:
+    """sgp-IRT: the gp-IRT estimate e, of error variance v = :func:`gp_variance`, fused with a prior
+    N(mu, s^2) on the accuracy (a :class:`Surrogate`'s prediction for the subject's genome) as two
+    independent Gaussian measurements: (s^2 e + v mu) / (s^2 + v)."""
+    mu, s2 = (float(v) for v in prior)
+    if not (math.isfinite(mu) and math.isfinite(s2) and s2 >= 0):
+        raise EvomergeError(f"prior must be (mean, variance >= 0), finite; got {prior}")
+    e = estimate_gpirt(params, idx, y, weights)
+    v = gp_variance(params, len(np.asarray(idx)), weights is not None)
+    return float(mu if v + s2 == 0 else (s2 * e + v * mu) / (s2 + v))
+
+
 def estimate_accuracy(
     params: IrtParams,
     idx: np.ndarray,
@@ -507,13 +583,21 @@ def estimate_accuracy(
     estimator: str = "gpirt",
     endpoint_thetas: np.ndarray | None = None,
     weights: np.ndarray | None = None,
+    prior: tuple[float, float] | None = None,
 ) -> float:
     """Estimated accuracy over all ``params.n_items`` items of a subject whose 0/1 answers on items ``idx``
     are ``y``, by ``estimator`` (one of ESTIMATORS, see estimate_<name>). ``weights``: per-item weights of the
-    subset (e.g. :func:`anchor_weights`) for the mean part of mean, gpirt and gmpirt; ``endpoint_thetas``
-    (endpoints x dims) for mpirt and gmpirt."""
+    subset (e.g. :func:`anchor_weights`) for the mean part of mean, gpirt, gmpirt and sgpirt;
+    ``endpoint_thetas`` (endpoints x dims) for mpirt and gmpirt; ``prior`` (mean, variance) of the
+    accuracy for sgpirt."""
     if estimator not in ESTIMATORS:
         raise unknown("estimator", estimator, ESTIMATORS)
+    if estimator == "sgpirt":
+        if prior is None:
+            raise EvomergeError(
+                "estimator 'sgpirt' needs prior=(mean, variance), e.g. Surrogate.predict(genome)"
+            )
+        return estimate_sgpirt(params, idx, y, prior, weights)
     if estimator == "mean":
         return estimate_mean(params, idx, y, weights)
     if estimator == "irt":

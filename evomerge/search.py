@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from evomerge import calibration, report
+from evomerge import calibration, irt, report
 from evomerge.algorithms import make_algorithm
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
@@ -167,7 +167,10 @@ class Search:
         return store
 
     def objective_values(
-        self, values: dict[str, float], responses: dict[str, dict[str, float]] | None = None
+        self,
+        values: dict[str, float],
+        responses: dict[str, dict[str, float]] | None = None,
+        genome: list[float] | None = None,
     ) -> dict[str, float]:
         """Objective values from a fitness result; with ``responses`` (a search candidate scored on
         its subsets), objectives with an estimator get the IRT estimate of their full-split value."""
@@ -175,7 +178,7 @@ class Search:
             out = {}
             for o in self.objectives:
                 sub = self.subsets.get(o.name)
-                out[o.name] = sub.estimate(responses)[0] if sub else self._value(o, values)
+                out[o.name] = sub.estimate(responses, genome)[0] if sub else self._value(o, values)
             return out
         return {o.name: self._value(o, values) for o in self.objectives}
 
@@ -199,7 +202,7 @@ class Search:
         if ok:  # a missing objective stops the run before anything is stored
             estimate = job.record.get("kind") == "search"
             objectives = self.objective_values(
-                result["values"], result.get("responses") if estimate else None
+                result["values"], result.get("responses") if estimate else None, job.record.get("genome")
             )
         c = Candidate(
             recipe=job.recipe,
@@ -341,21 +344,31 @@ class Search:
         """Evaluate the base, the experts and random merges on the whole search split (stored as
         ``kind="calibration"``); the endpoints come first."""
         cfg = self.config
-        rng = np.random.default_rng(cfg.seed + 1)
-        recipes = list(reference_recipes(self.experts).items())
+        recipes = [(label, r, None) for label, r in reference_recipes(self.experts).items()]
         recipes += [
-            (f"random-{i}", self.space.decode(rng.random(self.space.n_var)))
-            for i in range(cfg.fitness.calibration.random_merges)
+            (f"random-{i}", self.space.decode(g), [float(v) for v in g])
+            for i, g in enumerate(self.calibration_genomes())
         ]
         jobs = [
-            Job(i, r.to_dict(), cfg.fitness.search_split, None, {"kind": "calibration", "label": label})
-            for i, (label, r) in enumerate(recipes)
+            Job(
+                i,
+                r.to_dict(),
+                cfg.fitness.search_split,
+                None,
+                {"kind": "calibration", "label": label, **({"genome": g} if g is not None else {})},
+            )
+            for i, (label, r, g) in enumerate(recipes)
         ]
         done = self.evaluate(jobs, "calibration")
         failed = [c for c in done.values() if c.status != "ok"]
         if failed:
             raise EvomergeError(f"calibration evaluation failed: {failed[0].error}")
         return [done[i] for i in range(len(jobs))]
+
+    def calibration_genomes(self) -> list[np.ndarray]:
+        """The calibration's random merges, uniform in the genome space (seeded by the run's seed)."""
+        rng = np.random.default_rng(self.config.seed + 1)
+        return [rng.random(self.space.n_var) for _ in range(self.config.fitness.calibration.random_merges)]
 
     def _prepare_estimators(self, n_items: dict[str, int]) -> dict[str, calibration.Subset]:
         """Each estimated objective's item subset, from saved IRT parameters or a calibration."""
@@ -367,6 +380,7 @@ class Search:
             if o.estimator and o.of not in scopes:
                 cols = calibration.columns(n_items, o.of)
                 scopes[o.of] = calibration.Scope.load(Path(cal.params or folder), o.of, cols)
+        subjects = None
         if any(sc is None for sc in scopes.values()):
             if cal.params is not None:
                 missing = [name for name, sc in scopes.items() if sc is None]
@@ -381,6 +395,13 @@ class Search:
                     )
                     sc.save(folder)
                     scopes[name] = sc
+        surrogate = {o.of for o in self.objectives if o.estimator in irt.PRIOR_ESTIMATORS}
+        if surrogate:  # refitted from the stored calibration (re-evaluates nothing) on every start
+            subjects = subjects or self.calibrate()
+            merges = subjects[1 + len(self.experts) :]
+            genomes = [g.tolist() for g in self.calibration_genomes()]
+            for name in surrogate:
+                calibration.fit_surrogate(scopes[name], genomes, [c.responses for c in merges], cfg.seed)
         return {
             o.name: calibration.select(o.name, scopes[o.of], o.items, o.selection, o.estimator, cfg.seed)
             for o in self.objectives

@@ -164,6 +164,7 @@ def test_estimators_beat_the_subset_mean(sim: dict) -> None:
             acc,
         )
         for est in irt.ESTIMATORS
+        if est not in irt.PRIOR_ESTIMATORS
     }
     for est in ("irt", "pirt", "gpirt", "mpirt", "gmpirt"):
         assert mae[est] < 0.95 * mae["mean"], mae
@@ -186,3 +187,38 @@ def test_fitted_estimator_is_near_the_oracle(sim: dict) -> None:
             values = [irt.estimate_accuracy(params, idx, r[idx], est, weights=weights) for r in test]
             best[f"{est}/{method}"] = _mae(values, acc)
     assert min(best.values()) <= 1.35 * oracle, (oracle, best)
+
+
+def test_surrogate_prior_sharpens_gpirt_on_a_genome_population(sim: dict) -> None:
+    """Subjects that are points of a genome space (ability a smooth function of 3 genes): a surrogate
+    fitted on the calibration subjects' genomes and accuracies, fused with gp-IRT, beats gp-IRT alone."""
+    true, params = sim["true"], sim["params"]
+    rng = np.random.default_rng(3)
+    genomes = rng.random((N_CAL + N_TEST, 3))
+    theta = (np.sin(3 * genomes[:, 0]) + genomes[:, 1] - 0.5)[:, None] * 1.5
+    acc = true.prob(theta).mean(axis=1)  # expected accuracy over the items
+    responses = (rng.random((len(theta), N_ITEMS)) < true.prob(theta)).astype(float)
+    surrogate = irt.fit_surrogate(genomes[:N_CAL], responses[:N_CAL].mean(axis=1), seed=0)
+    idx = irt.select_items(params, 12, "random")
+    test = range(N_CAL, N_CAL + N_TEST)
+    gp = [irt.estimate_accuracy(params, idx, responses[j, idx], "gpirt") for j in test]
+    fused = [
+        irt.estimate_accuracy(params, idx, responses[j, idx], "sgpirt", prior=surrogate.predict(genomes[j]))
+        for j in test
+    ]
+    assert _mae(fused, acc[N_CAL:]) < 0.6 * _mae(gp, acc[N_CAL:])
+
+
+def test_surrogate_and_prior_errors(sim: dict) -> None:
+    params = sim["params"]
+    y = np.ones(3)
+    cases = [
+        (lambda: irt.estimate_accuracy(params, [0, 1, 2], y, "sgpirt"), "needs prior"),
+        (lambda: irt.estimate_accuracy(params, [0, 1, 2], y, "sgpirt", prior=(np.nan, 1)), "prior must be"),
+        (lambda: irt.fit_surrogate(np.zeros((5, 2)), np.zeros(5)), "m >= 8"),
+        (lambda: irt.fit_surrogate(np.full((8, 2), np.nan), np.zeros(8)), "finite"),
+        (lambda: irt.fit_surrogate(np.random.rand(8, 2), np.zeros(8)).predict([0.5]), "1 genes"),
+    ]
+    for call, words in cases:
+        with pytest.raises(ValueError, match=words):
+            call()

@@ -17,7 +17,7 @@ from evomerge.store import Store
 
 OBJECTIVES = [
     {"name": "mean_accuracy", "of": "mean", "estimator": "gmpirt", "items": 12, "selection": "information"},
-    {"name": "script", "of": "zoo_script", "estimator": "gpirt", "items": 6, "selection": "random"},
+    {"name": "script", "of": "zoo_script", "estimator": "sgpirt", "items": 6, "selection": "random"},
 ]
 
 
@@ -32,7 +32,7 @@ def irt_run(zoo_dir, tmp_path_factory):
         algorithm={"name": "nsga2", "pop_size": 4, "generations": 2},
         zoo={"cache_dir": str(zoo_dir.parent)},
     )
-    data["fitness"]["calibration"] = {"random_merges": 6}
+    data["fitness"]["calibration"] = {"random_merges": 8}
     cfg = parse_config(data)
     try:
         yield Search(cfg).run()
@@ -44,7 +44,9 @@ def test_calibration_is_stored_and_fitted_per_scope(irt_run):
     store = Store(irt_run / "store.sqlite")
     cal = store.candidates(kind="calibration")
     labels = {c.label for c in cal}  # stored as each finishes, so in any order
-    assert labels >= {"base", "addition", "script", "reversal"} and len(cal) == 10
+    assert labels >= {"base", "addition", "script", "reversal"} and len(cal) == 12
+    merges = [c for c in cal if c.label.startswith("random-")]
+    assert len(merges) == 8 and all(len(c.genome) == len(merges[0].genome) for c in merges)
     assert all(c.n_items == 600 and c.subset is None for c in cal)
     n_items = {t: 200 for t in ("zoo_addition", "zoo_script", "zoo_reversal")}
     for scope, n in (("mean", 600), ("zoo_script", 200)):
@@ -68,7 +70,7 @@ def test_summary_reports_estimator_error_and_cost(irt_run):
         assert all(0 <= f["full"] <= 1 for f in e["front"])
     cost = est["cost"]
     assert cost["full_items_per_candidate"] == 600 and cost["item_reduction"] >= 600 / 18
-    assert cost["token_reduction"] > 10 and cost["calibration_subjects"] == 10
+    assert cost["token_reduction"] > 10 and cost["calibration_subjects"] == 12
 
 
 def test_estimate_matches_the_library_call(irt_run):
@@ -78,7 +80,18 @@ def test_estimate_matches_the_library_call(irt_run):
     sc = Scope.load(irt_run / "irt", "zoo_script", columns(n_items, "zoo_script"))
     idx = irt.select_items(sc.params, 6, "random", seed=0)
     y = [c.responses["zoo_script"][sc.cols[i][1]] for i in idx]
-    assert c.objectives["script"] == pytest.approx(irt.estimate_accuracy(sc.params, idx, y, "gpirt"))
+    # sgpirt's surrogate: the calibration merges' genomes and whole-split accuracy, in calibration order
+    merges = sorted(
+        (m for m in store.candidates(kind="calibration") if m.label.startswith("random-")),
+        key=lambda m: int(m.label.split("-")[1]),
+    )
+    acc = [sum(m.responses["zoo_script"].values()) / 200 for m in merges]
+    surrogate = irt.fit_surrogate([m.genome for m in merges], acc, seed=0)
+    prior = surrogate.predict(c.genome)
+    expected = irt.estimate_accuracy(sc.params, idx, y, "sgpirt", prior=prior)
+    assert c.objectives["script"] == pytest.approx(expected)
+    gp = irt.estimate_accuracy(sc.params, idx, y, "gpirt")
+    assert min(gp, prior[0]) - 1e-9 <= expected <= max(gp, prior[0]) + 1e-9  # a precision-weighted mean
 
 
 @pytest.mark.parametrize(
@@ -94,6 +107,11 @@ def test_estimate_matches_the_library_call(irt_run):
             {"name": "m", "estimator": "tinyirt", "items": 5},
             {},
             "objectives.0.estimator: Input should be 'mean', 'irt'",
+        ),
+        (
+            {"name": "m", "estimator": "sgpirt", "items": 5},
+            {"fitness.calibration.random_merges": 4},
+            "set fitness.calibration.random_merges >= 8 (got 4)",
         ),
     ],
 )

@@ -37,8 +37,9 @@ ROOT = HERE.parents[1]
 SIZES = (10, 12, 20, 50, 100)
 
 
-def collect(merges: int, workers: int, run_dir: Path) -> tuple[np.ndarray, int, float]:
-    """(subjects x 600 responses with the 4 endpoints first, endpoints, evaluation worker-seconds)."""
+def collect(merges: int, workers: int, run_dir: Path) -> tuple[np.ndarray, np.ndarray, int, float]:
+    """(subjects x 600 responses with the 4 endpoints first, the merges' genomes, endpoints, evaluation
+    worker-seconds)."""
     cfg = load_config(
         ROOT / "experiments" / "demo.yaml",
         out=str(run_dir),
@@ -50,16 +51,23 @@ def collect(merges: int, workers: int, run_dir: Path) -> tuple[np.ndarray, int, 
         n_items = search.pool.call("n_items", cfg.fitness.search_split)
         subjects = search.calibrate()
     y = response_matrix([c.responses for c in subjects], columns(n_items, "mean"))
-    return y, 1 + len(cfg.models.experts), sum(c.wall_s for c in subjects)
+    genomes = np.array(search.calibration_genomes())
+    return y, genomes, 1 + len(cfg.models.experts), sum(c.wall_s for c in subjects)
 
 
-def study(y: np.ndarray, n_ends: int, model: str, seed: int = 0) -> tuple[pd.DataFrame, float]:
+def study(
+    y: np.ndarray, genomes: np.ndarray, n_ends: int, model: str, seed: int = 0
+) -> tuple[pd.DataFrame, float]:
     rng = np.random.default_rng(seed)
     merges = rng.permutation(np.arange(n_ends, len(y)))
     train, test = merges[: len(merges) // 2], merges[len(merges) // 2 :]
     started = time.perf_counter()
     params = irt.fit_irt(y[np.r_[np.arange(n_ends), train]], model=model, seed=seed)
     fit_s = time.perf_counter() - started
+    # sgpirt's surrogate: accuracy over genomes, fitted on the same training merges
+    surrogate = irt.fit_surrogate(genomes[train - n_ends], y[train].mean(1), seed)
+    priors = {j: surrogate.predict(genomes[j - n_ends]) for j in test}
+    alone = np.array([priors[j][0] for j in test])  # the surrogate with no items at all
     everything = np.arange(y.shape[1])
     ends = np.stack([irt.fit_ability(params, everything, y[j]) for j in range(n_ends)])
     truth = y[test].mean(1)
@@ -73,7 +81,10 @@ def study(y: np.ndarray, n_ends: int, model: str, seed: int = 0) -> tuple[pd.Dat
                 for idx in subsets:
                     w = irt.anchor_weights(params, idx) if selection == "anchor" else None
                     est = np.array(
-                        [irt.estimate_accuracy(params, idx, y[j, idx], estimator, ends, w) for j in test]
+                        [
+                            irt.estimate_accuracy(params, idx, y[j, idx], estimator, ends, w, priors[j])
+                            for j in test
+                        ]
                     )
                     maes.append(np.abs(est - truth).mean())
                     rhos.append(spearmanr(est, truth).statistic)
@@ -88,6 +99,18 @@ def study(y: np.ndarray, n_ends: int, model: str, seed: int = 0) -> tuple[pd.Dat
                         "Spearman": float(np.mean(rhos)),
                     }
                 )
+    truth = y[test].mean(1)
+    rows.append(
+        {
+            "model": model,
+            "items": 0,
+            "reduction": "-",
+            "selection": "-",
+            "estimator": "surrogate alone",
+            "MAE": float(np.abs(alone - truth).mean()),
+            "Spearman": float(spearmanr(alone, truth).statistic),
+        }
+    )
     return pd.DataFrame(rows), fit_s
 
 
@@ -97,12 +120,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "estimator_study")
     args = ap.parse_args()
-    y, n_ends, eval_s = collect(args.merges, args.workers, args.run_dir)
+    y, genomes, n_ends, eval_s = collect(args.merges, args.workers, args.run_dir)
     frames, fits = [], {}
     for model in irt.MODELS:
-        df, fits[model] = study(y, n_ends, model)
+        df, fits[model] = study(y, genomes, n_ends, model)
         frames.append(df)
     df = pd.concat(frames)
+    alone = df[df.estimator == "surrogate alone"]
+    df = df[df.estimator != "surrogate alone"]
     top = (
         df.sort_values("MAE")
         .groupby("items", as_index=False)
@@ -124,6 +149,9 @@ def main() -> None:
         "",
         top.to_markdown(index=False, floatfmt=".3f"),
         "",
+        "sgpirt's surrogate alone (its prediction from the genome, no items evaluated): MAE "
+        f"{alone.MAE.iloc[0]:.3f}, Spearman {alone.Spearman.iloc[0]:.3f}.",
+        "",
         "Every estimator (2pl, information selection):",
         "",
         df[(df.model == "2pl") & (df.selection == "information")]
@@ -135,11 +163,11 @@ def main() -> None:
         df.to_markdown(index=False, floatfmt=".3f"),
     ]
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:12]))
+    print("\n".join(lines[:14]))
     fig, ax = plt.subplots(figsize=(6, 4))
     sub = df[df.model == "2pl"]
     for (selection, estimator), g in sub.groupby(["selection", "estimator"]):
-        if estimator in ("mean", "gpirt", "gmpirt") and selection in ("random", "information"):
+        if estimator in ("mean", "gpirt", "gmpirt", "sgpirt") and selection in ("random", "information"):
             ax.plot(g["items"], g["MAE"], marker="o", label=f"{estimator}, {selection}")
     ax.axhline(0.02, color="grey", ls="--", lw=1)
     ax.set(
