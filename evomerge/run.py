@@ -176,9 +176,9 @@ class Run:
     def load_model(self, candidate_id: int) -> tuple[Any, Any]:
         """Re-merge candidate ``candidate_id``'s recipe from the run's models, as its worker did, and return
         the Hugging Face model (eval mode) and tokenizer."""
-        from evomerge.merge import Merger
         from evomerge.models import ModelSet
         from evomerge.recipe import Recipe
+        from evomerge.workers import search_merger
 
         if candidate_id not in self.candidates.index:
             ids = self.candidates.index
@@ -188,7 +188,7 @@ class Run:
             raise EvomergeError(f"run {str(self.path)!r} does not record its model paths")
         models = ModelSet(**self.models)
         model = models.load_model()
-        merger = Merger(model.state_dict(), models.expert_state_dicts())
+        merger = search_merger(model, models)
         merger.apply(Recipe.from_dict(self.candidates.at[candidate_id, "recipe"]), out=model)
         return model.eval(), models.load_tokenizer()
 

@@ -19,6 +19,8 @@ import torch
 from evomerge.fitness import make_fitness
 from evomerge.fitness.python import FitnessOutputError
 from evomerge.merge import Merger
+from evomerge.merge.kernels import limit_heap_fragmentation
+from evomerge.merge.merger import SEARCH_RANDOM, SEARCH_SEED
 from evomerge.models import ModelSet, save_hf
 from evomerge.recipe import Recipe
 
@@ -42,15 +44,22 @@ class Job:
         return hashlib.sha1(json.dumps(self.items, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def search_merger(model: torch.nn.Module, models: ModelSet) -> Merger:
+    """The Merger of a run's candidates (workers, ``Run.load_model``): keyed random masks, so the fused
+    dare kernels run and a tensor's masks do not depend on the rest of the recipe."""
+    return Merger(model.state_dict(), models.expert_state_dicts(), seed=SEARCH_SEED, random=SEARCH_RANDOM)
+
+
 class Evaluator:
     """Merges recipes into one model and scores them. Runs in a Ray actor or in-process."""
 
     def __init__(self, models: dict[str, Any], fitness: dict[str, Any], threads: int = 1):
         torch.set_num_threads(threads)
+        limit_heap_fragmentation()  # this process merges thousands of times
         self.models = ModelSet(**models)
         self.model = self.models.load_model()
         self.tokenizer = self.models.load_tokenizer()
-        self.merger = Merger(self.model.state_dict(), self.models.expert_state_dicts())
+        self.merger = search_merger(self.model, self.models)
         self.fitness = make_fitness(**fitness)
         self.name = f"{os.uname().nodename}:{os.getpid()}"
 

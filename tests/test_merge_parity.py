@@ -338,7 +338,7 @@ def test_keyed_stream_is_random_access_and_thread_invariant():
     from evomerge.merge.streams import KeyedStream
 
     ks = KeyedStream(5)
-    n, cut = 3 * KeyedStream.BLOCK + 123, KeyedStream.BLOCK + 777
+    n, cut = 3 * 65536 + 123, 65536 + 777
     whole = ks.uniform_(torch.empty(n), ("w", 0), 10)
     parts = torch.cat(
         [ks.uniform_(torch.empty(cut), ("w", 0), 10), ks.uniform_(torch.empty(n - cut), ("w", 0), 10 + cut)]

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from evomerge.merge import fused
 from evomerge.merge.base import MergeInputs, Param
 from evomerge.merge.kernels import CHUNK, chunks
 from evomerge.merge.sparsify import Sparse, sparsify
@@ -52,7 +53,10 @@ def generalized(
     params: dict,
 ) -> torch.Tensor:
     """Run one registered generalized method: sparsify every expert with ``sparsification`` using the
-    per-model ``density`` (and ``gamma``/``epsilon``), then ``combine``."""
+    per-model ``density`` (and ``gamma``/``epsilon``), then ``combine``. Random masks from a keyed
+    stream run as one fused kernel (``evomerge.merge.fused``) where it applies."""
+    if sparsification == "random" and fused.applies(x):
+        return fused.dare(x, params, consensus)
     k = x.n_experts
     weight = [float(v) for v in params["weight"]]
     sparse: list[Sparse] = []

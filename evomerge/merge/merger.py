@@ -11,7 +11,7 @@ import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.base import MergeInputs, MergeMethod, get_method
-from evomerge.merge.kernels import Workspace, release_heap
+from evomerge.merge.kernels import STORE, Workspace, release_heap
 from evomerge.merge.streams import Stream, make_stream
 from evomerge.recipe import Recipe
 
@@ -26,6 +26,10 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
         and a.dtype == b.dtype
         and a.numel() > 0
     )
+
+
+SEARCH_RANDOM = "keyed"  # the random masks of every merge a run evaluates, saves or reloads
+SEARCH_SEED = 0
 
 
 class Merger:
@@ -46,8 +50,9 @@ class Merger:
     with it, so one recipe always gives the same weights, and the draws equal mergekit's after
     ``torch.manual_seed(seed)``. ``seed=None`` draws from torch's global generator, as mergekit does;
     a ``torch.Generator`` is drawn from as it is. ``random="keyed"`` draws the same distribution from
-    streams keyed by (seed, tensor, expert, block): generated in parallel threads (dare_* about 2x
-    faster on 2 threads) and, for a given tensor, independent of the rest of the recipe.
+    a counter-based hash of (seed, tensor, expert, element): a tensor's masks are independent of the
+    rest of the recipe, and dare_ties/dare_linear run as one fused compiled kernel per tensor
+    (``evomerge.merge.fused``), the fast path the search's workers use.
     """
 
     def __init__(
@@ -231,5 +236,6 @@ class Merger:
                     result[name] = target[name]
                 else:
                     result[name] = result[owner]
+        self.workspace.release_large(STORE)  # masks of the largest tensors: not kept between merges
         release_heap()
         return {name: result[name] for name in self.names}

@@ -7,19 +7,18 @@ element when U < p, and drawing nothing where a method returns early (e.g. densi
 - ``TorchStream`` draws the same uniforms in the same order, so after the same ``torch.manual_seed``
   the masks are bit-identical to mergekit's. One mt19937 stream is serial: ~3 ns per element on one
   core whatever the thread count, the floor of dare's cost.
-- ``KeyedStream`` draws the same kind of uniforms with the same keep rule, so the same distribution,
-  from generators seeded per (seed, tensor, expert, block of 2^16 elements): blocks are generated in
-  parallel on ``torch.get_num_threads()`` threads, and a tensor's masks do not depend on the rest of
-  the recipe (common random numbers across candidates: two recipes that differ in one group draw the
-  same masks everywhere else).
+- ``KeyedStream`` draws uniforms on the same 24-bit grid with the same keep rule, so the same
+  distribution, from a counter-based hash of (seed, tensor, expert, element index): any element's
+  uniform is computed alone, so the fused kernels of ``evomerge.merge.fused`` recompute it inside
+  the merge loop on every thread, and a tensor's masks do not depend on the rest of the recipe
+  (common random numbers across candidates: two recipes that differ in one group draw the same masks
+  everywhere else, and a density change only adds or removes elements).
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Hashable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -43,55 +42,46 @@ class TorchStream:
         return cls(torch.Generator().manual_seed(seed))
 
 
-class KeyedStream:
-    """Uniforms for element ``start + j`` of stream ``key``: block b = (start + j) // BLOCK comes from
-    an mt19937 generator seeded with a hash of (seed, key, b), so any range is reproducible alone."""
+MASK32 = 0xFFFFFFFF
 
-    BLOCK = 1 << 16
-    _pool: ThreadPoolExecutor | None = None
-    _pool_size = 0
-    _local = threading.local()
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash with low bias (shifts 16/15/15, two odd multipliers below 2^31, so every
+    product fits in int64): a bijection on [0, 2^32), on int64 tensors holding such values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & MASK32
+    return x ^ (x >> 15)
+
+
+def hash_uniform(index: torch.Tensor, k1: torch.Tensor | int, k2: torch.Tensor | int) -> torch.Tensor:
+    """The keyed stream's uniform for element ``index`` (int64) under keys (k1, k2): ``_mix32`` of the
+    offset index ((index + k2) mod 2^32, xor k1, xor the index's high word), its top 24 bits scaled to
+    [0, 1) as float32 (the grid of torch.rand). Plain torch ops, so the compiled kernels in
+    ``evomerge.merge.fused`` compute exactly the same values."""
+    h = _mix32(((index + k2) & MASK32) ^ k1 ^ (index >> 32))
+    return (h >> 8).to(torch.float32) * (2.0**-24)
+
+
+class KeyedStream:
+    """Uniforms for element ``start + j`` of stream ``key``: a counter-based hash of the element's
+    index under two 32-bit keys derived from (seed, key), so any range is reproducible alone, in any
+    order, on any number of threads, and cheap enough to recompute inside a fused merge kernel."""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
-    def _generator(self, key: Hashable, block: int) -> torch.Generator:
-        digest = hashlib.blake2b(repr((self.seed, key, block)).encode(), digest_size=8).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
-
-    def _fill(self, out: torch.Tensor, key: Hashable, start: int, block: int) -> None:
-        lo, hi = block * self.BLOCK, (block + 1) * self.BLOCK
-        a, b = max(lo, start), min(hi, start + out.numel())
-        g = self._generator(key, block)
-        if a == lo:
-            out[a - start : b - start].uniform_(generator=g)
-            return
-        scratch = getattr(self._local, "scratch", None)
-        if scratch is None:
-            scratch = self._local.scratch = torch.empty(self.BLOCK)
-        scratch[: b - lo].uniform_(generator=g)
-        out[a - start : b - start].copy_(scratch[a - lo : b - lo])
+    def keys(self, key: Hashable) -> tuple[int, int]:
+        """The two 32-bit keys of stream ``key``."""
+        digest = hashlib.blake2b(repr((self.seed, key)).encode(), digest_size=8).digest()
+        return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
 
     def uniform_(self, out: torch.Tensor, key: Hashable = None, start: int = 0) -> torch.Tensor:
         """Fill ``out`` with the uniforms of elements [start, start + out.numel()) of stream ``key``."""
-        n = out.numel()
-        blocks = range(start // self.BLOCK, (start + n - 1) // self.BLOCK + 1) if n else range(0)
-        threads = torch.get_num_threads()
-        if threads <= 1 or len(blocks) <= 1:
-            for b in blocks:
-                self._fill(out, key, start, b)
-            return out
-        list(self._executor(threads).map(lambda b: self._fill(out, key, start, b), blocks))
-        return out
-
-    @classmethod
-    def _executor(cls, threads: int) -> ThreadPoolExecutor:
-        if cls._pool is None or cls._pool_size != threads:
-            if cls._pool is not None:
-                cls._pool.shutdown(wait=True)
-            cls._pool = ThreadPoolExecutor(threads, thread_name_prefix="evomerge-rng")
-            cls._pool_size = threads
-        return cls._pool
+        k1, k2 = self.keys(key)
+        index = torch.arange(start, start + out.numel(), dtype=torch.int64)
+        return out.copy_(hash_uniform(index, k1, k2).view(out.shape))
 
 
 Stream = TorchStream | KeyedStream

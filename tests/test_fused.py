@@ -1,0 +1,99 @@
+"""The fused dare kernels (evomerge.merge.fused) against the eager path of the same keyed stream."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evomerge.merge import Merger, fused
+from evomerge.merge.streams import KeyedStream, hash_uniform
+
+pytestmark = pytest.mark.skipif(fused._compiled() is None, reason="torch.compile cannot build kernels here")
+
+
+def models(k: int, n: int = 300 * 700):
+    g = torch.Generator().manual_seed(7)
+    base = {"w": torch.randn(300, 700, generator=g) * 0.02, "small": torch.randn(64, generator=g)}
+    experts = {
+        f"e{i}": {name: t + torch.randn(t.shape, generator=g) * 0.01 for name, t in base.items()}
+        for i in range(k)
+    }
+    experts["e0"]["w"][:, :10] = base["w"][:, :10]  # an untouched stripe: zero task vector there
+    return base, experts
+
+
+def eager(merger: Merger, method: str, params: dict) -> dict[str, torch.Tensor]:
+    applies = fused.applies
+    fused.applies = lambda x: False
+    try:
+        return merger.merge(method, params)
+    finally:
+        fused.applies = applies
+
+
+CASES = [
+    ("dare_ties", {"weight": [0.6, 0.4], "density": [0.5, 0.7]}),
+    ("dare_ties", {"weight": [0.6, -0.4], "density": [0.2, 1.0], "normalize": True, "lambda": 1.3}),
+    ("dare_ties", {"weight": [1.0, 1.0], "density": [0.0, 0.3], "rescale": False}),
+    ("dare_linear", {"weight": [0.6, 0.4], "density": [0.5, 0.7]}),
+    ("dare_linear", {"weight": [0.6, 0.4], "density": [0.9, 0.1], "normalize": True, "rescale": False}),
+]
+
+
+@pytest.mark.parametrize(("method", "params"), CASES)
+def test_fused_dare_equals_the_eager_keyed_path(method, params):
+    base, experts = models(2)
+    merger = Merger(base, experts, seed=5, random="keyed")
+    stream = KeyedStream(5)
+    assert fused.applies(merger.inputs("w", stream=stream))
+    assert not fused.applies(merger.inputs("small", stream=stream))
+    ours, ref = merger.merge(method, params), eager(merger, method, params)
+    for name in ref:  # same masks; the l1 and sign sums only run in another order
+        torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=1e-6)
+    kept = (ours["w"] != base["w"]).float().mean().item()
+    assert kept == pytest.approx((ref["w"] != base["w"]).float().mean().item(), abs=1e-5)
+
+
+def test_fused_dare_ties_three_experts_and_a_preallocated_output():
+    base, experts = models(3)
+    merger = Merger(base, experts, seed=1, random="keyed")
+    params = {"weight": [0.5, 0.3, 0.2], "density": [0.4, 0.6, 0.8], "normalize": True}
+    out = {k: torch.full_like(t, float("nan")) for k, t in base.items()}
+    got = merger.merge("dare_ties", params, out=out)
+    assert got["w"].data_ptr() == out["w"].data_ptr()
+    torch.testing.assert_close(out["w"], eager(merger, "dare_ties", params)["w"], rtol=0, atol=1e-6)
+
+
+def test_keyed_masks_keep_the_density_and_nest_across_densities():
+    """The uniforms are one fixed draw per element: density 0.3 keeps a subset of density 0.6's."""
+    base, experts = models(1)
+    merger = Merger(base, experts, seed=2, random="keyed")
+    masks = {}
+    for p in (0.3, 0.6):
+        merged = merger.merge("dare_linear", {"weight": [1.0], "density": p, "rescale": False})["w"]
+        masks[p] = merged != base["w"]
+        n = masks[p][:, 10:].numel()
+        assert masks[p][:, 10:].float().mean().item() == pytest.approx(p, abs=5 * (p * (1 - p) / n) ** 0.5)
+    assert not (masks[0.3] & ~masks[0.6]).any()
+
+
+def test_hash_uniforms_are_uniform_and_independent_across_keys():
+    idx = torch.arange(1 << 20)
+    u = hash_uniform(idx, 11, 22)
+    v = hash_uniform(idx, 11, 23)
+    assert u.min() >= 0 and u.max() < 1
+    counts = torch.histc(u, bins=16, min=0, max=1)
+    expect = u.numel() / 16
+    assert ((counts - expect).square() / expect).sum().item() < 60  # chi^2, 15 dof: p ~ 1e-7
+    assert abs(torch.corrcoef(torch.stack([u, v]))[0, 1].item()) < 0.01
+    assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1].item()) < 0.01
+    ks = KeyedStream(3)
+    assert ks.keys(("w", 0)) != ks.keys(("w", 1)) and ks.keys(("w", 0)) == KeyedStream(3).keys(("w", 0))
+
+
+def test_disabled_fused_kernels_fall_back(monkeypatch):
+    base, experts = models(2)
+    merger = Merger(base, experts, seed=5, random="keyed")
+    monkeypatch.setattr(fused, "_compiled", lambda: None)
+    assert not fused.applies(merger.inputs("w", stream=KeyedStream(5)))
+    merger.merge("dare_ties", {"weight": [0.5, 0.5], "density": 0.5})
