@@ -250,7 +250,6 @@ def test_tensors_larger_than_a_chunk_match_mergekit(mergekit, method, params):
     [
         ("ties", {"weight": [0.6, 0.3], "density": [0.5, 0.7]}),
         ("breadcrumbs", {"weight": [0.6, 0.3], "density": [0.5, 0.8], "gamma": 0.05, "rescale": True}),
-        ("sce", {"select_topk": 0.3}),
     ],
 )
 def test_ties_at_thresholds_differ_only_at_tied_positions(mergekit, method, params):
@@ -262,6 +261,17 @@ def test_ties_at_thresholds_differ_only_at_tied_positions(mergekit, method, para
     ours, ref = mer.merge(method, params), theirs(mergekit, big, method, params)
     differ = ((ours["w"] - ref["w"]).abs() > TOL).float().mean().item()
     assert differ < 2e-3, differ
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("select_topk", [0.05, 0.3, 0.77])
+def test_sce_breaks_ties_at_its_threshold_as_mergekit(mergekit, select_topk):
+    """sce selects with torch.topk, whose choice among variances tied at the threshold follows its own
+    selection path; evomerge asks topk in that case, so even bf16 task vectors (ties everywhere) agree."""
+    big = big_models(bf16=True)
+    mer = Merger(big["base"], {"a": big["a"], "b": big["b"]})
+    params = {"select_topk": select_topk}
+    assert max_diff(mer.merge("sce", params), theirs(mergekit, big, "sce", params)) <= TOL
 
 
 @pytest.mark.mergekit

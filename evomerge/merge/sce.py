@@ -77,7 +77,23 @@ def _threshold(x: MergeInputs, select_topk: float) -> tuple[float | None, torch.
         if k == 0:
             return float("inf"), None
         sel = select_direct(var, n - k)
-    return sel.value, surplus(sel, n - k, n - 1)
+    drop = surplus(sel, n - k, n - 1)
+    if drop is not None:
+        drop = _topk_losers(x, sel.equal, k)
+    return sel.value, drop
+
+
+def _topk_losers(x: MergeInputs, tied: torch.Tensor, k: int) -> torch.Tensor:
+    """The tied indices that ``torch.topk(var, k)`` leaves out, as mergekit's mask does.
+
+    When variances tie at the threshold and only some of them fit in the top k, which ones topk keeps
+    is not a rule of index or value but the path of its selection over the whole tensor, so run it (a
+    rare case: about one tensor in 200 of a SmolLM2-size model at ``select_topk`` 0.3)."""
+    var = torch.empty(x.numel)
+    for sl in chunks(x.numel):
+        _variance(x, sl, var[sl])
+    kept = torch.topk(var, k=k, largest=True).indices  # mergekit's call: the same tie-break
+    return tied[~torch.isin(tied, kept)]
 
 
 @merge_method(
