@@ -34,9 +34,17 @@ def pareto_front(candidates: Sequence[Candidate], objectives: Sequence[Any]) -> 
     return sorted((unique[i] for i in front), key=lambda c: tuple(_signed(c, objectives)))
 
 
-def pick_best(front: Sequence[Candidate], objectives: Sequence[Any]) -> Candidate:
-    """The front member with the best mean of its (signed) objective values; earliest on ties."""
-    return min(front, key=lambda c: (float(_signed(c, objectives).mean()), c.id))
+def pick_best(
+    front: Sequence[Candidate], objectives: Sequence[Any], measured: dict[int, Candidate] | None = None
+) -> Candidate:
+    """The front member with the best mean of its (signed) objective values; earliest on ties.
+    ``measured`` (candidate id -> its evaluation on the whole search split) ranks by those values
+    instead of the candidates' own, e.g. when the search's values are IRT estimates."""
+
+    def score(c: Candidate) -> tuple[float, int]:
+        return float(_signed(measured[c.id] if measured else c, objectives).mean()), c.id
+
+    return min(front, key=score)
 
 
 def write_front_csv(path: Path, front: Sequence[Candidate], test: dict[int, Candidate]) -> None:

@@ -66,7 +66,7 @@ class Run:
         meta, self._records = _read_store(store)
         if "config" not in meta:
             raise EvomergeError(f"run {str(self.path)!r} has not recorded its config yet")
-        raw = meta["config"]
+        raw = self._raw = meta["config"]
         self.config: RunConfig | dict[str, Any]
         try:
             self.config = parse_config(raw)
@@ -114,11 +114,23 @@ class Run:
 
     @property
     def best_id(self) -> int:
-        """The front member the run saved as best_model/ (best mean of the objectives, earliest on ties)."""
+        """The front member the run saved as best_model/: best mean of the objectives, earliest on ties;
+        with estimated objectives, once the run has re-scored its front on the whole search split, best
+        on those measured values."""
         front = self._front()
         if not front:
             raise EvomergeError(f"run {str(self.path)!r} has no successful search candidate yet")
-        return report.pick_best(front, self.objectives).id
+        measured = None
+        if any(o.estimator for o in self.objectives):
+            split = self._raw["fitness"]["search_split"]
+            full = {
+                c.recipe_key: c
+                for c in self._records
+                if c.split == split and c.subset is None and c.kind != "search" and c.status == "ok"
+            }
+            if all(c.recipe_key in full for c in front):
+                measured = {c.id: full[c.recipe_key] for c in front}
+        return report.pick_best(front, self.objectives, measured).id
 
     @property
     def history(self) -> pd.DataFrame:

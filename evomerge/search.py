@@ -408,8 +408,9 @@ class Search:
             if o.estimator
         }
 
-    def _estimation_report(self, front: list[Candidate]) -> dict[str, Any]:
-        """The estimator's error on the front (estimate vs the whole search split) and the cost saved."""
+    def _estimation_report(self, front: list[Candidate]) -> tuple[dict[str, Any], dict[int, Candidate]]:
+        """The estimator's error on the front (estimate vs the whole search split) and the cost saved;
+        and the front's evaluations on the whole search split, by candidate id."""
         cfg = self.config
         jobs = [
             Job(
@@ -437,7 +438,7 @@ class Search:
         )
         searched = [c for c in self.store.candidates(kind="search") if c.status == "ok"]
         cost = calibration.describe_cost(self.store.candidates(kind="calibration"), searched, n_full)
-        return {"errors": errors, "cost": cost}
+        return {"errors": errors, "cost": cost}, {c.id: full[("full", c.id)] for c in front}
 
     def _finish(self, search_seconds: float) -> None:
         cfg = self.config
@@ -445,7 +446,10 @@ class Search:
         if not searched:
             raise EvomergeError("every candidate failed; see the error column in the store")
         front = report.pareto_front(searched, self.objectives)
-        best = report.pick_best(front, self.objectives)
+        # with estimated objectives the front is re-scored on the whole search split (the estimator's
+        # error report needs it anyway) and the best merge is picked on those measured values
+        estimation, measured = self._estimation_report(front) if self.subsets else (None, None)
+        best = report.pick_best(front, self.objectives, measured)
         refs = reference_recipes(self.experts)
         split = cfg.fitness.test_split
         jobs = [
@@ -472,7 +476,8 @@ class Search:
                 for c in front
             ],
             "candidates_evaluated": len(self.store.candidates(kind="search")),
-            **({"estimation": self._estimation_report(front)} if self.subsets else {}),
+            "best_picked_on": "front re-scored on the whole search split" if measured else "search values",
+            **({"estimation": estimation} if estimation else {}),
             "search_seconds": round(search_seconds, 1),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -73,6 +73,20 @@ def test_summary_reports_estimator_error_and_cost(irt_run):
     assert cost["token_reduction"] > 10 and cost["calibration_subjects"] == 12
 
 
+def test_best_merge_is_picked_on_the_front_rescored_on_the_full_split(irt_run):
+    """Estimates rank the front; the saved best is the member with the best measured values."""
+    from evomerge.run import Run
+
+    summary = json.loads((irt_run / "summary.json").read_text())
+    assert summary["best_picked_on"] == "front re-scored on the whole search split"
+    full = {}
+    for name, e in summary["estimation"]["errors"].items():
+        for f in e["front"]:
+            full.setdefault(f["candidate"], {})[name] = f["full"]
+    best = max(sorted(full), key=lambda c: sum(full[c].values()))  # earliest on ties
+    assert summary["best_candidate"] == best == Run(irt_run).best_id
+
+
 def test_estimate_matches_the_library_call(irt_run):
     store = Store(irt_run / "store.sqlite")
     c = store.candidates(kind="search")[0]

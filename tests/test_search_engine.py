@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -149,6 +150,27 @@ def test_nan_fitness_is_stored_as_failed_after_retries(tmp_path, models, ray_env
         Search(cfg).run()
     rows = Store(tmp_path / "run" / "store.sqlite").candidates(kind="search")
     assert rows and all(c.status == "failed" and "non-finite" in c.error for c in rows)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_merge_with_non_finite_weights_is_refused(tmp_path, models, bad):
+    """The worker refuses a merge that wrote NaN/inf anywhere (one element is enough), naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from evomerge.recipe import Recipe
+    from evomerge.workers import Evaluator
+
+    broken = tmp_path / "broken"
+    shutil.copytree(models["b"], broken)
+    weights = load_file(broken / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    weights[name].view(-1)[7] = bad
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    spec = {"base": str(models["base"]), "experts": {"a": str(models["a"]), "b": str(broken)}}
+    worker = Evaluator({**spec, "tokenizer": None, "dtype": "float32"}, {"function": "fitness_fns:closeness"})
+    recipe = Recipe.uniform("task_arithmetic", {"weight": [0.5, 0.5]}).to_dict()
+    with pytest.raises(FloatingPointError, match=f"NaN/inf in tensor '{name}'"):
+        worker.materialize(recipe)
 
 
 @pytest.mark.parametrize(
