@@ -4,17 +4,19 @@ Reproduce (about an hour on 2 cores; builds the real zoo first if needed, see `e
 
     python experiments/real_smollm2.py
 
-Both runs use ``experiments/real_smollm2.yaml`` with the same seed, algorithm and budget. The first
-scores every candidate on each objective's whole search split; the second on ``split / 50`` items per
-objective, estimated with ``--estimator`` (item parameters calibrated on the base, the experts and
-``--random-merges`` random merges, counted separately). Both fronts are re-evaluated on the whole test
-split. Prints a table and writes it to ``experiments/real_smollm2.md``.
+All runs use ``experiments/real_smollm2.yaml`` with the same seed, algorithm and budget. The first
+scores every candidate on each objective's whole search split; then one run per ``--estimator`` scores
+it on ``split / 50`` items per objective (item parameters calibrated on the base, the experts and
+``--random-merges`` random merges, counted separately). Every front is re-evaluated on the whole test
+split. Finished runs are read back from their folders under ``--out``, not rerun. Prints a table and
+writes it to ``experiments/real_smollm2.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -24,19 +26,19 @@ from evomerge.config import load_config, parse_config
 from evomerge.fitness.lmeval import LmEvalFitness
 from evomerge.search import Search
 from evomerge.store import Store
+from evomerge.workers import Evaluator, Job
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def run(data: dict, out: Path) -> tuple[Path, float]:
-    started = time.perf_counter()
+def run(data: dict, out: Path) -> Path:
     search = Search(parse_config({**data, "out": str(out)}))
-    run_dir = search.resume() if (out / "store.sqlite").exists() else search.run()
-    return run_dir, time.perf_counter() - started
+    return search.resume() if (out / "store.sqlite").exists() else search.run()
 
 
-def describe(run_dir: Path, wall: float, label: str) -> dict:
+def describe(run_dir: Path, label: str) -> dict:
+    """One column of the table, read from the run's store (so a finished run resumed gives the same)."""
     store = Store(run_dir / "store.sqlite")
     summary = json.loads((run_dir / "summary.json").read_text())
     search = [c for c in store.candidates(kind="search") if c.status == "ok"]
@@ -48,6 +50,7 @@ def describe(run_dir: Path, wall: float, label: str) -> dict:
 
     fitness_s = sum(c.wall_s for c in search)
     cal_s = sum(c.wall_s for c in cal)
+    reeval_s = sum(c.wall_s for c in store.candidates() if c.kind in ("test", "full", "reference"))
     best_expert = max(summary["experts"], key=lambda e: mean_of(summary["experts"][e]))
     return {
         "run": label,
@@ -57,7 +60,7 @@ def describe(run_dir: Path, wall: float, label: str) -> dict:
         "fitness s / run": round(fitness_s, 1),
         "calibration s": round(cal_s, 1),
         "fitness + calibration s": round(fitness_s + cal_s, 1),
-        "run wall s": round(wall, 1),
+        "front + reference re-evaluation s": round(reeval_s, 1),
         "best merge test mean": round(mean_of(summary["best"]), 4),
         **{f"best merge test {n}": round(summary["best"][n], 4) for n in names},
         f"best expert ({best_expert}) test mean": round(mean_of(summary["experts"][best_expert]), 4),
@@ -65,15 +68,49 @@ def describe(run_dir: Path, wall: float, label: str) -> dict:
     }
 
 
+def side_by_side(run_dir: Path, n: int) -> dict:
+    """Per-candidate fitness wall time, full split vs subset, measured in one worker process: the first
+    ``n`` search candidates of an IRT run evaluated alternately on the whole search split and on their
+    own item subsets (the runs above ran at different times on a shared machine; this ratio does not
+    depend on that)."""
+    search = Search(load_config(run_dir / "config.yaml"), out=run_dir)
+    worker = Evaluator(search._models_spec(), search._fitness_spec(), search.config.threads_per_worker)
+    cands = [c for c in Store(run_dir / "store.sqlite").candidates(kind="search") if c.status == "ok"][
+        : n + 1
+    ]
+    full_s, subset_s = [], []
+    for i, c in enumerate(cands):
+        items = {t: [int(k) for k in r] for t, r in c.responses.items()}
+        for split_items, times in ((None, full_s), (items, subset_s)):
+            started = time.perf_counter()
+            result = worker.evaluate(Job(c.id, c.recipe, c.split, split_items))
+            assert result["status"] == "ok", result["error"]
+            if i:  # the first candidate warms the worker up
+                times.append(time.perf_counter() - started)
+    full, subset = statistics.median(full_s), statistics.median(subset_s)
+    return {
+        "candidates": n,
+        "full s": round(full, 3),
+        "subset s": round(subset, 3),
+        "ratio": round(full / subset, 1),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=HERE / "real_smollm2.yaml")
-    ap.add_argument("--estimator", default="gpirt")
+    ap.add_argument(
+        "--estimator",
+        nargs="+",
+        default=["gpirt", "sgpirt"],
+        help="one IRT run per estimator (default: %(default)s)",
+    )
     ap.add_argument("--selection", default="information")
     ap.add_argument("--reduction", type=int, default=50)
     ap.add_argument("--random-merges", type=int, default=10)
     ap.add_argument("--generations", type=int, help="override the config's algorithm.generations")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "real_smollm2")
+    ap.add_argument("--side-by-side", type=int, default=4, help="candidates timed in one process (0: skip)")
     args = ap.parse_args()
 
     base = load_config(args.config).model_dump(mode="json")
@@ -86,33 +123,45 @@ def main() -> None:
 
     full = json.loads(json.dumps(base))
     full["fitness"]["items"] = None
-    irt_cfg = json.loads(json.dumps(base))
-    irt_cfg["fitness"]["items"] = None
-    irt_cfg["fitness"]["calibration"] = {"random_merges": args.random_merges, "model": "2pl"}
-    for o in irt_cfg["objectives"]:
-        n = sizes[o["of"]] if o["of"] != "mean" else sum(sizes.values())
-        o.update(estimator=args.estimator, items=max(1, n // args.reduction), selection=args.selection)
 
-    rows = []
-    for label, data in (("full-split fitness", full), (f"IRT fitness ({args.estimator})", irt_cfg)):
-        run_dir, wall = run(data, args.out / label.split()[0].lower())
-        rows.append(describe(run_dir, wall, label))
+    def irt_config(estimator: str) -> dict:
+        cfg = json.loads(json.dumps(base))
+        cfg["fitness"]["items"] = None
+        cfg["fitness"]["calibration"] = {"random_merges": args.random_merges, "model": "2pl"}
+        for o in cfg["objectives"]:
+            n = sizes[o["of"]] if o["of"] != "mean" else sum(sizes.values())
+            o.update(estimator=estimator, items=max(1, n // args.reduction), selection=args.selection)
+        return cfg
+
+    rows = [describe(run(full, args.out / "full-split"), "full-split fitness")]
+    for est in args.estimator:
+        rows.append(describe(run(irt_config(est), args.out / f"irt-{est}"), f"IRT fitness ({est})"))
     df = pd.DataFrame(rows).set_index("run").T
-    full_s, irt_s = (rows[0]["fitness s / candidate"], rows[1]["fitness s / candidate"])
-    saved = full_s - irt_s
     flags = f" --generations {args.generations}" if args.generations else ""
     lines = [
-        f"Reproduce: `python experiments/real_smollm2.py --random-merges {args.random_merges}{flags}`",
+        f"Reproduce: `python experiments/real_smollm2.py --random-merges {args.random_merges}"
+        f" --estimator {' '.join(args.estimator)}{flags}`",
         "",
         df.to_markdown(),
         "",
-        f"IRT fitness per candidate: {full_s / irt_s:.1f}x less wall time than full-split fitness. "
-        f"Calibration ({rows[1]['calibration s']:.0f} s) pays for itself after "
-        f"{rows[1]['calibration s'] / saved:.0f} candidates.",
-        f"Best merge, test mean: IRT run {rows[1]['best merge test mean']:.4f} vs full-fitness run "
-        f"{rows[0]['best merge test mean']:.4f} "
-        f"({100 * (rows[1]['best merge test mean'] - rows[0]['best merge test mean']):+.1f} points).",
     ]
+    full_row = rows[0]
+    for row in rows[1:]:
+        saved = full_row["fitness s / candidate"] - row["fitness s / candidate"]
+        gap = 100 * (row["best merge test mean"] - full_row["best merge test mean"])
+        lines.append(
+            f"- {row['run']}: {full_row['fitness s / candidate'] / row['fitness s / candidate']:.1f}x less "
+            f"fitness wall time per candidate than full-split fitness; calibration ({row['calibration s']:.0f} s) "
+            f"pays for itself after {row['calibration s'] / saved:.0f} candidates; best merge test mean "
+            f"{row['best merge test mean']:.4f} vs {full_row['best merge test mean']:.4f} ({gap:+.1f} points)."
+        )
+    if args.side_by_side:
+        t = side_by_side(args.out / f"irt-{args.estimator[0]}", args.side_by_side)
+        lines.append(
+            f"- In one worker process, alternately (median of {t['candidates']} candidates of the "
+            f"{args.estimator[0]} run): whole search split {t['full s']:.2f} s, item subset "
+            f"{t['subset s']:.2f} s per candidate: {t['ratio']:.1f}x."
+        )
     (HERE / "real_smollm2.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
