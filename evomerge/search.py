@@ -399,7 +399,7 @@ class Search:
         if surrogate:  # refitted from the stored calibration (re-evaluates nothing) on every start
             subjects = subjects or self.calibrate()
             merges = subjects[1 + len(self.experts) :]
-            genomes = [g.tolist() for g in self.calibration_genomes()]
+            genomes = [c.genome for c in merges]
             for name in surrogate:
                 calibration.fit_surrogate(scopes[name], genomes, [c.responses for c in merges], cfg.seed)
         return {

@@ -34,20 +34,23 @@ log = logging.getLogger(__name__)
 MIN_NUMEL = 1 << 16  # smaller tensors are not worth a kernel launch over the eager path
 
 
-def _keep(
-    index: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, density: torch.Tensor, i: int
+def _masked(
+    values: torch.Tensor,
+    index: torch.Tensor,
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+    density: torch.Tensor,
+    i: int,
 ) -> torch.Tensor:
-    return hash_uniform(index, k1[i], k2[i]) < density[i]
+    """Expert ``i``'s ``values`` where its keyed mask keeps the element, else 0."""
+    return torch.where(hash_uniform(index, k1[i], k2[i]) < density[i], values, 0.0)
 
 
 def _kept_l1(deltas: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
     """sum |delta_i| over each expert's kept elements: deltas (K, n); keys and density (K,)."""
     index = torch.arange(deltas.shape[1], dtype=torch.int64)
     return torch.stack(
-        [
-            torch.where(_keep(index, k1, k2, density, i), deltas[i].abs(), 0.0).sum()
-            for i in range(deltas.shape[0])
-        ]
+        [_masked(deltas[i].abs(), index, k1, k2, density, i).sum() for i in range(deltas.shape[0])]
     )
 
 
@@ -68,9 +71,7 @@ def _consensus(
     index = torch.arange(deltas.shape[1], dtype=torch.int64)
     k = deltas.shape[0]
     # mergekit: (masked * scale) * weight
-    t = [
-        torch.where(_keep(index, k1, k2, density, i), deltas[i], 0.0) * scale[i] * weight[i] for i in range(k)
-    ]
+    t = [_masked(deltas[i], index, k1, k2, density, i) * scale[i] * weight[i] for i in range(k)]
     total = t[0]
     for i in range(1, k):
         total = total + t[i]
@@ -99,7 +100,7 @@ def _linear(
     index = torch.arange(deltas.shape[1], dtype=torch.int64)
     acc = base
     for i in range(deltas.shape[0]):
-        acc = acc + torch.where(_keep(index, k1, k2, density, i), deltas[i], 0.0) * coef[i]
+        acc = acc + _masked(deltas[i], index, k1, k2, density, i) * coef[i]
     out.copy_(acc)
 
 

@@ -64,6 +64,7 @@ def _threshold(x: MergeInputs, select_topk: float) -> tuple[float | None, torch.
     if select_topk <= 0:
         return float("inf"), None
     n = x.numel
+    var: torch.Tensor | None = None
     if x.persistent:
         sketch = _sketch(x)
         k = _count(n - sketch.zeros, select_topk)
@@ -79,19 +80,21 @@ def _threshold(x: MergeInputs, select_topk: float) -> tuple[float | None, torch.
         sel = select_direct(var, n - k)
     drop = surplus(sel, n - k, n - 1)
     if drop is not None:
-        drop = _topk_losers(x, sel.equal, k)
+        drop = _topk_losers(x, sel.equal, k, var)
     return sel.value, drop
 
 
-def _topk_losers(x: MergeInputs, tied: torch.Tensor, k: int) -> torch.Tensor:
+def _topk_losers(x: MergeInputs, tied: torch.Tensor, k: int, var: torch.Tensor | None) -> torch.Tensor:
     """The tied indices that ``torch.topk(var, k)`` leaves out, as mergekit's mask does.
 
     When variances tie at the threshold and only some of them fit in the top k, which ones topk keeps
     is not a rule of index or value but the path of its selection over the whole tensor, so run it (a
-    rare case: about one tensor in 200 of a SmolLM2-size model at ``select_topk`` 0.3)."""
-    var = torch.empty(x.numel)
-    for sl in chunks(x.numel):
-        _variance(x, sl, var[sl])
+    rare case: about one tensor in 200 of a SmolLM2-size model at ``select_topk`` 0.3). ``var``: the
+    variances when the caller has them all (computed here otherwise)."""
+    if var is None:
+        var = torch.empty(x.numel)
+        for sl in chunks(x.numel):
+            _variance(x, sl, var[sl])
     kept = torch.topk(var, k=k, largest=True).indices  # mergekit's call: the same tie-break
     return tied[~torch.isin(tied, kept)]
 
