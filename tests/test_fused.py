@@ -13,7 +13,11 @@ pytestmark = pytest.mark.skipif(fused._compiled() is None, reason="torch.compile
 
 def models(k: int, n: int = 300 * 700):
     g = torch.Generator().manual_seed(7)
-    base = {"w": torch.randn(300, 700, generator=g) * 0.02, "small": torch.randn(64, generator=g)}
+    base = {
+        "w": torch.randn(300, 700, generator=g) * 0.02,
+        "small": torch.randn(64, generator=g),
+        "tiny": torch.randn(8, generator=g),
+    }
     experts = {
         f"e{i}": {name: t + torch.randn(t.shape, generator=g) * 0.01 for name, t in base.items()}
         for i in range(k)
@@ -46,7 +50,8 @@ def test_fused_dare_equals_the_eager_keyed_path(method, params):
     merger = Merger(base, experts, seed=5, random="keyed")
     stream = KeyedStream(5)
     assert fused.applies(merger.inputs("w", stream=stream))
-    assert not fused.applies(merger.inputs("small", stream=stream))
+    assert fused.applies(merger.inputs("small", stream=stream))  # the model pays the compile anyway
+    assert not fused.applies(merger.inputs("tiny", stream=stream))
     ours, ref = merger.merge(method, params), eager(merger, method, params)
     for name in ref:  # same masks; the l1 and sign sums only run in another order
         torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=1e-6)
@@ -77,18 +82,35 @@ def test_keyed_masks_keep_the_density_and_nest_across_densities():
     assert not (masks[0.3] & ~masks[0.6]).any()
 
 
-def test_hash_uniforms_are_uniform_and_independent_across_keys():
+def test_small_models_stay_on_the_eager_path():
+    """A model without a tensor of MIN_NUMEL elements never pays the compile."""
+    base, experts = models(2)
+    base, experts = {"small": base["small"]}, {e: {"small": sd["small"]} for e, sd in experts.items()}
+    merger = Merger(base, experts, seed=5, random="keyed")
+    assert not fused.applies(merger.inputs("small", stream=KeyedStream(5)))
+
+
+def test_hash_uniforms_are_uniform_and_independent_across_keys_and_halves():
     idx = torch.arange(1 << 20)
     u = hash_uniform(idx, 11, 22)
     v = hash_uniform(idx, 11, 23)
-    assert u.min() >= 0 and u.max() < 1
-    counts = torch.histc(u, bins=16, min=0, max=1)
-    expect = u.numel() / 16
-    assert ((counts - expect).square() / expect).sum().item() < 60  # chi^2, 15 dof: p ~ 1e-7
+    w = hash_uniform(idx, 11, 22, half=1)  # the pair's other expert: the low 16 bits of u's hash
+    for x in (u, w):
+        assert x.min() >= 0 and x.max() < 1
+        assert torch.equal(x * 2**16, (x * 2**16).round())  # the 2^-16 grid
+        counts = torch.histc(x, bins=16, min=0, max=1)
+        expect = x.numel() / 16
+        assert ((counts - expect).square() / expect).sum().item() < 60  # chi^2, 15 dof: p ~ 1e-7
+        assert abs(torch.corrcoef(torch.stack([x[:-1], x[1:]]))[0, 1].item()) < 0.01
     assert abs(torch.corrcoef(torch.stack([u, v]))[0, 1].item()) < 0.01
-    assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1].item()) < 0.01
+    assert abs(torch.corrcoef(torch.stack([u, w]))[0, 1].item()) < 0.01
+    for p, q in ((0.3, 0.6), (0.05, 0.9)):  # joint keep rate of the pair: the product of the rates
+        both = ((u < p) & (w < q)).float().mean().item()
+        assert both == pytest.approx(p * q, abs=5 * (p * q / idx.numel()) ** 0.5)
     ks = KeyedStream(3)
     assert ks.keys(("w", 0)) != ks.keys(("w", 1)) and ks.keys(("w", 0)) == KeyedStream(3).keys(("w", 0))
+    assert ks.lane(("w", 0))[:2] == ks.lane(("w", 1))[:2] != ks.lane(("w", 2))[:2]  # pairs share keys
+    assert [ks.lane(("w", i))[2] for i in range(3)] == [0, 1, 0]
 
 
 def test_disabled_fused_kernels_fall_back(monkeypatch):

@@ -49,8 +49,10 @@ class MergeInputs:
     Besides the tensors it carries what a ``Merger`` provides to make a method fast: ``out`` (the
     preallocated float32 output to write into, or None), a per-tensor ``cache`` of genome-independent
     statistics that outlives the merge, a ``workspace`` of reusable scratch buffers and the random
-    ``stream`` of the stochastic methods. Built by hand (``MergeInputs(name, base, deltas)``) it works
-    the same, computing everything on the spot.
+    ``stream`` of the stochastic methods, and ``fuse``: whether compiled kernels may run this tensor
+    however small, because the model it belongs to is large enough to pay their one-time compile
+    (None: decided by this tensor's size alone). Built by hand (``MergeInputs(name, base, deltas)``)
+    it works the same, computing everything on the spot.
     """
 
     def __init__(
@@ -63,8 +65,10 @@ class MergeInputs:
         cache: dict[Any, Any] | None = None,
         workspace: Workspace | None = None,
         stream: Stream | None = None,
+        fuse: bool | None = None,
     ) -> None:
         self.name = name
+        self.fuse = fuse
         self.base = base
         self.deltas = deltas
         self.out = out

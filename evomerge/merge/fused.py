@@ -1,7 +1,7 @@
 """Fused kernels for the random-mask methods (dare_ties, dare_linear) under a keyed stream.
 
-With a ``KeyedStream`` an element's uniform is a hash of its index, so the mask need not be drawn,
-stored and read back: one compiled loop (``torch.compile``, Inductor's C++ backend) hashes, masks,
+With a ``KeyedStream`` an element's uniform is a hash of its index (one hash for every two experts),
+so the mask need not be drawn, stored and read back: one compiled loop (``torch.compile``, Inductor's C++ backend) hashes, masks,
 weights, elects signs and writes the output, and a first loop computes the l1 norms the rescaling
 needs. Per element of a tensor with K experts:
 
@@ -12,8 +12,11 @@ needs. Per element of a tensor with K experts:
 
 The results equal the eager path's (same masks; sums in another order, so within float32 rounding).
 Compiling takes tens of seconds once per process (Inductor caches the code on disk for the next);
-without a working compiler, or with ``EVOMERGE_FUSED=0``, or for tensors under ``MIN_NUMEL``
-elements, the eager path runs instead.
+without a working compiler, or with ``EVOMERGE_FUSED=0``, or in models whose largest tensor has
+under ``MIN_NUMEL`` elements (where the compile would cost more than it saves), the eager path runs
+instead. In larger models every tensor of ``MIN_TENSOR`` elements or more runs fused: two kernel
+calls cost less than the eager path's some thirty small ops (a norm vector of SmolLM2 merges about
+twice as fast).
 """
 
 from __future__ import annotations
@@ -23,55 +26,62 @@ import logging
 import os
 from typing import Any
 
+import numpy as np
 import torch
 
 from evomerge.merge.base import MergeInputs
 from evomerge.merge.sparsify import EPS
-from evomerge.merge.streams import KeyedStream, hash_uniform
+from evomerge.merge.streams import KeyedStream, half_uniform, hash32
 
 log = logging.getLogger(__name__)
 
-MIN_NUMEL = 1 << 16  # smaller tensors are not worth a kernel launch over the eager path
+MIN_NUMEL = 1 << 16  # a model needs a tensor this large for the kernels to be worth compiling
+MIN_TENSOR = (
+    16  # one vector of floats; smaller tensors (and sizes 0 and 1, which dynamo specializes) go eager
+)
 
 
-def _masked(
-    values: torch.Tensor,
-    index: torch.Tensor,
-    k1: torch.Tensor,
-    k2: torch.Tensor,
-    density: torch.Tensor,
-    i: int,
-) -> torch.Tensor:
-    """Expert ``i``'s ``values`` where its keyed mask keeps the element, else 0."""
-    return torch.where(hash_uniform(index, k1[i], k2[i]) < density[i], values, 0.0)
+def worth_compiling(largest: int) -> bool:
+    """Whether a model whose largest tensor has ``largest`` elements should use the fused kernels."""
+    return largest >= MIN_NUMEL
 
 
-def _kept_l1(deltas: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
-    """sum |delta_i| over each expert's kept elements: deltas (K, n); keys and density (K,)."""
-    index = torch.arange(deltas.shape[1], dtype=torch.int64)
-    return torch.stack(
-        [_masked(deltas[i].abs(), index, k1, k2, density, i).sum() for i in range(deltas.shape[0])]
-    )
+def _keeps(n: int, keys: torch.Tensor, density: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """Each of the ``k`` experts' keep masks over elements [0, n): experts 2m and 2m + 1 read the two
+    halves of pair m's hash (keys[0, m], keys[1, m]), so the loop hashes once per element and pair."""
+    index = torch.arange(n, dtype=torch.int64)
+    keep = []
+    for m in range((k + 1) // 2):
+        h = hash32(index, keys[0, m], keys[1, m])
+        for half in range(min(2, k - 2 * m)):
+            keep.append(half_uniform(h, half) < density[2 * m + half])
+    return keep
+
+
+def _kept_l1(deltas: torch.Tensor, keys: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
+    """sum |delta_i| over each expert's kept elements: deltas (K, n), pair keys (2, ceil(K/2)),
+    density (K,)."""
+    k, n = deltas.shape
+    keep = _keeps(n, keys, density, k)
+    return torch.stack([torch.where(keep[i], deltas[i].abs(), 0.0).sum() for i in range(k)])
 
 
 def _consensus(
     out: torch.Tensor,
     base: torch.Tensor,
     deltas: torch.Tensor,
-    k1: torch.Tensor,
-    k2: torch.Tensor,
-    density: torch.Tensor,
-    scale: torch.Tensor,
-    weight: torch.Tensor,
-    lam: torch.Tensor,
+    keys: torch.Tensor,
+    f: torch.Tensor,
     normalize: bool,
 ) -> None:
-    """TIES sign election over the masked, rescaled, weighted task vectors; the expert loop is unrolled
-    (K is static), so sums run in expert order as on the eager path."""
-    index = torch.arange(deltas.shape[1], dtype=torch.int64)
-    k = deltas.shape[0]
+    """TIES sign election over the masked, rescaled, weighted task vectors; f holds density, scale and
+    weight (K each), then lambda. The expert loop is unrolled (K is static), so sums run in expert
+    order as on the eager path."""
+    k, n = deltas.shape
+    keep = _keeps(n, keys, f, k)
+    scale, weight, lam = f[k : 2 * k], f[2 * k : 3 * k], f[3 * k]
     # mergekit: (masked * scale) * weight
-    t = [_masked(deltas[i], index, k1, k2, density, i) * scale[i] * weight[i] for i in range(k)]
+    t = [torch.where(keep[i], deltas[i], 0.0) * scale[i] * weight[i] for i in range(k)]
     total = t[0]
     for i in range(1, k):
         total = total + t[i]
@@ -89,18 +99,14 @@ def _consensus(
 
 
 def _linear(
-    out: torch.Tensor,
-    base: torch.Tensor,
-    deltas: torch.Tensor,
-    k1: torch.Tensor,
-    k2: torch.Tensor,
-    density: torch.Tensor,
-    coef: torch.Tensor,
+    out: torch.Tensor, base: torch.Tensor, deltas: torch.Tensor, keys: torch.Tensor, f: torch.Tensor
 ) -> None:
-    index = torch.arange(deltas.shape[1], dtype=torch.int64)
+    """base + sum_i keep_i * delta_i * coef_i; f holds density, then coef (K each)."""
+    k, n = deltas.shape
+    keep = _keeps(n, keys, f, k)
     acc = base
-    for i in range(deltas.shape[0]):
-        acc = acc + _masked(deltas[i], index, k1, k2, density, i) * coef[i]
+    for i in range(k):
+        acc = acc + torch.where(keep[i], deltas[i], 0.0) * f[k + i]
     out.copy_(acc)
 
 
@@ -115,12 +121,16 @@ def _compiled() -> dict[str, Any] | None:
     """The compiled kernels, or None when this process cannot compile them (logged once)."""
     if os.environ.get("EVOMERGE_FUSED", "1") == "0":
         return None
+    # One compiled entry per expert count, `normalize`, dtype and torch thread count (a process that
+    # changes its thread count recompiles): dynamo's default limit of 8 entries per function is too low.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     try:
         kernels = {
             f.__name__: torch.compile(f, dynamic=True, fullgraph=True)
             for f in (_kept_l1, _consensus, _linear)
         }
-        _smoke(kernels)
+        with torch.no_grad():  # as merges run: grad mode is part of the compiled entry's guards
+            _smoke(kernels)
     except Exception as e:  # no C++ compiler, an unsupported platform: the eager path is exact too
         log.warning("fused merge kernels unavailable (%s: %s); using the eager path", type(e).__name__, e)
         return None
@@ -133,62 +143,72 @@ def _smoke(kernels: dict[str, Any]) -> None:
     n = MIN_NUMEL + 3
     base, deltas = torch.randn(n, generator=g), torch.randn(2, n, generator=g)
     _dynamic(base, deltas)
-    keys = torch.tensor([1, 2]), torch.tensor([3, 4])
+    keys = torch.tensor([[1], [3]])
     col = torch.tensor([0.3, 0.7])
-    assert torch.allclose(kernels["_kept_l1"](deltas, *keys, col), _kept_l1(deltas, *keys, col), rtol=1e-5)
-    lam = torch.tensor(1.0)
+    assert torch.allclose(kernels["_kept_l1"](deltas, keys, col), _kept_l1(deltas, keys, col), rtol=1e-5)
+    f = torch.tensor([0.3, 0.7, 1.1, 0.9, 0.6, 0.4, 1.0])
     for normalize in (False, True):
         a, b = torch.empty(n), torch.empty(n)
         _dynamic(a)
-        kernels["_consensus"](a, base, deltas, *keys, col, col, col, lam, normalize)
-        _consensus(b, base, deltas, *keys, col, col, col, lam, normalize)
+        kernels["_consensus"](a, base, deltas, keys, f, normalize)
+        _consensus(b, base, deltas, keys, f, normalize)
         assert torch.allclose(a, b, atol=1e-6)
     a, b = torch.empty(n), torch.empty(n)
     _dynamic(a)
-    kernels["_linear"](a, base, deltas, *keys, col, col)
-    _linear(b, base, deltas, *keys, col, col)
+    kernels["_linear"](a, base, deltas, keys, f[:4])
+    _linear(b, base, deltas, keys, f[:4])
     assert torch.allclose(a, b, atol=1e-6)
 
 
 def applies(x: MergeInputs) -> bool:
-    """Whether ``dare`` runs this tensor: a keyed stream, a large enough tensor, a working compiler."""
-    return isinstance(x.stream, KeyedStream) and x.numel >= MIN_NUMEL and _compiled() is not None
+    """Whether ``dare`` runs this tensor: a keyed stream, a tensor of a large enough model (``x.fuse``;
+    unset: this tensor large enough alone), a working compiler."""
+    if not isinstance(x.stream, KeyedStream) or x.numel < MIN_TENSOR:
+        return False
+    large = x.fuse if x.fuse is not None else worth_compiling(x.numel)
+    return large and _compiled() is not None
+
+
+def _pair_keys(x: MergeInputs) -> torch.Tensor:
+    """(2, ceil(K/2)) int64: the keys of the expert pairs' hashes (``KeyedStream.lane``), cached."""
+    stream = x.stream
+    assert isinstance(stream, KeyedStream)
+
+    def keys() -> torch.Tensor:
+        pairs = [stream.keys((x.name, m)) for m in range((x.n_experts + 1) // 2)]
+        return torch.tensor(pairs, dtype=torch.int64).T.contiguous()
+
+    return x.cached(("fused.keys", stream.seed), keys)
 
 
 def dare(x: MergeInputs, params: dict[str, Any], consensus: bool) -> torch.Tensor:
     """dare_ties (``consensus``) or dare_linear on tensor ``x`` with the fused kernels."""
     kernels = _compiled()
-    assert kernels is not None and isinstance(x.stream, KeyedStream)
+    assert kernels is not None
     k = x.n_experts
     deltas = x.deltas.reshape(k, -1)
     out = x.output()
     base = x.flat_base()
     _dynamic(deltas, base, out)
-    keys = [x.stream.keys((x.name, i)) for i in range(k)]
-    k1 = torch.tensor([a for a, _ in keys], dtype=torch.int64)
-    k2 = torch.tensor([b for _, b in keys], dtype=torch.int64)
+    keys = _pair_keys(x)
     density = [float(v) for v in params["density"]]
     weight = [float(v) for v in params["weight"]]
-    p = torch.tensor(density, dtype=torch.float32)
     scale = [1.0] * k
     if params.get("rescale", False):
-        kept = kernels["_kept_l1"](deltas, k1, k2, p).tolist()
+        kept = kernels["_kept_l1"](deltas, keys, torch.tensor(density)).tolist()
         for i in range(k):
             before = float(x.abs_sum(i))
             if density[i] < 1 and before >= EPS and kept[i] >= EPS:
-                scale[i] = float(torch.tensor(before, dtype=torch.float32) / torch.tensor(kept[i]))
+                scale[i] = float(np.float32(before) / np.float32(kept[i]))  # float32, as the eager path
     lam = float(params["lambda"])
     if consensus:
-        w = torch.tensor(weight, dtype=torch.float32)
-        s = torch.tensor(scale, dtype=torch.float32)
-        kernels["_consensus"](
-            out, base, deltas, k1, k2, p, s, w, torch.tensor(lam), bool(params["normalize"])
-        )
+        f = torch.tensor([*density, *scale, *weight, lam])
+        kernels["_consensus"](out, base, deltas, keys, f, bool(params["normalize"]))
         return x.result()
-    divisor = float(torch.tensor(weight, dtype=torch.float32).sum())
+    divisor = float(torch.tensor(weight, dtype=torch.float32).sum())  # as the eager path
     if abs(divisor) < 1e-8:
         divisor = 1.0
     norm = divisor if params["normalize"] else 1.0
-    coef = torch.tensor([weight[i] * scale[i] / norm * lam for i in range(k)], dtype=torch.float32)
-    kernels["_linear"](out, base, deltas, k1, k2, p, coef)
+    coef = [weight[i] * scale[i] / norm * lam for i in range(k)]
+    kernels["_linear"](out, base, deltas, keys, torch.tensor([*density, *coef]))
     return x.result()

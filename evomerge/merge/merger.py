@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.merge import fused
 from evomerge.merge.base import MergeInputs, MergeMethod, get_method
 from evomerge.merge.kernels import STORE, Workspace, release_heap
 from evomerge.merge.streams import Stream, make_stream
@@ -100,6 +101,7 @@ class Merger:
                 self.base[name] = b.clone()
             del b
         del storages
+        self.fuse = fused.worth_compiling(max((t.numel() for t in self.base.values()), default=0))
         # Experts are read one at a time, so a lazy mapping keeps only one expert in memory at once.
         for i, e in enumerate(self.experts):
             sd = experts[e]
@@ -149,6 +151,7 @@ class Merger:
             cache=self.cache[name],
             workspace=self.workspace,
             stream=stream,
+            fuse=self.fuse,
         )
 
     def prepare(self, methods: Iterable[str]) -> None:

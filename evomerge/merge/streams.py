@@ -7,12 +7,15 @@ element when U < p, and drawing nothing where a method returns early (e.g. densi
 - ``TorchStream`` draws the same uniforms in the same order, so after the same ``torch.manual_seed``
   the masks are bit-identical to mergekit's. One mt19937 stream is serial: ~3 ns per element on one
   core whatever the thread count, the floor of dare's cost.
-- ``KeyedStream`` draws uniforms on the same 24-bit grid with the same keep rule, so the same
-  distribution, from a counter-based hash of (seed, tensor, expert, element index): any element's
-  uniform is computed alone, so the fused kernels of ``evomerge.merge.fused`` recompute it inside
-  the merge loop on every thread, and a tensor's masks do not depend on the rest of the recipe
-  (common random numbers across candidates: two recipes that differ in one group draw the same masks
-  everywhere else, and a density change only adds or removes elements).
+- ``KeyedStream`` draws uniforms with the same keep rule (keep when U < p) from a counter-based hash
+  of (seed, tensor, expert pair, element index): any element's uniform is computed alone, so the
+  fused kernels of ``evomerge.merge.fused`` recompute it inside the merge loop on every thread, and a
+  tensor's masks do not depend on the rest of the recipe (common random numbers across candidates:
+  two recipes that differ in one group draw the same masks everywhere else, and a density change only
+  adds or removes elements). Experts 2m and 2m + 1 share one 32-bit hash per element, the high and
+  the low 16 bits, so U lies on a 2^-16 grid (torch.rand's is 2^-24): an element is kept with
+  probability ceil(p * 2^16) / 2^16, within 1.6e-5 of p, and the fused kernels hash once per element
+  for every two experts.
 """
 
 from __future__ import annotations
@@ -55,33 +58,52 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def hash_uniform(index: torch.Tensor, k1: torch.Tensor | int, k2: torch.Tensor | int) -> torch.Tensor:
-    """The keyed stream's uniform for element ``index`` (int64) under keys (k1, k2): ``_mix32`` of the
-    offset index ((index + k2) mod 2^32, xor k1, xor the index's high word), its top 24 bits scaled to
-    [0, 1) as float32 (the grid of torch.rand). Plain torch ops, so the compiled kernels in
-    ``evomerge.merge.fused`` compute exactly the same values."""
-    h = _mix32(((index + k2) & MASK32) ^ k1 ^ (index >> 32))
-    return (h >> 8).to(torch.float32) * (2.0**-24)
+def hash32(index: torch.Tensor, k1: torch.Tensor | int, k2: torch.Tensor | int) -> torch.Tensor:
+    """The keyed stream's 32-bit hash of element ``index`` (int64) under keys (k1, k2): ``_mix32`` of
+    the offset index ((index + k2) mod 2^32, xor k1, xor the index's high word). Plain torch ops, so
+    the compiled kernels in ``evomerge.merge.fused`` compute exactly the same values."""
+    return _mix32(((index + k2) & MASK32) ^ k1 ^ (index >> 32))
+
+
+def half_uniform(h: torch.Tensor, half: int) -> torch.Tensor:
+    """The uniform in half ``half`` (0: high 16 bits, 1: low 16 bits) of hash ``h``, as float32 on
+    [0, 1) (exact: 16-bit integers are float32 values)."""
+    bits = h >> 16 if half == 0 else h & 0xFFFF
+    return bits.to(torch.float32) * (2.0**-16)
+
+
+def hash_uniform(
+    index: torch.Tensor, k1: torch.Tensor | int, k2: torch.Tensor | int, half: int = 0
+) -> torch.Tensor:
+    """The uniforms of elements ``index`` in half ``half`` of the hash keyed (k1, k2)."""
+    return half_uniform(hash32(index, k1, k2), half)
 
 
 class KeyedStream:
-    """Uniforms for element ``start + j`` of stream ``key``: a counter-based hash of the element's
-    index under two 32-bit keys derived from (seed, key), so any range is reproducible alone, in any
-    order, on any number of threads, and cheap enough to recompute inside a fused merge kernel."""
+    """Uniforms for element ``start + j`` of expert ``i``'s mask on tensor ``name``: half ``i % 2`` of
+    a counter-based hash of the element's index under two 32-bit keys derived from (seed, name,
+    i // 2), so any range is reproducible alone, in any order, on any number of threads, and cheap
+    enough to recompute inside a fused merge kernel."""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
     def keys(self, key: Hashable) -> tuple[int, int]:
-        """The two 32-bit keys of stream ``key``."""
+        """The two 32-bit keys of hash stream ``key``, e.g. (tensor name, expert pair)."""
         digest = hashlib.blake2b(repr((self.seed, key)).encode(), digest_size=8).digest()
         return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
 
-    def uniform_(self, out: torch.Tensor, key: Hashable = None, start: int = 0) -> torch.Tensor:
-        """Fill ``out`` with the uniforms of elements [start, start + out.numel()) of stream ``key``."""
-        k1, k2 = self.keys(key)
+    def lane(self, key: tuple[str, int]) -> tuple[int, int, int]:
+        """(k1, k2, half) of expert mask ``key`` = (tensor name, expert index)."""
+        name, i = key
+        return (*self.keys((name, i // 2)), i % 2)
+
+    def uniform_(self, out: torch.Tensor, key: tuple[str, int], start: int = 0) -> torch.Tensor:
+        """Fill ``out`` with the uniforms of elements [start, start + out.numel()) of expert mask
+        ``key`` = (tensor name, expert index)."""
+        k1, k2, half = self.lane(key)
         index = torch.arange(start, start + out.numel(), dtype=torch.int64)
-        return out.copy_(hash_uniform(index, k1, k2).view(out.shape))
+        return out.copy_(hash_uniform(index, k1, k2, half).view(out.shape))
 
 
 Stream = TorchStream | KeyedStream
