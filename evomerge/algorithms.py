@@ -21,6 +21,7 @@ class AlgorithmSpec:
     objectives: str  # "single", "multi" or "any"
     pop_option: str | None = "pop_size"  # the constructor argument that takes the population size
     ref_dirs: bool = False  # needs reference directions (one per population member)
+    seeded: bool = True  # takes its first population as an array (``sampling``), for ``initial: experts``
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {
@@ -36,6 +37,7 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         "pymoo.algorithms.soo.nonconvex.random_search:RandomSearch",
         "any",
         pop_option="n_points_per_iteration",
+        seeded=False,  # draws from `sampling` every generation
     ),
 }
 
@@ -96,11 +98,34 @@ def check_algorithm(name: str, options: dict[str, Any], n_objectives: int) -> No
             )
 
 
-def make_algorithm(name: str, pop_size: int, options: dict[str, Any], n_objectives: int) -> Any:
-    """A fresh pymoo algorithm instance for ``n_objectives`` objectives and ``pop_size`` candidates."""
+def check_initial(name: str, initial: str, options: dict[str, Any]) -> None:
+    """Refuse ``initial: experts`` where the algorithm cannot start from a given population."""
+    if initial == "random":
+        return
+    spec = spec_for(name)
+    accepted = _accepted(_load(spec.target))
+    if not spec.seeded or (accepted is not None and "sampling" not in accepted):
+        seeded = ", ".join(n for n, s in ALGORITHMS.items() if s.seeded)
+        raise EvomergeError(
+            f"algorithm.initial: {initial} needs an algorithm that starts from a given population; "
+            f"{name!r} does not (allowed: {seeded}, or a module:Class taking `sampling`)"
+        )
+    if "sampling" in options:
+        raise EvomergeError(
+            f"algorithm.initial: {initial} sets the first population; remove algorithm.options.sampling"
+        )
+
+
+def make_algorithm(
+    name: str, pop_size: int, options: dict[str, Any], n_objectives: int, initial: Any = None
+) -> Any:
+    """A fresh pymoo algorithm instance for ``n_objectives`` objectives and ``pop_size`` candidates;
+    ``initial``, an array of genomes (pop_size x n_var), is its first population."""
     check_algorithm(name, options, n_objectives)
     spec = spec_for(name)
     kwargs = dict(options)
+    if initial is not None:
+        kwargs["sampling"] = initial
     if spec.ref_dirs and "ref_dirs" not in kwargs:
         from pymoo.util.ref_dirs import get_reference_directions
 

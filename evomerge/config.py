@@ -75,6 +75,11 @@ class AlgorithmConfig(_Frozen):
     pop_size: int = Field(16, ge=2)
     generations: int = Field(8, ge=1)
     options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for pymoo")
+    initial: Literal["random", "experts"] = Field(
+        "random",
+        description="first population: random genomes, or one genome reproducing each expert (and the "
+        "rest random), so the search starts from its inputs and never ends below the best of them",
+    )
 
 
 class RayConfig(_Frozen):
@@ -147,9 +152,15 @@ class RunConfig(_Frozen):
                 "objective estimators need lm-eval tasks and choose their own items; "
                 "remove fitness.function / fitness.items"
             )
-        from evomerge.algorithms import check_algorithm
+        from evomerge.algorithms import check_algorithm, check_initial
 
         check_algorithm(self.algorithm.name, self.algorithm.options, len(self.objectives))
+        check_initial(self.algorithm.name, self.algorithm.initial, self.algorithm.options)
+        if self.algorithm.initial == "experts" and self.algorithm.pop_size < len(self.models.experts):
+            raise EvomergeError(
+                f"algorithm.initial: experts puts {len(self.models.experts)} experts in the first population; "
+                f"pop_size is {self.algorithm.pop_size}: raise it to at least {len(self.models.experts)}"
+            )
         return self
 
 

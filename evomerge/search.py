@@ -132,6 +132,9 @@ class Search:
             check_tasks(config.fitness.tasks, [str(p) for p in config.fitness.include])
         self.experts = list(config.models.experts)
         self.space = SearchSpace(config.search_space, self.experts, self.models.num_layers())
+        if config.algorithm.initial == "experts":
+            for e in self.experts:  # refuse a space that cannot express them before anything is stored
+                self.space.expert_genome(e)
         self.objectives = config.objectives
         self.subsets: dict[str, calibration.Subset] = {}  # objective name -> its IRT item subset
 
@@ -286,12 +289,27 @@ class Search:
             generation, algorithm = last
             return algorithm, generation
         algorithm = make_algorithm(
-            cfg.algorithm.name, cfg.algorithm.pop_size, dict(cfg.algorithm.options), len(self.objectives)
+            cfg.algorithm.name,
+            cfg.algorithm.pop_size,
+            dict(cfg.algorithm.options),
+            len(self.objectives),
+            self.initial_population(),
         )
         algorithm.setup(
             problem, termination=("n_gen", cfg.algorithm.generations), seed=cfg.seed, verbose=False
         )
         return algorithm, 0
+
+    def initial_population(self) -> np.ndarray | None:
+        """``algorithm.initial: experts``: one genome per expert that reproduces it, then random genomes
+        (seeded by the run's seed) up to pop_size; None for the algorithm's own random start."""
+        cfg = self.config
+        if cfg.algorithm.initial == "random":
+            return None
+        experts = np.stack([self.space.expert_genome(e) for e in self.experts])
+        rng = np.random.default_rng(cfg.seed)
+        rest = rng.random((cfg.algorithm.pop_size - len(experts), self.space.n_var))
+        return np.concatenate([experts, rest])
 
     def _checkpoint(self, generation: int, algorithm: Any) -> None:
         try:

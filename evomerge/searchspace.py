@@ -90,6 +90,9 @@ def load_space_config(spec: SearchSpaceConfig | dict[str, Any] | str) -> SearchS
     return SearchSpaceConfig(**{**base, **overrides})
 
 
+EXACT_METHODS = ("task_arithmetic", "linear")  # weight 1 on one expert, 0 on the others: that expert
+
+
 @dataclass(frozen=True)
 class Gene:
     group: str
@@ -170,6 +173,29 @@ class SearchSpace:
                 span = gene.high - gene.low
                 x[i] = 0.0 if span == 0 else (value - gene.low) / span
         return np.clip(x, 0.0, 1.0)
+
+    def expert_genome(self, expert: str) -> np.ndarray:
+        """The genome whose merge is exactly ``expert``: in every group task_arithmetic or linear
+        (whichever the space allows first) with weight 1 for ``expert``, 0 for the others, lambda 1.
+        Refused, naming what is missing, where the space cannot express it."""
+        method = next((m for m in self.config.methods if m in EXACT_METHODS), None)
+        if method is None:
+            raise EvomergeError(
+                f"search space cannot reproduce an expert: its methods {list(self.config.methods)} "
+                f"include none of {', '.join(EXACT_METHODS)}"
+            )
+        weights = {e: float(e == expert) for e in self.experts}
+        defaults = {p.name: p.default for p in get_method(method).params}
+        params: dict[str, Any] = {"weight": weights, **({"lambda": 1.0} if "lambda" in defaults else {})}
+        x = self.encode(Recipe(tuple(GroupRecipe(g, method, params, layers) for g, layers in self.groups)))
+        for g in self.decode(x).groups:
+            got = {k: g.parameters.get(k, defaults[k]) for k in params}
+            if g.method != method or got != params:
+                raise EvomergeError(
+                    f"search space cannot reproduce expert {expert!r} in group {g.name!r}: it decodes to "
+                    f"{g.method} {got}; weight bounds must include 0 and 1 (lambda's, 1) and neither fixed"
+                )
+        return x
 
     def describe(self) -> list[str]:
         return [f"{g.group}/{g.expert}/{g.param}" if g.expert else f"{g.group}/{g.param}" for g in self.genes]

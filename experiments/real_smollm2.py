@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument(
         "--estimator",
         nargs="+",
-        default=["gpirt", "sgpirt"],
+        default=["sgpirt"],
         help="one IRT run per estimator (default: %(default)s)",
     )
     ap.add_argument("--selection", default="information")

@@ -49,7 +49,7 @@ def run_cli(*args):
     [
         (
             {"algorithm__popsize": 4},
-            "config: unknown key 'algorithm.popsize'; allowed: name, pop_size, generations, options",
+            "config: unknown key 'algorithm.popsize'; allowed: name, pop_size, generations, options, initial",
         ),
         ({"colour": "red"}, "config: unknown key 'colour'; allowed: models, search_space, fitness"),
         ({"models__base": "./no/such/model"}, "model folder './no/such/model' does not exist"),
@@ -74,6 +74,31 @@ def run_cli(*args):
         (
             {"algorithm__options": {"mutation_rate": 0.1}},
             "algorithm 'ga' has no option 'mutation_rate'; its options:",
+        ),
+        (
+            {"algorithm__initial": "expert"},
+            "config: algorithm.initial: Input should be 'random' or 'experts'",
+        ),
+        (
+            {"algorithm__initial": "experts", "algorithm__name": "random"},
+            "algorithm.initial: experts needs an algorithm that starts from a given population; 'random' "
+            "does not (allowed: ga, de, cmaes,",
+        ),
+        (
+            {
+                "algorithm__initial": "experts",
+                "algorithm__pop_size": 3,
+                "models__experts": {"a": "x", "b": "y", "c": "z", "d": "w"},
+            },
+            "algorithm.initial: experts puts 4 experts in the first population; pop_size is 3",
+        ),
+        (
+            {"algorithm__initial": "experts", "algorithm__options": {"sampling": [[0.5]]}},
+            "algorithm.initial: experts sets the first population; remove algorithm.options.sampling",
+        ),
+        (
+            {"algorithm__initial": "experts", "search_space": {"genes": {"weight": [0.2, 1.0]}}},
+            "search space cannot reproduce expert 'a' in group 'layers_0-3': it decodes to task_arithmetic",
         ),
         (
             {"fitness__tasks": [], "fitness__function": "no_such_mod:f"},

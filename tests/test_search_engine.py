@@ -101,6 +101,24 @@ def test_any_pymoo_class_by_path():
 # --- Python fitness and faults ---------------------------------------------------------------------------
 
 
+def test_the_first_population_can_start_from_the_experts(tmp_path, models, ray_env):
+    cfg = load_config(
+        write_config(tmp_path, models),
+        out=str(tmp_path / "run"),
+        **{"algorithm.initial": "experts", "algorithm.pop_size": 4, "algorithm.generations": 2},
+    )
+    search = Search(cfg)
+    run = search.run()
+    first = [c for c in Store(run / "store.sqlite").candidates(kind="search") if c.generation == 1]
+    assert len(first) == 4
+    for expert, cand in zip(["a", "b"], first, strict=False):
+        assert cand.genome == search.space.expert_genome(expert).tolist()
+        weights = {g["name"]: g["parameters"]["weight"] for g in cand.recipe["groups"]}
+        assert all(w == {"a": float(expert == "a"), "b": float(expert == "b")} for w in weights.values())
+    others = np.array([c.genome for c in first[2:]])
+    assert np.all((others > 0) & (others < 1))  # the rest random
+
+
 def test_python_fitness_with_responses(tmp_path, models, ray_env):
     cfg = load_config(write_config(tmp_path, models, "fitness_fns:with_responses"), out=str(tmp_path / "run"))
     run = Search(cfg).run()

@@ -124,3 +124,41 @@ def test_bad_fixed_and_boolean_genes(overrides, message):
     with pytest.raises(ValueError) as err:  # EvomergeError, inside pydantic's ValidationError
         load_space_config({"methods": ["ties"], **overrides})
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["per_layer", "per_layer_methods"])
+def test_expert_genomes_merge_into_exactly_that_expert(name):
+    import torch
+
+    from evomerge.merge import Merger
+
+    s = SearchSpace(load_space_config(name), ["a", "b", "c"], 4)
+    g = torch.Generator().manual_seed(0)
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(4)] + ["lm_head.weight"]
+    base = {n: torch.randn(8, 8, generator=g) for n in names}
+    experts = {e: {n: t + torch.randn(8, 8, generator=g) for n, t in base.items()} for e in "abc"}
+    merger = Merger(base, experts)
+    for e in "abc":
+        merged = merger.apply(s.decode(s.expert_genome(e)))
+        for n in names:
+            torch.testing.assert_close(merged[n], experts[e][n], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"methods": ["ties"], "genes": {"weight": (0.0, 1.0), "density": (0.0, 1.0)}},
+            "search space cannot reproduce an expert: its methods ['ties'] include none of task_arithmetic, linear",
+        ),
+        ({"genes": {"weight": (0.0, 0.8)}}, "cannot reproduce expert 'a' in group 'layers_0-1'"),
+        (
+            {"genes": {"weight": (0.0, 1.0), "lambda": (0.5, 0.9)}},
+            "it decodes to task_arithmetic {'weight': {'a': 1.0, 'b': 0.0}, 'lambda': 0.9}",
+        ),
+    ],
+)
+def test_spaces_that_cannot_express_an_expert_say_why(overrides, message):
+    with pytest.raises(EvomergeError) as err:
+        space(**overrides).expert_genome("a")
+    assert message in str(err.value)
