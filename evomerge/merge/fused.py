@@ -1,9 +1,9 @@
 """Fused kernels for the random-mask methods (dare_ties, dare_linear) under a keyed stream.
 
 With a ``KeyedStream`` an element's uniform is a hash of its index (one hash for every two experts),
-so the mask need not be drawn, stored and read back: one compiled loop (``torch.compile``, Inductor's C++ backend) hashes, masks,
-weights, elects signs and writes the output, and a first loop computes the l1 norms the rescaling
-needs. Per element of a tensor with K experts:
+so the mask need not be drawn, stored and read back: one compiled loop (``torch.compile``,
+Inductor's C++ backend) hashes, masks, weights, elects signs and writes the output, and a first loop
+computes the l1 norms the rescaling needs. Per element of a tensor with K experts:
 
     keep_i = U_i(index) < density_i
     l1_i   = sum |delta_i| over kept elements          (rescale: s_i = |delta_i|_1 / l1_i)
@@ -15,8 +15,9 @@ Compiling takes tens of seconds once per process (Inductor caches the code on di
 without a working compiler, or with ``EVOMERGE_FUSED=0``, or in models whose largest tensor has
 under ``MIN_NUMEL`` elements (where the compile would cost more than it saves), the eager path runs
 instead. In larger models every tensor of ``MIN_TENSOR`` elements or more runs fused: two kernel
-calls cost less than the eager path's some thirty small ops (a norm vector of SmolLM2 merges about
-twice as fast).
+calls cost less than the eager path's some thirty small ops (routing the 61 norm vectors of the
+SmolLM2-shaped benchmark through the kernels took a dare_ties merge from 0.330 s to 0.304 s, median
+of 8 alternating runs in one process).
 """
 
 from __future__ import annotations
@@ -36,9 +37,8 @@ from evomerge.merge.streams import KeyedStream, half_uniform, hash32
 log = logging.getLogger(__name__)
 
 MIN_NUMEL = 1 << 16  # a model needs a tensor this large for the kernels to be worth compiling
-MIN_TENSOR = (
-    16  # one vector of floats; smaller tensors (and sizes 0 and 1, which dynamo specializes) go eager
-)
+# One vector of floats; smaller tensors (and sizes 0 and 1, which dynamo specializes) go eager.
+MIN_TENSOR = 16
 
 
 def worth_compiling(largest: int) -> bool:
