@@ -37,7 +37,7 @@ def pareto_front(candidates: Sequence[Candidate], objectives: Sequence[Any]) -> 
 def pick_best(
     front: Sequence[Candidate], objectives: Sequence[Any], measured: dict[int, Candidate] | None = None
 ) -> Candidate:
-    """The front member with the best mean of its (signed) objective values; earliest on ties.
+    """The candidate with the best mean of its (signed) objective values; earliest on ties.
     ``measured`` (candidate id -> its evaluation on the whole search split) ranks by those values
     instead of the candidates' own, e.g. when the search's values are IRT estimates."""
 

@@ -114,13 +114,13 @@ class Run:
 
     @property
     def best_id(self) -> int:
-        """The front member the run saved as best_model/: best mean of the objectives, earliest on ties;
-        with estimated objectives, once the run has re-scored its front on the whole search split, best
-        on those measured values."""
+        """The candidate the run saved as best_model/: the front member with the best mean of the
+        objectives, earliest on ties; with estimated objectives, once the run has re-scored its front
+        on the whole search split, the best on measured values among the front and the calibration
+        models (whose id it then is)."""
         front = self._front()
         if not front:
             raise EvomergeError(f"run {str(self.path)!r} has no successful search candidate yet")
-        measured = None
         if any(o.estimator for o in self.objectives):
             split = self._raw["fitness"]["search_split"]
             full = {
@@ -129,8 +129,10 @@ class Run:
                 if c.split == split and c.subset is None and c.kind != "search" and c.status == "ok"
             }
             if all(c.recipe_key in full for c in front):
-                measured = {c.id: full[c.recipe_key] for c in front}
-        return report.pick_best(front, self.objectives, measured).id
+                calibrated = [c for c in self._records if c.kind == "calibration" and c.status == "ok"]
+                measured = {c.id: full[c.recipe_key] for c in front} | {c.id: c for c in calibrated}
+                return report.pick_best([*front, *calibrated], self.objectives, measured).id
+        return report.pick_best(front, self.objectives).id
 
     @property
     def history(self) -> pd.DataFrame:

@@ -464,16 +464,24 @@ class Search:
         if not searched:
             raise EvomergeError("every candidate failed; see the error column in the store")
         front = report.pareto_front(searched, self.objectives)
-        # with estimated objectives the front is re-scored on the whole search split (the estimator's
-        # error report needs it anyway) and the best merge is picked on those measured values
+        # With estimated objectives the front is re-scored on the whole search split (the estimator's
+        # error report needs it anyway), and the best model is picked on measured values only: among
+        # the re-scored front and the calibration models (base, experts, random merges), which were
+        # measured on the whole search split too.
         estimation, measured = self._estimation_report(front) if self.subsets else (None, None)
-        best = report.pick_best(front, self.objectives, measured)
+        contenders = list(front)
+        if measured is not None:
+            calibrated = [c for c in self.store.candidates(kind="calibration") if c.status == "ok"]
+            contenders += calibrated
+            measured.update({c.id: c for c in calibrated})
+        best = report.pick_best(contenders, self.objectives, measured)
         refs = reference_recipes(self.experts)
         split = cfg.fitness.test_split
         jobs = [
             Job(("front", c.id), c.recipe, split, None, {"kind": "test", "label": f"front:{c.id}"})
             for c in front
         ]
+        jobs.append(Job("best", best.recipe, split, None, {"kind": "test", "label": f"best:{best.id}"}))
         jobs += [
             Job(("ref", name), r.to_dict(), split, None, {"kind": "reference", "label": name})
             for name, r in refs.items()
@@ -485,8 +493,9 @@ class Search:
         self.pool.call("save", best.recipe, str(self.run_dir / "best_model"))
         summary = {
             "objectives": [o.name for o in self.objectives],
-            "best": test[("front", best.id)].objectives,
+            "best": test["best"].objectives,
             "best_candidate": best.id,
+            **({"best_label": best.label} if best.kind == "calibration" else {}),
             "base": test[("ref", "base")].objectives,
             "experts": {e: test[("ref", e)].objectives for e in self.experts},
             "front": [
@@ -494,7 +503,11 @@ class Search:
                 for c in front
             ],
             "candidates_evaluated": len(self.store.candidates(kind="search")),
-            "best_picked_on": "front re-scored on the whole search split" if measured else "search values",
+            "best_picked_on": (
+                "the whole search split: the re-scored front and the calibration models"
+                if measured
+                else "search values"
+            ),
             **({"estimation": estimation} if estimation else {}),
             "search_seconds": round(search_seconds, 1),
         }
