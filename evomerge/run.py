@@ -64,6 +64,7 @@ class Run:
         if not store.is_file():
             raise EvomergeError(f"{str(self.path)!r} is not a run folder (no store.sqlite)")
         meta, self._records = _read_store(store)
+        self._meta = meta
         if "config" not in meta:
             raise EvomergeError(f"run {str(self.path)!r} has not recorded its config yet")
         raw = self._raw = meta["config"]
@@ -190,6 +191,7 @@ class Run:
     def load_model(self, candidate_id: int) -> tuple[Any, Any]:
         """Re-merge candidate ``candidate_id``'s recipe from the run's models, as its worker did, and return
         the Hugging Face model (eval mode) and tokenizer."""
+        from evomerge.merge.merger import check_masks_reproducible
         from evomerge.models import ModelSet
         from evomerge.recipe import Recipe
         from evomerge.workers import search_merger
@@ -200,10 +202,12 @@ class Run:
             raise EvomergeError(f"run {str(self.path)!r} has no candidate {candidate_id}; {known}")
         if self.models is None:
             raise EvomergeError(f"run {str(self.path)!r} does not record its model paths")
+        recipe = Recipe.from_dict(self.candidates.at[candidate_id, "recipe"])
+        check_masks_reproducible(self._meta.get("keyed_stream"), [g.method for g in recipe.groups], self.path)
         models = ModelSet(**self.models)
         model = models.load_model()
         merger = search_merger(model, models)
-        merger.apply(Recipe.from_dict(self.candidates.at[candidate_id, "recipe"]), out=model)
+        merger.apply(recipe, out=model)
         return model.eval(), models.load_tokenizer()
 
     def __repr__(self) -> str:

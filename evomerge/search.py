@@ -19,6 +19,8 @@ from evomerge.algorithms import make_algorithm
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.fitness import check_tasks
+from evomerge.merge.merger import check_masks_reproducible
+from evomerge.merge.streams import KEYED_VERSION
 from evomerge.models import ModelSet
 from evomerge.recipe import Recipe
 from evomerge.searchspace import SearchSpace
@@ -166,6 +168,7 @@ class Search:
         store.set_meta("config", stored_config(self.config))
         store.set_meta("genes", self.space.describe())
         store.set_meta("models", self._models_spec())
+        store.set_meta("keyed_stream", KEYED_VERSION)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(stored_config(self.config), sort_keys=False))
         return store
 
@@ -265,6 +268,10 @@ class Search:
         cfg = self.config
         self.store = Store(self.run_dir / "store.sqlite") if resume else self._open_store()
         try:
+            if resume:
+                check_masks_reproducible(
+                    self.store.get_meta("keyed_stream"), cfg.search_space.methods, self.run_dir
+                )
             self.pool = WorkerPool(
                 self._models_spec(),
                 self._fitness_spec(),

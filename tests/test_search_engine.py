@@ -101,6 +101,33 @@ def test_any_pymoo_class_by_path():
 # --- Python fitness and faults ---------------------------------------------------------------------------
 
 
+def test_a_run_whose_masks_this_version_draws_otherwise_is_not_resumed_or_reloaded(tmp_path, models, ray_env):
+    from evomerge.merge.streams import KEYED_VERSION
+    from evomerge.run import Run
+
+    path = write_config(
+        tmp_path,
+        models,
+        search_space__methods=["dare_ties"],
+        search_space__genes={"weight": [0.0, 1.0], "density": [0.2, 1.0]},
+    )
+    cfg = load_config(
+        path, out=str(tmp_path / "run"), **{"algorithm.pop_size": 2, "algorithm.generations": 1}
+    )
+    run = Search(cfg).run()
+    store = Store(run / "store.sqlite")
+    assert store.get_meta("keyed_stream") == KEYED_VERSION
+    store.set_meta("keyed_stream", KEYED_VERSION - 1)  # as if an older evomerge had drawn its masks
+    n = len(store.candidates())
+    store.close()
+    message = f"drew its dare_ties masks with keyed stream v{KEYED_VERSION - 1}; this evomerge draws v{KEYED_VERSION}"
+    with pytest.raises(EvomergeError, match=message):
+        resume_search(run).resume()
+    with pytest.raises(EvomergeError, match=message):
+        Run(run).load_model(Run(run).best_id)
+    assert len(Store(run / "store.sqlite").candidates()) == n
+
+
 def test_the_first_population_can_start_from_the_experts(tmp_path, models, ray_env):
     cfg = load_config(
         write_config(tmp_path, models),

@@ -147,6 +147,7 @@ class MergeMethod:
     are used as they are; ``"input"`` (linear), one more weighted input (``base_weight``).
     ``check(params, experts)`` rejects parameter combinations the ranges cannot express;
     ``prepare(inputs)`` computes a tensor's genome-independent statistics ahead of the first merge.
+    ``random_masks``: the merge draws random masks from ``inputs.stream`` (dare_*, della*).
     """
 
     name: str
@@ -161,6 +162,7 @@ class MergeMethod:
         default=None, repr=False
     )
     prepare: Callable[[MergeInputs], None] | None = field(default=None, repr=False)
+    random_masks: bool = False
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -267,6 +269,7 @@ def merge_method(
     base: BasePolicy = "required",
     check: Callable[[MergeMethod, dict[str, Any], Sequence[Any]], None] | None = None,
     prepare: Callable[[MergeInputs], None] | None = None,
+    random_masks: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn(inputs: MergeInputs, **params) -> Tensor`` under ``name`` with its parameters."""
 
@@ -284,6 +287,7 @@ def merge_method(
                 base,
                 check,
                 prepare,
+                random_masks,
             ),
         )
         return fn

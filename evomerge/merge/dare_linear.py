@@ -16,6 +16,7 @@ from evomerge.merge.sparsify import prepare_rescale
     params=gta_params(normalize=False, rescale=True),
     reference="https://arxiv.org/abs/2311.03099",
     prepare=prepare_rescale,
+    random_masks=True,
 )
 def dare_linear(x: MergeInputs, **params: Any) -> torch.Tensor:
     """merged = base + lambda * sum_i w_i s_i b_i d_i / D with b_i ~ Bernoulli(density_i) per element,

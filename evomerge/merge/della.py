@@ -29,6 +29,7 @@ def check_epsilon(method: MergeMethod, params: dict[str, Any], experts: Sequence
     reference="https://arxiv.org/abs/2406.11617",
     check=check_epsilon,
     prepare=prepare_rescale,
+    random_masks=True,
 )
 def della(x: MergeInputs, **params: Any) -> torch.Tensor:
     """b_i ~ Bernoulli(p) per element, p = density_i - epsilon_i + 2 epsilon_i (r - 1)/(c - 1), r the

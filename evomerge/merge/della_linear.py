@@ -18,6 +18,7 @@ from evomerge.merge.sparsify import prepare_rescale
     reference="https://arxiv.org/abs/2406.11617",
     check=check_epsilon,
     prepare=prepare_rescale,
+    random_masks=True,
 )
 def della_linear(x: MergeInputs, **params: Any) -> torch.Tensor:
     """merged = base + lambda * sum_i w_i s_i b_i d_i / D with della's rank-dependent Bernoulli mask b_i

@@ -13,7 +13,7 @@ from evomerge.errors import EvomergeError
 from evomerge.merge import fused
 from evomerge.merge.base import MergeInputs, MergeMethod, get_method
 from evomerge.merge.kernels import STORE, Workspace, release_heap
-from evomerge.merge.streams import Stream, make_stream
+from evomerge.merge.streams import KEYED_VERSION, Stream, make_stream
 from evomerge.recipe import Recipe
 
 StateDict = Mapping[str, torch.Tensor]
@@ -31,6 +31,19 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 SEARCH_RANDOM = "keyed"  # the random masks of every merge a run evaluates, saves or reloads
 SEARCH_SEED = 0
+
+
+def check_masks_reproducible(recorded: int | None, methods: Iterable[str], run_dir: Any) -> None:
+    """Refuse to redraw a run's random masks (dare_*, della*) when the run recorded another version of
+    the keyed stream than this evomerge draws (None: a run from before versions were recorded, 1)."""
+    recorded = 1 if recorded is None else recorded
+    random = sorted({m for m in methods if get_method(m).random_masks})
+    if random and recorded != KEYED_VERSION:
+        raise EvomergeError(
+            f"run {str(run_dir)!r} drew its {', '.join(random)} masks with keyed stream v{recorded}; "
+            f"this evomerge draws v{KEYED_VERSION}, so they cannot be reproduced: start a new run "
+            "(recipes without random masks are unaffected)"
+        )
 
 
 class Merger:

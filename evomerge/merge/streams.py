@@ -79,6 +79,9 @@ def hash_uniform(
     return half_uniform(hash32(index, k1, k2), half)
 
 
+KEYED_VERSION = 2  # bump whenever KeyedStream's values change; run folders record the version they drew
+
+
 class KeyedStream:
     """Uniforms for element ``start + j`` of expert ``i``'s mask on tensor ``name``: half ``i % 2`` of
     a counter-based hash of the element's index under two 32-bit keys derived from (seed, name,
