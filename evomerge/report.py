@@ -47,6 +47,18 @@ def pick_best(
     return min(front, key=score)
 
 
+def pick_best_measured(
+    front: Sequence[Candidate],
+    calibrated: Sequence[Candidate],
+    full: dict[int, Candidate],
+    objectives: Sequence[Any],
+) -> Candidate:
+    """With estimated objectives: the best on measured values only, among the front (``full``: each
+    member's evaluation on the whole search split) and the calibration models (base, experts, random
+    merges), which calibration measured on that split already."""
+    return pick_best([*front, *calibrated], objectives, {**full, **{c.id: c for c in calibrated}})
+
+
 def write_front_csv(path: Path, front: Sequence[Candidate], test: dict[int, Candidate]) -> None:
     rows = []
     for c in front:

@@ -131,8 +131,8 @@ class Run:
             }
             if all(c.recipe_key in full for c in front):
                 calibrated = [c for c in self._records if c.kind == "calibration" and c.status == "ok"]
-                measured = {c.id: full[c.recipe_key] for c in front} | {c.id: c for c in calibrated}
-                return report.pick_best([*front, *calibrated], self.objectives, measured).id
+                measured = {c.id: full[c.recipe_key] for c in front}
+                return report.pick_best_measured(front, calibrated, measured, self.objectives).id
         return report.pick_best(front, self.objectives).id
 
     @property

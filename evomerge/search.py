@@ -476,12 +476,11 @@ class Search:
         # the re-scored front and the calibration models (base, experts, random merges), which were
         # measured on the whole search split too.
         estimation, measured = self._estimation_report(front) if self.subsets else (None, None)
-        contenders = list(front)
-        if measured is not None:
+        if measured is None:
+            best = report.pick_best(front, self.objectives)
+        else:
             calibrated = [c for c in self.store.candidates(kind="calibration") if c.status == "ok"]
-            contenders += calibrated
-            measured.update({c.id: c for c in calibrated})
-        best = report.pick_best(contenders, self.objectives, measured)
+            best = report.pick_best_measured(front, calibrated, measured, self.objectives)
         refs = reference_recipes(self.experts)
         split = cfg.fitness.test_split
         jobs = [

@@ -27,11 +27,9 @@ import logging
 import os
 from typing import Any
 
-import numpy as np
 import torch
 
 from evomerge.merge.base import MergeInputs
-from evomerge.merge.sparsify import EPS
 from evomerge.merge.streams import KeyedStream, half_uniform, hash32
 
 log = logging.getLogger(__name__)
@@ -161,7 +159,7 @@ def _smoke(kernels: dict[str, Any]) -> None:
 
 
 def applies(x: MergeInputs) -> bool:
-    """Whether ``dare`` runs this tensor: a keyed stream, a tensor of a large enough model (``x.fuse``;
+    """Whether the kernels run this tensor: a keyed stream, a tensor of a large enough model (``x.fuse``;
     unset: this tensor large enough alone), a working compiler."""
     if not isinstance(x.stream, KeyedStream) or x.numel < MIN_TENSOR:
         return False
@@ -169,46 +167,43 @@ def applies(x: MergeInputs) -> bool:
     return large and _compiled() is not None
 
 
-def _pair_keys(x: MergeInputs) -> torch.Tensor:
-    """(2, ceil(K/2)) int64: the keys of the expert pairs' hashes (``KeyedStream.lane``), cached."""
-    stream = x.stream
-    assert isinstance(stream, KeyedStream)
-
-    def keys() -> torch.Tensor:
-        pairs = [stream.keys((x.name, m)) for m in range((x.n_experts + 1) // 2)]
-        return torch.tensor(pairs, dtype=torch.int64).T.contiguous()
-
-    return x.cached(("fused.keys", stream.seed), keys)
-
-
-def dare(x: MergeInputs, params: dict[str, Any], consensus: bool) -> torch.Tensor:
-    """dare_ties (``consensus``) or dare_linear on tensor ``x`` with the fused kernels."""
+def _prepared(x: MergeInputs) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernels, this tensor's task vectors (K, n) and base (n) marked dynamic, and its pair keys."""
     kernels = _compiled()
-    assert kernels is not None
-    k = x.n_experts
-    deltas = x.deltas.reshape(k, -1)
-    out = x.output()
+    assert kernels is not None and isinstance(x.stream, KeyedStream)
+    deltas = x.deltas.reshape(x.n_experts, -1)
     base = x.flat_base()
-    _dynamic(deltas, base, out)
-    keys = _pair_keys(x)
-    density = [float(v) for v in params["density"]]
-    weight = [float(v) for v in params["weight"]]
-    scale = [1.0] * k
-    if params.get("rescale", False):
-        kept = kernels["_kept_l1"](deltas, keys, torch.tensor(density)).tolist()
-        for i in range(k):
-            before = float(x.abs_sum(i))
-            if density[i] < 1 and before >= EPS and kept[i] >= EPS:
-                scale[i] = float(np.float32(before) / np.float32(kept[i]))  # float32, as the eager path
-    lam = float(params["lambda"])
-    if consensus:
-        f = torch.tensor([*density, *scale, *weight, lam])
-        kernels["_consensus"](out, base, deltas, keys, f, bool(params["normalize"]))
-        return x.result()
-    divisor = float(torch.tensor(weight, dtype=torch.float32).sum())  # as the eager path
-    if abs(divisor) < 1e-8:
-        divisor = 1.0
-    norm = divisor if params["normalize"] else 1.0
-    coef = [weight[i] * scale[i] / norm * lam for i in range(k)]
+    _dynamic(deltas, base)
+    keys = x.cached(("fused.keys", x.stream.seed), lambda: x.stream.pair_keys(x.name, x.n_experts))
+    return kernels, deltas, base, keys
+
+
+def kept_l1(x: MergeInputs, density: list[float]) -> list[float]:
+    """sum |delta_i| over each expert's kept elements (what the rescaling divides by)."""
+    kernels, deltas, _, keys = _prepared(x)
+    return kernels["_kept_l1"](deltas, keys, torch.tensor(density)).tolist()
+
+
+def consensus(
+    x: MergeInputs,
+    density: list[float],
+    scale: list[float],
+    weight: list[float],
+    lam: float,
+    normalize: bool,
+) -> torch.Tensor:
+    """dare_ties on tensor ``x``: masked, rescaled, weighted task vectors, TIES sign election."""
+    kernels, deltas, base, keys = _prepared(x)
+    out = x.output()
+    _dynamic(out)
+    kernels["_consensus"](out, base, deltas, keys, torch.tensor([*density, *scale, *weight, lam]), normalize)
+    return x.result()
+
+
+def linear(x: MergeInputs, density: list[float], coef: list[float]) -> torch.Tensor:
+    """dare_linear on tensor ``x``: base + sum_i coef_i * masked task vector i."""
+    kernels, deltas, base, keys = _prepared(x)
+    out = x.output()
+    _dynamic(out)
     kernels["_linear"](out, base, deltas, keys, torch.tensor([*density, *coef]))
     return x.result()

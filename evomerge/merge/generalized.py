@@ -23,7 +23,7 @@ import torch
 from evomerge.merge import fused
 from evomerge.merge.base import MergeInputs, Param
 from evomerge.merge.kernels import CHUNK, chunks
-from evomerge.merge.sparsify import Sparse, sparsify
+from evomerge.merge.sparsify import Sparse, rescale_factor, sparsify
 
 WEIGHT = Param("weight", "model", low=-10.0, high=10.0)
 DENSITY = Param("density", "model", default=1.0, low=0.0, high=1.0)
@@ -56,7 +56,7 @@ def generalized(
     per-model ``density`` (and ``gamma``/``epsilon``), then ``combine``. Random masks from a keyed
     stream run as one fused kernel (``evomerge.merge.fused``) where it applies."""
     if sparsification == "random" and fused.applies(x):
-        return fused.dare(x, params, consensus)
+        return _fused_dare(x, params, consensus)
     k = x.n_experts
     weight = [float(v) for v in params["weight"]]
     sparse: list[Sparse] = []
@@ -80,6 +80,34 @@ def generalized(
     )
 
 
+def _fused_dare(x: MergeInputs, params: dict, consensus: bool) -> torch.Tensor:
+    """dare_ties (``consensus``) or dare_linear with the fused kernels: the same rescaling and
+    coefficients as the eager path, the masks recomputed inside the kernels."""
+    density = [float(v) for v in params["density"]]
+    weight = [float(v) for v in params["weight"]]
+    scale = [1.0] * x.n_experts
+    if params.get("rescale", False):
+        kept = fused.kept_l1(x, density)
+        for i, p in enumerate(density):
+            factor = rescale_factor(float(x.abs_sum(i)), kept[i]) if p < 1 else None
+            scale[i] = 1.0 if factor is None else factor
+    lam = float(params["lambda"])
+    if consensus:
+        return fused.consensus(x, density, scale, weight, lam, bool(params["normalize"]))
+    return fused.linear(x, density, linear_coefficients(weight, scale, bool(params["normalize"]), lam))
+
+
+def linear_coefficients(
+    weight: Sequence[float], scale: Sequence[float], normalize: bool, lam: float
+) -> list[float]:
+    """Each expert's factor in the sum without consensus, as mergekit: w_i s_i / D * lambda, with
+    D = sum_i w_i in float32 (|D| < 1e-8 -> 1) when ``normalize``, else 1."""
+    divisor = float(torch.tensor(list(weight), dtype=torch.float32).sum())
+    if abs(divisor) < 1e-8:
+        divisor = 1.0
+    return [w * s / (divisor if normalize else 1.0) * lam for w, s in zip(weight, scale, strict=True)]
+
+
 def combine(
     x: MergeInputs,
     sparse: Sequence[Sparse],
@@ -95,13 +123,9 @@ def combine(
     n = out.numel()
     active = [(i, sp) for i, sp in enumerate(sparse) if not sp.zero]
     if not consensus:
-        divisor = float(torch.tensor(list(weight), dtype=torch.float32).sum())
-        if abs(divisor) < 1e-8:
-            divisor = 1.0
-        coef = [
-            weight[i] * (sp.scale if sp.scale is not None else 1.0) / (divisor if normalize else 1.0) * lam
-            for i, sp in active
-        ]
+        scales = [1.0 if sp.scale is None else sp.scale for sp in sparse]
+        factors = linear_coefficients(weight, scales, normalize, lam)
+        coef = [factors[i] for i, _ in active]
         ws = x.workspace
         bufs = [ws.buf(f"gta.h{j}", min(n, CHUNK)) for j in range(len(active))]
         tmp = ws.buf("gta.tmp", min(n, CHUNK))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from evomerge.merge.base import MergeInputs
@@ -128,10 +129,16 @@ def _rescale(x: MergeInputs, i: int, sp: Sparse, after: torch.Tensor | None = No
                 sp.fill(slice(sl.start + c.start, sl.start + c.stop), whole[c], tmp[: c.stop - c.start])
             parts.append(l1(whole[: sl.stop - sl.start]))
         after = _total(parts)
-    if before < EPS or after < EPS:
-        return sp
-    sp.scale = float(before / after)
+    sp.scale = rescale_factor(float(before), float(after))
     return sp
+
+
+def rescale_factor(before: float, after: float) -> float | None:
+    """mergekit's l1 rescale factor sum |d| / sum |kept d|, divided in float32 as mergekit does; None
+    (no rescaling) where either sum is below its tolerance."""
+    if before < EPS or after < EPS:
+        return None
+    return float(np.float32(before) / np.float32(after))
 
 
 def l1(t: torch.Tensor) -> torch.Tensor:

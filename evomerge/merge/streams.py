@@ -97,9 +97,15 @@ class KeyedStream:
         return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
 
     def lane(self, key: tuple[str, int]) -> tuple[int, int, int]:
-        """(k1, k2, half) of expert mask ``key`` = (tensor name, expert index)."""
+        """(k1, k2, half) of expert mask ``key`` = (tensor name, expert index): experts 2m and 2m + 1
+        read the two halves of pair m's hash."""
         name, i = key
         return (*self.keys((name, i // 2)), i % 2)
+
+    def pair_keys(self, name: str, n_experts: int) -> torch.Tensor:
+        """(2, ceil(n_experts / 2)) int64: the (k1, k2) of each expert pair's hash on tensor ``name``."""
+        pairs = [self.lane((name, 2 * m))[:2] for m in range((n_experts + 1) // 2)]
+        return torch.tensor(pairs, dtype=torch.int64).T.contiguous()
 
     def uniform_(self, out: torch.Tensor, key: tuple[str, int], start: int = 0) -> torch.Tensor:
         """Fill ``out`` with the uniforms of elements [start, start + out.numel()) of expert mask
