@@ -197,7 +197,7 @@ def convert_gguf(path: str | Path, dtype: str = "float32", cache_dir: Path | Non
     return build_once(final, lambda tmp: _convert_gguf(path, tmp, dtype))
 
 
-def _looks_local(ref: str) -> bool:
+def looks_local(ref: str) -> bool:
     """Paths, unlike hub ids ("gpt2", "org/name"), start with . / ~, have several parts, or start in an
     existing folder ("runs/x" where runs/ exists here is a typo'd local path, not a hub id)."""
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
@@ -231,7 +231,7 @@ class ModelSet:
                 if not (path / "config.json").is_file():
                     raise EvomergeError(f"model folder {ref!r} has no config.json (not a saved HF model)")
                 out = str(path)
-            elif _looks_local(ref):
+            elif looks_local(ref):
                 raise EvomergeError(f"model folder {ref!r} does not exist")
             else:
                 out = ref  # a hub id: transformers resolves it

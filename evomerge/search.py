@@ -21,7 +21,7 @@ from evomerge.errors import EvomergeError
 from evomerge.fitness import check_tasks
 from evomerge.merge.merger import check_masks_reproducible
 from evomerge.merge.streams import KEYED_VERSION
-from evomerge.models import ModelSet
+from evomerge.models import ModelSet, looks_local
 from evomerge.recipe import Recipe
 from evomerge.searchspace import SearchSpace
 from evomerge.store import Candidate, Store
@@ -57,7 +57,7 @@ def resume_search(
         raise EvomergeError(f"{str(run_dir)!r} is not a run folder (no store.sqlite)")
     store = Store(path)
     try:
-        stored = store.get_meta("config")
+        stored, models = store.get_meta("config"), store.get_meta("models")
     finally:
         store.close()
     if config is not None:
@@ -72,7 +72,14 @@ def resume_search(
             )
     else:
         config = parse_config({**stored, "out": str(run_dir)})
-    return Search(config, out=run_dir, console=console, **kw)
+    # The run goes on with the model folders it started with, even where its references now resolve to
+    # others (a zoo rebuilt under a new recipe, a GGUF converted anew).
+    for ref in [models["base"], *models["experts"].values(), models["tokenizer"]] if models else []:
+        if ref and looks_local(ref) and not Path(ref).is_dir():
+            raise EvomergeError(
+                f"run folder {str(run_dir)!r} was started with model folder {ref!r}, which no longer exists"
+            )
+    return Search(config, out=run_dir, console=console, models=models, **kw)
 
 
 def reference_recipes(experts: list[str]) -> dict[str, Recipe]:
@@ -99,7 +106,8 @@ def choose_items(n_items: dict[str, int], items: int | None, seed: int) -> dict[
 class Search:
     """One run of a config into a run folder. ``run()`` starts it, ``resume()`` continues a stopped one;
     both return the run folder. ``fitness`` (a callable ``(model, tokenizer) -> dict``) replaces the
-    config's fitness, for searches driven from Python."""
+    config's fitness, for searches driven from Python. ``models`` (the resolved folders a run recorded,
+    see :func:`resume_search`) replaces the config's model references."""
 
     def __init__(
         self,
@@ -107,6 +115,7 @@ class Search:
         out: str | Path | None = None,
         console: Any = None,
         fitness: Callable[[Any, Any], Any] | None = None,
+        models: dict[str, Any] | None = None,
     ):
         if fitness is not None:
             config = config.model_copy(
@@ -116,19 +125,22 @@ class Search:
         self.fitness_fn = fitness
         self.run_dir = Path(out or config.out or "runs/run")
         self.console = console
-        zoo_dir = None
-        refs = [config.models.base, *config.models.experts.values()]
-        if any(r.startswith("zoo:") for r in refs):
-            from evomerge import zoo
+        if models is not None:
+            self.models = ModelSet(**models)
+        else:
+            zoo_dir = None
+            refs = [config.models.base, *config.models.experts.values()]
+            if any(r.startswith("zoo:") for r in refs):
+                from evomerge import zoo
 
-            zoo_dir = zoo.build_zoo(config.zoo.cache_dir, progress=console is not None)
-        self.models = ModelSet(
-            config.models.base,
-            dict(config.models.experts),
-            config.models.tokenizer,
-            config.models.dtype,
-            zoo_dir,
-        )
+                zoo_dir = zoo.build_zoo(config.zoo.cache_dir, progress=console is not None)
+            self.models = ModelSet(
+                config.models.base,
+                dict(config.models.experts),
+                config.models.tokenizer,
+                config.models.dtype,
+                zoo_dir,
+            )
         self.models.check()
         if config.fitness.tasks:
             check_tasks(config.fitness.tasks, [str(p) for p in config.fitness.include])
@@ -272,6 +284,12 @@ class Search:
                 check_masks_reproducible(
                     self.store.get_meta("keyed_stream"), cfg.search_space.methods, self.run_dir
                 )
+                started = self.store.get_meta("models")
+                if started is not None and started != self._models_spec():
+                    raise EvomergeError(
+                        f"run folder {str(self.run_dir)!r} was started with other model folders than this "
+                        f"config's references resolve to now; continue it with `evomerge resume {self.run_dir}`"
+                    )
             self.pool = WorkerPool(
                 self._models_spec(),
                 self._fitness_spec(),
@@ -369,7 +387,9 @@ class Search:
         """Evaluate the base, the experts and random merges on the whole search split (stored as
         ``kind="calibration"``); the endpoints come first."""
         cfg = self.config
-        recipes = [(label, r, None) for label, r in reference_recipes(self.experts).items()]
+        recipes = [
+            (label, r, self._input_genome(label)) for label, r in reference_recipes(self.experts).items()
+        ]
         recipes += [
             (f"random-{i}", self.space.decode(g), [float(v) for v in g])
             for i, g in enumerate(self.calibration_genomes())
@@ -389,6 +409,15 @@ class Search:
         if failed:
             raise EvomergeError(f"calibration evaluation failed: {failed[0].error}")
         return [done[i] for i in range(len(jobs))]
+
+    def _input_genome(self, label: str) -> list[float] | None:
+        """The genome that reproduces the base or an expert, where the search space can express it
+        (the surrogate then learns the corners the search starts from); None elsewhere."""
+        try:
+            x = self.space.base_genome() if label == "base" else self.space.expert_genome(label)
+        except EvomergeError:
+            return None
+        return [float(v) for v in x]
 
     def calibration_genomes(self) -> list[np.ndarray]:
         """The calibration's random merges, uniform in the genome space (seeded by the run's seed)."""
@@ -423,10 +452,10 @@ class Search:
         surrogate = {o.of for o in self.objectives if o.estimator in irt.PRIOR_ESTIMATORS}
         if surrogate:  # refitted from the stored calibration (re-evaluates nothing) on every start
             subjects = subjects or self.calibrate()
-            merges = subjects[1 + len(self.experts) :]
-            genomes = [c.genome for c in merges]
+            known = [c for c in subjects if c.genome is not None]  # the random merges, base and experts
+            genomes = [c.genome for c in known]
             for name in surrogate:
-                calibration.fit_surrogate(scopes[name], genomes, [c.responses for c in merges], cfg.seed)
+                calibration.fit_surrogate(scopes[name], genomes, [c.responses for c in known], cfg.seed)
         return {
             o.name: calibration.select(o.name, scopes[o.of], o.items, o.selection, o.estimator, cfg.seed)
             for o in self.objectives

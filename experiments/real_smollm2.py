@@ -27,7 +27,7 @@ import pandas as pd
 
 from evomerge.config import load_config, parse_config
 from evomerge.fitness.lmeval import LmEvalFitness
-from evomerge.search import Search
+from evomerge.search import Search, resume_search
 from evomerge.store import Store
 from evomerge.workers import Evaluator, Job
 
@@ -36,8 +36,10 @@ ROOT = HERE.parent
 
 
 def run(data: dict, out: Path) -> Path:
-    search = Search(parse_config({**data, "out": str(out)}))
-    return search.resume() if (out / "store.sqlite").exists() else search.run()
+    config = parse_config({**data, "out": str(out)})
+    if (out / "store.sqlite").exists():  # finished or stopped: go on with the models it started with
+        return resume_search(out, config).resume()
+    return Search(config).run()
 
 
 def describe(run_dir: Path, label: str) -> dict:
@@ -95,7 +97,7 @@ def side_by_side(run_dir: Path, n: int) -> dict:
     ``n`` search candidates of an IRT run evaluated alternately on the whole search split and on their
     own item subsets (the runs above ran at different times on a shared machine; this ratio does not
     depend on that)."""
-    search = Search(load_config(run_dir / "config.yaml"), out=run_dir)
+    search = resume_search(run_dir)  # the model folders the run used
     worker = Evaluator(search._models_spec(), search._fitness_spec(), search.config.threads_per_worker)
     cands = [c for c in Store(run_dir / "store.sqlite").candidates(kind="search") if c.status == "ok"][
         : n + 1

@@ -128,6 +128,39 @@ def test_a_run_whose_masks_this_version_draws_otherwise_is_not_resumed_or_reload
     assert len(Store(run / "store.sqlite").candidates()) == n
 
 
+def test_a_run_resumes_with_the_model_folders_it_started_with(tmp_path, monkeypatch, ray_env):
+    from evomerge import zoo
+
+    def zoo_at(root: Path, seed: int) -> Path:  # the layout of a built zoo: base/ and experts/<name>/
+        made = save_model_set(root, ["base", "a", "b"], seed=seed)
+        for e in ("a", "b"):
+            (root / "experts").mkdir(exist_ok=True)
+            made[e].rename(root / "experts" / e)
+        return root
+
+    old, new = zoo_at(tmp_path / "zoo-old", 0), zoo_at(tmp_path / "zoo-new", 1)
+    refs = {"base": "zoo:base", "a": "zoo:a", "b": "zoo:b"}
+    path = write_config(tmp_path, refs, **{"algorithm__pop_size": 2, "algorithm__generations": 1})
+    cfg = load_config(path, out=str(tmp_path / "run"))
+    monkeypatch.setattr(zoo, "build_zoo", lambda *a, **k: old)
+    run = Search(cfg).run()
+    n = len(Store(run / "store.sqlite").candidates())
+
+    monkeypatch.setattr(zoo, "build_zoo", lambda *a, **k: new)  # the zoo was rebuilt under a new recipe
+    with pytest.raises(EvomergeError, match="was started with other model folders than this config's"):
+        Search(cfg).resume()
+    search = resume_search(run)
+    assert search.models.base == str(old / "base")
+    assert search.models.experts == {"a": str(old / "experts" / "a"), "b": str(old / "experts" / "b")}
+    search.resume()
+    assert len(Store(run / "store.sqlite").candidates()) == n
+
+    shutil.rmtree(old / "experts" / "b")
+    message = f"was started with model folder '{old / 'experts' / 'b'}', which no longer exists"
+    with pytest.raises(EvomergeError, match=message):
+        resume_search(run)
+
+
 def test_the_first_population_can_start_from_the_experts(tmp_path, models, ray_env):
     cfg = load_config(
         write_config(tmp_path, models),
