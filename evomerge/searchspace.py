@@ -184,7 +184,19 @@ class SearchSpace:
                 f"search space cannot reproduce an expert: its methods {list(self.config.methods)} "
                 f"include none of {', '.join(EXACT_METHODS)}"
             )
-        weights = {e: float(e == expert) for e in self.experts}
+        return self._exact_genome(method, {e: float(e == expert) for e in self.experts}, f"expert {expert!r}")
+
+    def base_genome(self) -> np.ndarray:
+        """The genome whose merge is exactly the base: task_arithmetic with weight 0 on every expert in
+        every group. Refused, naming what is missing, where the space cannot express it."""
+        if "task_arithmetic" not in self.config.methods:
+            raise EvomergeError(
+                f"search space cannot reproduce the base: its methods {list(self.config.methods)} "
+                "do not include task_arithmetic"
+            )
+        return self._exact_genome("task_arithmetic", dict.fromkeys(self.experts, 0.0), "the base")
+
+    def _exact_genome(self, method: str, weights: dict[str, float], what: str) -> np.ndarray:
         defaults = {p.name: p.default for p in get_method(method).params}
         params: dict[str, Any] = {"weight": weights, **({"lambda": 1.0} if "lambda" in defaults else {})}
         x = self.encode(Recipe(tuple(GroupRecipe(g, method, params, layers) for g, layers in self.groups)))
@@ -192,7 +204,7 @@ class SearchSpace:
             got = {k: g.parameters.get(k, defaults[k]) for k in params}
             if g.method != method or got != params:
                 raise EvomergeError(
-                    f"search space cannot reproduce expert {expert!r} in group {g.name!r}: it decodes to "
+                    f"search space cannot reproduce {what} in group {g.name!r}: it decodes to "
                     f"{g.method} {got}; weight bounds must include 0 and 1 (lambda's, 1) and neither fixed"
                 )
         return x

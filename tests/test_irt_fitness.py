@@ -13,6 +13,7 @@ from evomerge.calibration import Scope, columns
 from evomerge.config import load_config, parse_config
 from evomerge.errors import EvomergeError
 from evomerge.search import Search
+from evomerge.searchspace import SearchSpace, SearchSpaceConfig
 from evomerge.store import Store
 
 OBJECTIVES = [
@@ -103,13 +104,17 @@ def test_estimate_matches_the_library_call(irt_run):
     sc = Scope.load(irt_run / "irt", "zoo_script", columns(n_items, "zoo_script"))
     idx = irt.select_items(sc.params, 6, "random", seed=0)
     y = [c.responses["zoo_script"][sc.cols[i][1]] for i in idx]
-    # sgpirt's surrogate: the calibration merges' genomes and whole-split accuracy, in calibration order
-    merges = sorted(
-        (m for m in store.candidates(kind="calibration") if m.label.startswith("random-")),
-        key=lambda m: int(m.label.split("-")[1]),
-    )
-    acc = [sum(m.responses["zoo_script"].values()) / 200 for m in merges]
-    surrogate = irt.fit_surrogate([m.genome for m in merges], acc, seed=0)
+    # sgpirt's surrogate: genomes and whole-split accuracy of every calibration model, in calibration
+    # order: the base and the experts (at the genomes that reproduce them), then the random merges
+    order = ["base", "addition", "script", "reversal"] + [f"random-{i}" for i in range(8)]
+    known = sorted(store.candidates(kind="calibration"), key=lambda m: order.index(m.label))
+    space = SearchSpace(SearchSpaceConfig(layer_groups=2), order[1:4], 4)  # demo.yaml's space
+    assert known[0].genome == pytest.approx(space.base_genome().tolist())
+    assert [m.genome for m in known[1:4]] == [
+        pytest.approx(space.expert_genome(e).tolist()) for e in order[1:4]
+    ]
+    acc = [sum(m.responses["zoo_script"].values()) / 200 for m in known]
+    surrogate = irt.fit_surrogate([m.genome for m in known], acc, seed=0)
     prior = surrogate.predict(c.genome)
     expected = irt.estimate_accuracy(sc.params, idx, y, "sgpirt", prior=prior)
     assert c.objectives["script"] == pytest.approx(expected)
