@@ -7,9 +7,10 @@ evaluates the base, every expert and ``random_merges`` random merges on the whol
 as ``kind="calibration"``), fits one IRT model per scope with py-irt, and saves it as
 ``RUN_DIR/irt/<scope>.json`` (reused on resume; ``calibration.params`` names a folder of such files
 fitted elsewhere, which makes calibration free). ``estimator: sgpirt`` also fits, per scope, a Gaussian
-process of accuracy over genomes on the calibration merges (:class:`evomerge.irt.Surrogate`), refitted
-from the stored calibration on every start, and fuses its prediction for each candidate's genome with
-the gp-IRT estimate.
+process of accuracy over genomes (:class:`evomerge.irt.Surrogate`) on the calibration models that have
+a genome: the random merges, and the base and the experts where the search space can reproduce them.
+It is refitted from the stored calibration on every start, and its prediction for each candidate's
+genome is fused with the gp-IRT estimate.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def fit_scope(
 def fit_surrogate(
     scope: Scope, genomes: list[list[float]], responses: list[dict[str, dict[str, float]]], seed: int
 ) -> None:
-    """Fit ``scope.surrogate`` on calibration merges: their genomes and whole-split responses."""
+    """Fit ``scope.surrogate`` on calibration models: their genomes and whole-split responses."""
     acc = response_matrix(responses, scope.cols).mean(axis=1)
     scope.surrogate = irt.fit_surrogate(np.asarray(genomes, dtype=float), acc, seed)
 

@@ -62,7 +62,7 @@ class ObjectiveConfig(_Frozen):
     estimator: Literal["mean", "irt", "pirt", "gpirt", "mpirt", "gmpirt", "sgpirt"] | None = Field(
         None,
         description="estimate the full-split accuracy from `items` items with IRT (null: plain accuracy); "
-        "sgpirt also uses a surrogate of accuracy over genomes fitted on the calibration merges",
+        "sgpirt also uses a surrogate of accuracy over genomes fitted on the calibration models",
     )
     items: int | None = Field(None, ge=1, description="subset size for the estimator")
     selection: Literal["random", "anchor", "information"] = "random"

@@ -178,7 +178,6 @@ class Search:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         store = Store(path)
         store.set_meta("config", stored_config(self.config))
-        store.set_meta("genes", self.space.describe())
         store.set_meta("models", self._models_spec())
         store.set_meta("keyed_stream", KEYED_VERSION)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(stored_config(self.config), sort_keys=False))
@@ -299,11 +298,25 @@ class Search:
                 cfg.retries,
             )
             try:
+                self._drop_inert_groups(resume)
                 yield self
             finally:
                 self.pool.shutdown()
         finally:
             self.store.close()
+
+    def _drop_inert_groups(self, resume: bool) -> None:
+        """Layer groups in which no expert differs from the base get no genes (see SearchSpace). A worker,
+        which holds the models, says where they differ; the run folder records it, so a resumed run
+        keeps its genome (runs recorded before this search every group)."""
+        if resume:
+            changed = self.store.get_meta("changed_layers")
+        else:
+            changed = self.pool.call("changed_layers")
+            self.store.set_meta("changed_layers", changed)
+        self.space = SearchSpace(self.config.search_space, self.experts, self.models.num_layers(), changed)
+        if not resume:
+            self.store.set_meta("genes", self.space.describe())
 
     def _restore(self, problem: Any) -> tuple[Any, int]:
         """The algorithm and the generation it finished: from the last checkpoint, or set up afresh

@@ -9,6 +9,7 @@ linearly onto its bounds. Parameters the chosen method does not declare are igno
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,9 +104,20 @@ class Gene:
 
 
 class SearchSpace:
-    """Genes and bounds for one model set; ``decode(x) -> Recipe`` and ``encode(recipe) -> x``."""
+    """Genes and bounds for one model set; ``decode(x) -> Recipe`` and ``encode(recipe) -> x``.
 
-    def __init__(self, config: SearchSpaceConfig, experts: list[str], num_layers: int):
+    ``changed_layers`` (the decoder layers, None for the tensors outside them, in which some expert
+    differs from the base; :meth:`evomerge.merge.Merger.changed_layers`) makes the groups no expert
+    changed inert: every merge method gives back the base there, so they get no genes and decode to
+    task_arithmetic with weight 0 (the base). Without it every group is searched."""
+
+    def __init__(
+        self,
+        config: SearchSpaceConfig,
+        experts: list[str],
+        num_layers: int,
+        changed_layers: Collection[int | None] | None = None,
+    ):
         self.config = config
         self.experts = list(experts)
         ranges = split_layers(num_layers, config.layer_groups)
@@ -114,9 +126,23 @@ class SearchSpace:
         ] + [(OTHER, None)]
         for m in config.methods:
             get_method(m).check_count(len(self.experts))
+        self.inert: set[str] = set()
+        if changed_layers is not None:
+            changed = set(changed_layers)
+            self.inert = {
+                g
+                for g, layers in self.groups
+                if (None not in changed if layers is None else not changed & set(range(*layers)))
+            }
+            if len(self.inert) == len(self.groups):
+                raise EvomergeError(
+                    "no expert differs from the base in any tensor: there is nothing to merge"
+                )
         shared = {p.name for m in config.methods for p in get_method(m).params if p.scope == "shared"}
         self.genes: list[Gene] = []
         for group, _ in self.groups:
+            if group in self.inert:
+                continue
             if len(config.methods) > 1:
                 self.genes.append(Gene(group, None, "method", 0.0, 1.0))
             for param, (low, high) in config.genes.items():
@@ -151,6 +177,13 @@ class SearchSpace:
                     values[gene.group].setdefault(gene.param, {})[gene.expert] = value
         groups = []
         for group, layers in self.groups:
+            if group in self.inert:
+                groups.append(
+                    GroupRecipe(
+                        group, "task_arithmetic", {"weight": dict.fromkeys(self.experts, 0.0)}, layers
+                    )
+                )
+                continue
             declared = {p.name for p in get_method(methods[group]).params}
             params = {k: v for k, v in values[group].items() if k in declared}
             params.update({k: v for k, v in self.config.fixed.items() if k in declared})
@@ -201,6 +234,8 @@ class SearchSpace:
         params: dict[str, Any] = {"weight": weights, **({"lambda": 1.0} if "lambda" in defaults else {})}
         x = self.encode(Recipe(tuple(GroupRecipe(g, method, params, layers) for g, layers in self.groups)))
         for g in self.decode(x).groups:
+            if g.name in self.inert:  # the base, which equals every expert there
+                continue
             got = {k: g.parameters.get(k, defaults[k]) for k in params}
             if g.method != method or got != params:
                 raise EvomergeError(

@@ -91,6 +91,9 @@ class Evaluator:
         out.update(wall_s=time.perf_counter() - start, worker=self.name)
         return out
 
+    def changed_layers(self) -> list[int | None]:
+        return sorted(self.merger.changed_layers(), key=lambda layer: -1 if layer is None else layer)
+
     def n_items(self, split: str) -> dict[str, int]:
         return self.fitness.n_items(split)
 

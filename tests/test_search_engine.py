@@ -161,6 +161,40 @@ def test_a_run_resumes_with_the_model_folders_it_started_with(tmp_path, monkeypa
         resume_search(run)
 
 
+def test_groups_no_expert_changed_are_left_out_of_the_genome(tmp_path, ray_env):
+    """Experts fine-tuned in their decoder layers only (as LoRA leaves embeddings and norms alone): the
+    run's genome has no genes for the tensors outside the layers, and a resumed run keeps that layout."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    paths = save_model_set(tmp_path / "models", ["base"])
+    torch.manual_seed(1)
+    for e in ("a", "b"):
+        model = AutoModelForCausalLM.from_pretrained(paths["base"])
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".layers." in name:
+                    p.add_(0.1 * torch.randn_like(p))
+        paths[e] = tmp_path / "models" / e
+        model.save_pretrained(paths[e])
+        AutoTokenizer.from_pretrained(paths["base"]).save_pretrained(paths[e])
+    cfg = load_config(
+        write_config(tmp_path, paths, **{"algorithm__pop_size": 2, "algorithm__generations": 1}),
+        out=str(tmp_path / "run"),
+    )
+    run = Search(cfg).run()
+    store = Store(run / "store.sqlite")
+    assert store.get_meta("changed_layers") == [0, 1, 2, 3]
+    assert store.get_meta("genes") == [f"layers_{g}/{e}/weight" for g in ("0-1", "2-3") for e in "ab"]
+    searched = store.candidates(kind="search")
+    assert searched and all(len(c.genome) == 4 for c in searched)
+    assert all(c.recipe["groups"][-1]["parameters"] == {"weight": {"a": 0.0, "b": 0.0}} for c in searched)
+    store.close()
+    search = resume_search(run)
+    search.resume()
+    assert search.space.inert == {"other"} and search.space.n_var == 4
+
+
 def test_the_first_population_can_start_from_the_experts(tmp_path, models, ray_env):
     cfg = load_config(
         write_config(tmp_path, models),

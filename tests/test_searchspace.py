@@ -162,3 +162,50 @@ def test_spaces_that_cannot_express_an_expert_say_why(overrides, message):
     with pytest.raises(EvomergeError) as err:
         space(**overrides).expert_genome("a")
     assert message in str(err.value)
+
+
+def test_groups_no_expert_changed_get_no_genes_and_stay_the_base():
+    """LoRA experts leave the embeddings and norms as the base has them: the `other` group is inert,
+    as is a layer group no expert touched; whatever the genome says, every merge keeps them the base."""
+    import torch
+
+    from evomerge.merge import Merger
+
+    g = torch.Generator().manual_seed(0)
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(4)] + ["lm_head.weight"]
+    base = {n: torch.randn(8, 8, generator=g) for n in names}
+    experts = {  # both experts change layers 2-3 only
+        e: {
+            n: t + (torch.randn(8, 8, generator=g) if ".2." in n or ".3." in n else 0)
+            for n, t in base.items()
+        }
+        for e in "ab"
+    }
+    merger = Merger(base, experts)
+    assert merger.changed_layers() == {2, 3}
+    s = SearchSpace(load_space_config({"name": "per_layer_methods"}), ["a", "b"], 4, merger.changed_layers())
+    assert s.inert == {"layers_0-1", "other"}
+    assert s.describe() == [
+        d
+        for d in space(
+            layer_groups=2, methods=["task_arithmetic", "ties"], genes={"weight": (0, 1), "density": (0, 1)}
+        ).describe()
+        if d.startswith("layers_2-3/")
+    ]
+    for x in np.random.default_rng(0).random((4, s.n_var)):
+        recipe = s.decode(x)
+        assert recipe.groups[0].method == recipe.groups[2].method == "task_arithmetic"
+        assert recipe.groups[0].parameters == {"weight": {"a": 0.0, "b": 0.0}}
+        merged = merger.apply(recipe)
+        for n in (names[0], names[1], names[4]):
+            torch.testing.assert_close(merged[n], base[n], rtol=0, atol=0)
+    for e in "ab":  # the experts are still reachable, in fewer genes
+        merged = merger.apply(s.decode(s.expert_genome(e)))
+        for n in names:
+            torch.testing.assert_close(merged[n], experts[e][n], rtol=0, atol=1e-6)
+    y = s.encode(s.decode(np.full(s.n_var, 0.75)))  # encode reads the searched groups only
+    assert y.shape == (s.n_var,) and s.decode(y) == s.decode(np.full(s.n_var, 0.75))
+    with pytest.raises(
+        EvomergeError, match="no expert differs from the base in any tensor: there is nothing to merge"
+    ):
+        SearchSpace(load_space_config({"name": "per_layer"}), ["a", "b"], 4, changed_layers=[])

@@ -14,7 +14,7 @@ from evomerge.merge import fused
 from evomerge.merge.base import MergeInputs, MergeMethod, get_method
 from evomerge.merge.kernels import STORE, Workspace, release_heap
 from evomerge.merge.streams import KEYED_VERSION, Stream, make_stream
-from evomerge.recipe import Recipe
+from evomerge.recipe import Recipe, layer_of
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -141,6 +141,11 @@ class Merger:
                         f"expert {e!r} has different tensors {name!r} and {owner!r}, which the base ties"
                     )
             del sd
+
+    def changed_layers(self) -> set[int | None]:
+        """The decoder layers (None: the tensors outside the layers) in which some expert differs from
+        the base. A LoRA fine-tune, for one, leaves the embeddings and norms as they were."""
+        return {layer_of(name) for name, d in self.deltas.items() if bool(d.any())}
 
     def nbytes(self) -> int:
         """Bytes held: base, task vectors, cached statistics and scratch."""
