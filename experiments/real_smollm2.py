@@ -53,8 +53,10 @@ def describe(run_dir: Path, label: str) -> dict:
     def mean_of(d: dict) -> float:
         return sum(d[n] for n in names) / len(names)
 
-    def is_input(recipe: dict) -> bool:  # weight 1 on one expert, 0 on the others, in every group
-        weights = [g["parameters"].get("weight", {}) for g in recipe["groups"]]
+    searched = {gene.split("/")[0] for gene in store.get_meta("genes")}  # groups with genes
+
+    def is_input(recipe: dict) -> bool:  # weight 1 on one expert, 0 on the others, in every searched group
+        weights = [g["parameters"].get("weight", {}) for g in recipe["groups"] if g["name"] in searched]
         return any(all(w == {x: float(x == e) for x in w} for w in weights) for e in summary["experts"])
 
     # the best front member that is a merge, not an input, on values measured on the whole search split
