@@ -298,7 +298,14 @@ class Search:
                 cfg.retries,
             )
             try:
-                self._drop_inert_groups(resume)
+                try:
+                    self._drop_inert_groups(resume)
+                except EvomergeError:
+                    if not resume:  # a run that cannot start leaves no run behind
+                        self.store.close()
+                        for name in ("store.sqlite", "store.sqlite-wal", "store.sqlite-shm", "config.yaml"):
+                            (self.run_dir / name).unlink(missing_ok=True)
+                    raise
                 yield self
             finally:
                 self.pool.shutdown()

@@ -194,6 +194,13 @@ def test_groups_no_expert_changed_are_left_out_of_the_genome(tmp_path, ray_env):
     search.resume()
     assert search.space.inert == {"other"} and search.space.n_var == 4
 
+    same = {"base": paths["base"], "a": paths["base"], "b": paths["base"]}  # nothing to merge
+    cfg = load_config(write_config(tmp_path, same), out=str(tmp_path / "run-same"))
+    for _ in range(2):  # the failed start leaves no run behind, so the second says the same
+        with pytest.raises(EvomergeError, match="no expert differs from the base in any tensor"):
+            Search(cfg).run()
+    assert not (tmp_path / "run-same" / "store.sqlite").exists()
+
 
 def test_the_first_population_can_start_from_the_experts(tmp_path, models, ray_env):
     cfg = load_config(
