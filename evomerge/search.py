@@ -168,18 +168,22 @@ class Search:
             return {"function": f.function}
         return {"tasks": list(f.tasks), "include": [str(p) for p in f.include], "batch_size": f.batch_size}
 
-    def _open_store(self) -> Store:
-        path = self.run_dir / "store.sqlite"
-        if path.exists():
+    def _check_new_run_dir(self) -> None:
+        if (self.run_dir / "store.sqlite").exists():
             raise EvomergeError(
                 f"run folder {str(self.run_dir)!r} already holds a run; continue it with "
                 f"`evomerge resume {self.run_dir}` or choose another --out"
             )
+
+    def _open_store(self, changed_layers: list[int | None]) -> Store:
+        self._check_new_run_dir()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(path)
+        store = Store(self.run_dir / "store.sqlite")
         store.set_meta("config", stored_config(self.config))
         store.set_meta("models", self._models_spec())
         store.set_meta("keyed_stream", KEYED_VERSION)
+        store.set_meta("changed_layers", changed_layers)
+        store.set_meta("genes", self.space.describe())
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(stored_config(self.config), sort_keys=False))
         return store
 
@@ -275,11 +279,17 @@ class Search:
 
     @contextlib.contextmanager
     def session(self, resume: bool = False) -> Iterator[Search]:
-        """The run's store (new, or the existing one when ``resume``) and its workers, for the duration."""
+        """The run's store (new, or the existing one when ``resume``) and its workers, for the duration.
+
+        Layer groups in which no expert differs from the base get no genes (see SearchSpace): a worker,
+        which holds the models, says where they differ, and the run folder records it, so a resumed run
+        keeps its genome (runs recorded before this search every group). A new run's store is created
+        only once that is known, so a run that cannot start leaves nothing behind."""
         cfg = self.config
-        self.store = Store(self.run_dir / "store.sqlite") if resume else self._open_store()
-        try:
+        with contextlib.ExitStack() as stack:
             if resume:
+                self.store = Store(self.run_dir / "store.sqlite")
+                stack.callback(self.store.close)
                 check_masks_reproducible(
                     self.store.get_meta("keyed_stream"), cfg.search_space.methods, self.run_dir
                 )
@@ -289,6 +299,8 @@ class Search:
                         f"run folder {str(self.run_dir)!r} was started with other model folders than this "
                         f"config's references resolve to now; continue it with `evomerge resume {self.run_dir}`"
                     )
+            else:
+                self._check_new_run_dir()  # before the workers start
             self.pool = WorkerPool(
                 self._models_spec(),
                 self._fitness_spec(),
@@ -297,33 +309,13 @@ class Search:
                 cfg.ray.address,
                 cfg.retries,
             )
-            try:
-                try:
-                    self._drop_inert_groups(resume)
-                except EvomergeError:
-                    if not resume:  # a run that cannot start leaves no run behind
-                        self.store.close()
-                        for name in ("store.sqlite", "store.sqlite-wal", "store.sqlite-shm", "config.yaml"):
-                            (self.run_dir / name).unlink(missing_ok=True)
-                    raise
-                yield self
-            finally:
-                self.pool.shutdown()
-        finally:
-            self.store.close()
-
-    def _drop_inert_groups(self, resume: bool) -> None:
-        """Layer groups in which no expert differs from the base get no genes (see SearchSpace). A worker,
-        which holds the models, says where they differ; the run folder records it, so a resumed run
-        keeps its genome (runs recorded before this search every group)."""
-        if resume:
-            changed = self.store.get_meta("changed_layers")
-        else:
-            changed = self.pool.call("changed_layers")
-            self.store.set_meta("changed_layers", changed)
-        self.space = SearchSpace(self.config.search_space, self.experts, self.models.num_layers(), changed)
-        if not resume:
-            self.store.set_meta("genes", self.space.describe())
+            stack.callback(self.pool.shutdown)
+            changed = self.store.get_meta("changed_layers") if resume else self.pool.call("changed_layers")
+            self.space = SearchSpace(cfg.search_space, self.experts, self.models.num_layers(), changed)
+            if not resume:
+                self.store = self._open_store(changed)
+                stack.callback(self.store.close)
+            yield self
 
     def _restore(self, problem: Any) -> tuple[Any, int]:
         """The algorithm and the generation it finished: from the last checkpoint, or set up afresh
