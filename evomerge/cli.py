@@ -1,9 +1,13 @@
-"""The command line: ``evomerge run``, ``resume``, ``front``, ``export`` and ``zoo build``."""
+"""The command line: ``evomerge run``, ``check``, ``resume``, ``front``, ``show``, ``export`` and
+``zoo build``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -11,7 +15,8 @@ from rich.console import Console
 
 from evomerge.errors import EvomergeError
 
-console = Console()
+# Off a terminal (a file, a pipe, CI) rich would wrap tables at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def fail(message: str) -> None:
@@ -23,6 +28,30 @@ def fail(message: str) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def app() -> None:
     """Evolutionary model merging."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived during a run."""
+
+
+@contextlib.contextmanager
+def stoppable(run_dir: Path | None) -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into a clean stop: the run's context closes the store and stops the
+    workers on the way out, then one line says how to continue (exit code 2)."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except (Interrupted, KeyboardInterrupt) as e:
+        name = str(e) or "SIGINT"
+        where = f"; continue with `evomerge resume {run_dir}`" if run_dir else ""
+        fail(f"stopped by {name}: every finished evaluation is stored, the workers are stopped{where}")
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 @app.command()
@@ -39,10 +68,27 @@ def run(config: Path, out: Path | None, workers: int | None, ray_address: str | 
         cfg = load_config(
             config, out=str(out) if out else None, workers=workers, **{"ray.address": ray_address}
         )
-        run_dir = Search(cfg, console=console).run()
+        with stoppable(cfg.out):
+            run_dir = Search(cfg, console=console).run()
     except EvomergeError as e:
         fail(str(e))
     console.print(f"run folder: {run_dir}")
+
+
+@app.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="run folder (default: runs/<config name>)")
+def check(config: Path, out: Path | None) -> None:
+    """Check a config and everything a run of it needs that can be checked without loading weights."""
+    from evomerge.config import load_config
+    from evomerge.preflight import check_run
+
+    try:
+        cfg = load_config(config, out=str(out) if out else None)
+        check_run(cfg, cfg.out)
+    except EvomergeError as e:
+        fail(str(e))
+    console.print(f"{config}: ok (run folder {cfg.out})")
 
 
 @app.command()
@@ -55,20 +101,23 @@ def run(config: Path, out: Path | None, workers: int | None, ray_address: str | 
 def resume(run_dir: Path, config: Path | None, workers: int | None, ray_address: str | None) -> None:
     """Continue a stopped run where it stopped; nothing stored is evaluated again."""
     from evomerge.config import load_config
+    from evomerge.runfolder import RunFolder
     from evomerge.search import resume_search
 
     try:
         given = load_config(config, out=str(run_dir)) if config else None
+        if RunFolder(run_dir).finished():
+            RunFolder(run_dir).require()
+            console.print(f"run {run_dir} already finished; see `evomerge front {run_dir}`")
+            return
         search = resume_search(run_dir, given, console=console)
         if workers or ray_address:
             updates = {"workers": workers or search.config.workers}
             if ray_address:
                 updates["ray"] = search.config.ray.model_copy(update={"address": ray_address})
             search.config = search.config.model_copy(update=updates)
-        if (run_dir / "summary.json").is_file():
-            console.print(f"run {run_dir} already finished; see `evomerge front {run_dir}`")
-            return
-        search.resume()
+        with stoppable(run_dir):
+            search.resume()
     except EvomergeError as e:
         fail(str(e))
     console.print(f"run folder: {run_dir}")
@@ -82,10 +131,47 @@ def front(run_dir: Path) -> None:
 
     if not (run_dir / "front.csv").is_file():
         fail(f"{str(run_dir)!r} has no front.csv (not a finished run folder)")
-    print_frame(console, front_table(run_dir).set_index("candidate"), "Pareto front")
+    print_frame(console, front_table(run_dir).set_index("candidate"), "Pareto front (search and test values)")
     summary = run_dir / "summary.json"
     if summary.is_file():
         print_summary(console, json.loads(summary.read_text()))
+
+
+@app.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--candidate", "candidate_id", type=int, required=True, help="candidate id")
+def show(run_dir: Path, candidate_id: int) -> None:
+    """Print one candidate of a run: what it is, its values, its recipe and, if it failed, the whole
+    error with its traceback."""
+    from evomerge.report import print_frame, recipe_summary, recipe_table
+    from evomerge.runfolder import RunFolder
+
+    try:
+        store = RunFolder(run_dir).open_store(readonly=True)
+        try:
+            c = store.get(candidate_id)
+        except KeyError:
+            ids = [x.id for x in store.candidates(pending=True)]
+            known = f"its candidates: {min(ids)}..{max(ids)}" if ids else "it has no candidates yet"
+            raise EvomergeError(f"run {str(run_dir)!r} has no candidate {candidate_id}; {known}") from None
+        finally:
+            store.close()
+    except EvomergeError as e:
+        fail(str(e))
+    what = ", ".join(
+        f"{k} {v}" for k, v in (("kind", c.kind), ("generation", c.generation), ("label", c.label)) if v
+    )
+    console.print(f"candidate {c.id}: {what}; split {c.split}; status {c.status}", highlight=False)
+    if c.objectives:
+        console.print("objectives: " + ", ".join(f"{k}={v:.4g}" for k, v in c.objectives.items()))
+    console.print(
+        f"items {c.n_items}, forward tokens {c.n_tokens}, {c.wall_s:.2f} s on {c.worker}", highlight=False
+    )
+    print_frame(console, recipe_table(recipe_summary(c.recipe)), "recipe")
+    if c.error:
+        console.print(f"error: {c.error}", markup=False, highlight=False)
+        if c.trace:
+            console.print(c.trace.rstrip(), markup=False, highlight=False)
 
 
 @app.command()
@@ -126,7 +212,7 @@ def zoo() -> None:
 )
 def zoo_build(cache_dir: Path | None, force: bool, real: bool) -> None:
     """Build (or find in the cache) a model zoo and print its folder."""
-    progress = sys.stderr.isatty()
+    progress = "bar" if sys.stdout.isatty() else "lines"
     try:
         if real:
             from evomerge import realzoo

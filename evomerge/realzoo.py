@@ -299,7 +299,9 @@ def _build(out: Path, recipe: dict, cache_dir: Path, progress: bool) -> dict:
     }
 
 
-def build_real_zoo(cache_dir: Path | None = None, force: bool = False, progress: bool = True) -> Path:
+def build_real_zoo(
+    cache_dir: Path | None = None, force: bool = False, progress: bool | str | None = True
+) -> Path:
     """The real zoo folder ``<cache_dir>/realzoo-<hash12>/``, built on first use and reused afterwards.
 
     It holds ``base/`` and ``experts/<skill>/`` (HF folders with tokenizer) and ``zoo.json`` (recipe, test

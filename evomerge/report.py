@@ -1,4 +1,4 @@
-"""Fronts, tables and progress display."""
+"""Fronts, the best-model pick, summaries, tables and progress display."""
 
 from __future__ import annotations
 
@@ -34,6 +34,12 @@ def pareto_front(candidates: Sequence[Candidate], objectives: Sequence[Any]) -> 
     return sorted((unique[i] for i in front), key=lambda c: tuple(_signed(c, objectives)))
 
 
+PICK_RULE = (
+    "the front member with the best mean of its objective values (signed so that lower is better), "
+    "the lowest candidate id on ties"
+)
+
+
 def pick_best(
     front: Sequence[Candidate], objectives: Sequence[Any], measured: dict[int, Candidate] | None = None
 ) -> Candidate:
@@ -59,19 +65,54 @@ def pick_best_measured(
     return pick_best([*front, *calibrated], objectives, {**full, **{c.id: c for c in calibrated}})
 
 
-def write_front_csv(path: Path, front: Sequence[Candidate], test: dict[int, Candidate]) -> None:
+def recipe_summary(recipe: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A recipe as people read it: per layer group, its method and parameters (per expert where the
+    parameter is per expert), values rounded to 4 decimals."""
+
+    def rounded(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: rounded(x) for k, x in v.items()}
+        return round(v, 4) if isinstance(v, float) else v
+
+    return {g["name"]: {"method": g["method"], **rounded(dict(g["parameters"]))} for g in recipe["groups"]}
+
+
+def recipe_text(recipe: dict[str, Any]) -> str:
+    """One line: ``layers_0-1: task_arithmetic weight a=0.5 b=0.3; other: ...``."""
+    parts = []
+    for group, params in recipe_summary(recipe).items():
+        words = [params["method"]]
+        for name, v in params.items():
+            if name == "method":
+                continue
+            if isinstance(v, dict):
+                words.append(f"{name} " + " ".join(f"{e}={x:g}" for e, x in v.items()))
+            else:
+                words.append(f"{name}={v:g}" if isinstance(v, float) else f"{name}={v}")
+        parts.append(f"{group}: " + " ".join(words))
+    return "; ".join(parts)
+
+
+def write_front_csv(
+    folder: Any, front: Sequence[Candidate], test: dict[int, Candidate], objectives: Sequence[Any]
+) -> None:
+    """front.csv: candidate, generation, the search values, the test values in the same order, recipe."""
     rows = []
+    names = [o.name for o in objectives]
     for c in front:
         row: dict[str, Any] = {"candidate": c.id, "generation": c.generation}
-        row.update({f"search_{k}": v for k, v in c.objectives.items()})
-        row.update({f"test_{k}": v for k, v in (test[c.id].objectives or {}).items()})
+        row.update({f"search_{n}": c.objectives[n] for n in names})
+        row.update({f"test_{n}": (test[c.id].objectives or {}).get(n) for n in names})
         row["recipe"] = json.dumps(c.recipe, sort_keys=True)
         rows.append(row)
-    pd.DataFrame(rows).to_csv(path, index=False)
+    folder.write_text("front.csv", pd.DataFrame(rows).to_csv(index=False))
 
 
 def front_table(run_dir: Path) -> pd.DataFrame:
-    return pd.read_csv(Path(run_dir) / "front.csv").drop(columns=["recipe"])
+    """front.csv with the recipe written as one readable line."""
+    df = pd.read_csv(Path(run_dir) / "front.csv")
+    df["recipe"] = [recipe_text(json.loads(r)) for r in df["recipe"]]
+    return df
 
 
 def summary_table(summary: dict[str, Any]) -> pd.DataFrame:
@@ -81,8 +122,32 @@ def summary_table(summary: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows).T[summary["objectives"]]
 
 
+def recipe_table(recipe: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """A summarised recipe as a table: one row per layer group, method and one column per parameter
+    (and expert)."""
+    rows = {}
+    for group, params in recipe.items():
+        row: dict[str, Any] = {}
+        for name, v in params.items():
+            if isinstance(v, dict):
+                row.update({f"{name} {e}": x for e, x in v.items()})
+            else:
+                row[name] = v
+        rows[group] = row
+    return pd.DataFrame(rows).T
+
+
 def print_summary(console: Any, summary: dict[str, Any]) -> None:
     print_frame(console, summary_table(summary), "test split")
+    if "best_recipe" in summary:
+        label = summary.get("best_label")
+        who = f"candidate {summary['best_candidate']}" + (f" ({label})" if label else "")
+        print_frame(console, recipe_table(summary["best_recipe"]), f"best model: {who}, recipe")
+        console.print(
+            f"best model picked on {summary.get('best_picked_on', 'search values')}: "
+            f"{summary.get('best_picked_how', PICK_RULE)}",
+            highlight=False,
+        )
     est = summary.get("estimation")
     if est:
         rows = {
@@ -117,11 +182,38 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
+def progress_mode(console: Any) -> str | None:
+    """How to show progress on ``console``: "bar" on a terminal, "lines" elsewhere (a file, a pipe, CI:
+    a bar would print nothing until it ends), None without a console."""
+    if console is None:
+        return None
+    return "bar" if console.is_terminal else "lines"
+
+
 @contextmanager
 def progress(console: Any, description: str, total: int) -> Iterator[Callable[[], None]]:
-    """A progress bar on ``console`` (none when console is None); yields the function that advances it."""
-    if console is None or total == 0:
+    """Progress on ``console``: a bar on a terminal, a line per tenth elsewhere; nothing when console is
+    None. Yields the function that advances it."""
+    mode = progress_mode(console)
+    if mode is None or total == 0:
         yield lambda: None
+        return
+    if mode == "lines":
+        import time
+
+        start, done = time.monotonic(), 0
+        step = max(1, total // 10)
+        console.print(f"{description}: 0/{total}", highlight=False)
+
+        def line() -> None:
+            nonlocal done
+            done += 1
+            if done % step == 0 or done == total:
+                console.print(
+                    f"{description}: {done}/{total} ({time.monotonic() - start:.0f} s)", highlight=False
+                )
+
+        yield line
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -14,20 +14,27 @@ from typing import Any
 import numpy as np
 import yaml
 
-from evomerge import calibration, irt, report
+from evomerge import calibration, irt, preflight, report
 from evomerge.algorithms import make_algorithm
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
-from evomerge.fitness import check_tasks
 from evomerge.merge.merger import check_masks_reproducible
 from evomerge.merge.streams import KEYED_VERSION
 from evomerge.models import ModelSet, looks_local
 from evomerge.recipe import Recipe
+from evomerge.runfolder import RunFolder
 from evomerge.searchspace import SearchSpace
-from evomerge.store import Candidate, Store
+from evomerge.store import PENDING, Candidate, Store, StoreFullError
 from evomerge.workers import Job, WorkerPool
 
 FAILED_F = 1e6  # what the algorithm sees for a failed candidate: worse than any real objective
+# A run stops when its first evaluations (this many, or the whole first batch if smaller) all failed
+# with the same error and none succeeded: the cause is the setup, not the candidates.
+STOP_AFTER = 8
+
+
+class SystematicFailure(EvomergeError):
+    """Every evaluation so far failed with the same error; the run stopped and can be resumed."""
 
 
 def stored_config(config: RunConfig) -> dict[str, Any]:
@@ -42,6 +49,17 @@ def stored_config(config: RunConfig) -> dict[str, Any]:
 
 # What may differ between the config a run was started with and the one it is resumed with.
 RESUMABLE = ("workers", "threads_per_worker", "ray", "retries", "out")
+RESUMABLE_FITNESS = ("timeout",)
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored config with the defaults of this evomerge filled in and where-it-runs keys left out."""
+    from evomerge.config import parse_config
+
+    with contextlib.suppress(EvomergeError):
+        config = stored_config(parse_config(config))
+    fitness = {k: v for k, v in config.get("fitness", {}).items() if k not in RESUMABLE_FITNESS}
+    return {**{k: v for k, v in config.items() if k not in RESUMABLE}, "fitness": fitness}
 
 
 def resume_search(
@@ -52,19 +70,16 @@ def resume_search(
     from evomerge.config import parse_config
 
     run_dir = Path(run_dir)
-    path = run_dir / "store.sqlite"
-    if not path.is_file():
-        raise EvomergeError(f"{str(run_dir)!r} is not a run folder (no store.sqlite)")
-    store = Store(path)
+    store = RunFolder(run_dir).open_store(readonly=True)
     try:
         stored, models = store.get_meta("config"), store.get_meta("models")
     finally:
         store.close()
+    if stored is None:
+        raise EvomergeError(f"run folder {str(run_dir)!r} has not recorded its config; start a new run")
     if config is not None:
-        given = stored_config(config)
-        changed = sorted(
-            k for k in set(stored) | set(given) if k not in RESUMABLE and stored.get(k) != given.get(k)
-        )
+        given, had = _comparable(stored_config(config)), _comparable(stored)
+        changed = sorted(k for k in set(had) | set(given) if had.get(k) != given.get(k))
         if changed:
             raise EvomergeError(
                 f"run folder {str(run_dir)!r} belongs to another config (differs in: {', '.join(changed)}); "
@@ -124,7 +139,10 @@ class Search:
         self.config = config
         self.fitness_fn = fitness
         self.run_dir = Path(out or config.out or "runs/run")
+        self.folder = RunFolder(self.run_dir)
         self.console = console
+        # Everything that needs no weights is checked before anything slow (zoo build, Ray, loading).
+        preflight.check_run(config, self.run_dir, new=False)
         if models is not None:
             self.models = ModelSet(**models)
         else:
@@ -133,7 +151,9 @@ class Search:
             if any(r.startswith("zoo:") for r in refs):
                 from evomerge import zoo
 
-                zoo_dir = zoo.build_zoo(config.zoo.cache_dir, progress=console is not None)
+                if console is not None and not zoo.is_built(config.zoo.cache_dir):
+                    console.print("building the tiny model zoo (first use only; about 2 minutes on 2 cores)")
+                zoo_dir = zoo.build_zoo(config.zoo.cache_dir, progress=report.progress_mode(console))
             self.models = ModelSet(
                 config.models.base,
                 dict(config.models.experts),
@@ -142,8 +162,6 @@ class Search:
                 zoo_dir,
             )
         self.models.check()
-        if config.fitness.tasks:
-            check_tasks(config.fitness.tasks, [str(p) for p in config.fitness.include])
         self.experts = list(config.models.experts)
         self.space = SearchSpace(config.search_space, self.experts, self.models.num_layers())
         if config.algorithm.initial == "experts":
@@ -168,23 +186,14 @@ class Search:
             return {"function": f.function}
         return {"tasks": list(f.tasks), "include": [str(p) for p in f.include], "batch_size": f.batch_size}
 
-    def _check_new_run_dir(self) -> None:
-        if (self.run_dir / "store.sqlite").exists():
-            raise EvomergeError(
-                f"run folder {str(self.run_dir)!r} already holds a run; continue it with "
-                f"`evomerge resume {self.run_dir}` or choose another --out"
-            )
-
     def _open_store(self, changed_layers: list[int | None]) -> Store:
-        self._check_new_run_dir()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(self.run_dir / "store.sqlite")
+        store = self.folder.create_store()
         store.set_meta("config", stored_config(self.config))
         store.set_meta("models", self._models_spec())
         store.set_meta("keyed_stream", KEYED_VERSION)
         store.set_meta("changed_layers", changed_layers)
         store.set_meta("genes", self.space.describe())
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(stored_config(self.config), sort_keys=False))
+        self.folder.write_text("config.yaml", yaml.safe_dump(stored_config(self.config), sort_keys=False))
         return store
 
     def objective_values(
@@ -217,7 +226,48 @@ class Search:
             [-c.objectives[o.name] if o.direction == "max" else c.objectives[o.name] for o in self.objectives]
         )
 
-    def _record(self, job: Job, result: dict[str, Any]) -> Candidate:
+    def _reserve(self, job: Job, key: str, failed: Candidate | None) -> int:
+        """The candidate id of an evaluation about to be dispatched: its reservation from before a stop,
+        the failed row being retried, or a new reservation (in the order the run asks, not the order
+        workers finish, so a resumed run gives every evaluation the id it had)."""
+        if failed is not None:
+            return failed.id
+        found = self.store.reserved(key, job.split, job.subset)
+        if found is not None:
+            return found
+        c = Candidate(
+            recipe=job.recipe,
+            recipe_key=key,
+            split=job.split,
+            subset=job.subset,
+            status=PENDING,
+            **job.record,
+        )
+        return self._write(self.store.add, c)
+
+    def _write(self, write: Callable[[Candidate], Any], c: Candidate) -> Any:
+        """A store write; a full disk or a vanished run folder stops the run in one line."""
+        try:
+            out = write(c)
+        except StoreFullError:
+            raise EvomergeError(self._disk_full_message()) from None
+        if not self.folder.store_path.exists():
+            raise EvomergeError(
+                f"run folder {str(self.run_dir)!r} vanished during the run (its store.sqlite is gone); "
+                "what the run stored there is lost: start the run again"
+            )
+        return out
+
+    def _disk_full_message(self) -> str:
+        import shutil
+
+        free = shutil.disk_usage(self.run_dir).free
+        return (
+            f"the disk holding run folder {str(self.run_dir)!r} is full ({free / 2**20:.0f} MiB free); "
+            f"nothing was half-stored: free some space and continue with `evomerge resume {self.run_dir}`"
+        )
+
+    def _record(self, job: Job, result: dict[str, Any], cid: int) -> Candidate:
         ok = result["status"] == "ok"
         objectives = None
         if ok:  # a missing objective stops the run before anything is stored
@@ -239,29 +289,59 @@ class Search:
             wall_s=result["wall_s"],
             worker=result.get("worker"),
             error=result.get("error"),
+            trace=result.get("trace"),
+            id=cid,
             **job.record,
         )
-        self.store.add(c)
+        self._write(self.store.finish, c)
+        self._watch_failures(c)
         return c
+
+    def _watch_failures(self, c: Candidate) -> None:
+        """Stop the run when its first evaluations all failed with the same error."""
+        if c.status == "ok":
+            self._succeeded = True
+            return
+        if self._succeeded:
+            return
+        self._failures.append(c)
+        firsts = {_first_line(f.error) for f in self._failures}
+        if len(self._failures) >= self._stop_after and len(firsts) == 1:
+            first = self._failures[0]
+            self.store.set_meta("stopped_on", {"error": _first_line(first.error), "candidate": first.id})
+            raise SystematicFailure(
+                f"every evaluation so far failed with the same error ({len(self._failures)} of "
+                f"{len(self._failures)}): {_first_line(first.error)} (candidate {first.id}; whole trace: "
+                f"`evomerge show {self.run_dir} --candidate {first.id}`); fix the cause and continue with "
+                f"`evomerge resume {self.run_dir}`"
+            )
 
     def evaluate(self, jobs: list[Job], describe: str) -> dict[Any, Candidate]:
         """Evaluate jobs in parallel, each distinct recipe once per split (also across generations),
         storing each result as it finishes. Returns job key -> candidate."""
         out: dict[Any, Candidate] = {}
         todo: dict[str, list[Job]] = {}
+        retried: dict[str, Candidate] = {}
         for job in jobs:
             key = Recipe.from_dict(job.recipe).key()
             hit = self.store.find(key, job.split, job.subset)
+            if hit is not None and hit.status == "failed" and self._retry_failed:
+                retried[key] = hit
+                hit = None
             if hit is not None:
                 out[job.key] = hit
             else:
                 todo.setdefault(key, []).append(job)
+        ids = {key: self._reserve(same[0], key, retried.get(key)) for key, same in todo.items()}
+        if not self._succeeded:
+            self._stop_after = min(STOP_AFTER, max(len(todo), 1))
         with report.progress(self.console, describe, len(todo)) as advance:
             for job, result in self.pool.run([same[0] for same in todo.values()]):
-                c = self._record(job, result)
+                key = Recipe.from_dict(job.recipe).key()
+                c = self._record(job, result, ids[key])
                 if result.get("fatal"):
                     raise EvomergeError(result["error"])
-                for twin in todo[c.recipe_key]:
+                for twin in todo[key]:
                     out[twin.key] = c
                 advance()
         return out
@@ -286,10 +366,16 @@ class Search:
         keeps its genome (runs recorded before this search every group). A new run's store is created
         only once that is known, so a run that cannot start leaves nothing behind."""
         cfg = self.config
+        self._failures: list[Candidate] = []
+        self._succeeded = False
+        self._retry_failed = False
+        self._stop_after = STOP_AFTER
         with contextlib.ExitStack() as stack:
             if resume:
-                self.store = Store(self.run_dir / "store.sqlite")
+                self.store = self.folder.open_store()
                 stack.callback(self.store.close)
+                self._succeeded = any(c.status == "ok" for c in self.store.candidates())
+                self._retry_failed = self.store.get_meta("stopped_on") is not None
                 check_masks_reproducible(
                     self.store.get_meta("keyed_stream"), cfg.search_space.methods, self.run_dir
                 )
@@ -300,7 +386,7 @@ class Search:
                         f"config's references resolve to now; continue it with `evomerge resume {self.run_dir}`"
                     )
             else:
-                self._check_new_run_dir()  # before the workers start
+                self.folder.check_new()  # before the workers start
             self.pool = WorkerPool(
                 self._models_spec(),
                 self._fitness_spec(),
@@ -308,6 +394,7 @@ class Search:
                 cfg.threads_per_worker,
                 cfg.ray.address,
                 cfg.retries,
+                cfg.fitness.timeout,
             )
             stack.callback(self.pool.shutdown)
             changed = self.store.get_meta("changed_layers") if resume else self.pool.call("changed_layers")
@@ -354,6 +441,8 @@ class Search:
         except (TypeError, AttributeError, pickle.PicklingError):
             # e.g. CMA-ES holds a generator: a resume replays its generations, answered from the store
             self.store.set_meta("checkpoint", "replay")
+        except StoreFullError:
+            raise EvomergeError(self._disk_full_message()) from None
 
     def _loop(self, resume: bool) -> Path:
         from pymoo.core.evaluator import Evaluator as PymooEvaluator
@@ -440,7 +529,7 @@ class Search:
         """Each estimated objective's item subset, from saved IRT parameters or a calibration."""
         cfg = self.config
         cal = cfg.fitness.calibration
-        folder = self.run_dir / "irt"
+        folder = self.folder.irt
         scopes: dict[str, calibration.Scope | None] = {}
         for o in self.objectives:
             if o.estimator and o.of not in scopes:
@@ -508,9 +597,10 @@ class Search:
 
     def _finish(self, search_seconds: float) -> None:
         cfg = self.config
-        searched = [c for c in self.store.candidates(kind="search") if c.status == "ok"]
+        everything = self.store.candidates(kind="search")
+        searched = [c for c in everything if c.status == "ok"]
         if not searched:
-            raise EvomergeError("every candidate failed; see the error column in the store")
+            raise EvomergeError(self._all_failed_message(everything))
         front = report.pareto_front(searched, self.objectives)
         # With estimated objectives the front is re-scored on the whole search split (the estimator's
         # error report needs it anyway), and the best model is picked on measured values only: among
@@ -537,30 +627,82 @@ class Search:
         failed = [k for k, c in test.items() if c.status != "ok"]
         if failed:
             raise EvomergeError(f"test-split evaluation failed for {failed}: {test[failed[0]].error}")
-        self.pool.call("save", best.recipe, str(self.run_dir / "best_model"))
+        self._save_best(best.recipe)
+        names = [o.name for o in self.objectives]
         summary = {
-            "objectives": [o.name for o in self.objectives],
+            "objectives": names,
             "best": test["best"].objectives,
             "best_candidate": best.id,
             **({"best_label": best.label} if best.kind == "calibration" else {}),
+            "best_recipe": report.recipe_summary(best.recipe),
             "base": test[("ref", "base")].objectives,
             "experts": {e: test[("ref", e)].objectives for e in self.experts},
             "front": [
-                {"candidate": c.id, "search": c.objectives, "test": test[("front", c.id)].objectives}
+                {
+                    "candidate": c.id,
+                    "search": {n: c.objectives[n] for n in names},
+                    "test": {n: test[("front", c.id)].objectives[n] for n in names},
+                    "recipe": report.recipe_summary(c.recipe),
+                }
                 for c in front
             ],
-            "candidates_evaluated": len(self.store.candidates(kind="search")),
+            "candidates_evaluated": len(everything),
             "best_picked_on": (
                 "the whole search split: the re-scored front and the calibration models"
                 if measured
                 else "search values"
             ),
+            "best_picked_how": report.PICK_RULE,
             **({"estimation": estimation} if estimation else {}),
             "search_seconds": round(search_seconds, 1),
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        report.write_front_csv(
-            self.run_dir / "front.csv", front, {c.id: test[("front", c.id)] for c in front}
-        )
+        try:  # summary.json last: a run folder with it is a finished run
+            report.write_front_csv(
+                self.folder, front, {c.id: test[("front", c.id)] for c in front}, self.objectives
+            )
+            self.folder.write_text("summary.json", json.dumps(summary, indent=2))
+        except OSError as e:
+            if preflight.disk_full(e):
+                raise EvomergeError(self._disk_full_message()) from None
+            raise
+        self.store.set_meta("stopped_on", None)
         if self.console is not None:
             report.print_summary(self.console, summary)
+
+    def _save_best(self, recipe: dict[str, Any]) -> None:
+        """best_model/ written whole or not at all (a temporary folder renamed into place)."""
+        import shutil
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix=".best_model-", dir=self.run_dir))
+        try:
+            self.pool.call("save", recipe, str(tmp))
+            if self.folder.best_model.exists():
+                shutil.rmtree(self.folder.best_model)
+            tmp.rename(self.folder.best_model)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if preflight.disk_full(e):
+                raise EvomergeError(self._disk_full_message()) from None
+            raise
+
+    def _all_failed_message(self, candidates: list[Candidate]) -> str:
+        from collections import Counter
+
+        errors = Counter(_first_line(c.error) for c in candidates)
+        error, n = errors.most_common(1)[0] if errors else ("no candidate was evaluated", 0)
+        first = next((c for c in candidates if _first_line(c.error) == error), None)
+        where = (
+            f" (candidate {first.id}; whole trace: `evomerge show {self.run_dir} --candidate {first.id}`)"
+            if first
+            else ""
+        )
+        return (
+            f"every search candidate failed ({len(candidates)}); the most common error ({n} of "
+            f"{len(candidates)}): {error}{where}"
+        )
+
+
+def _first_line(error: str | None) -> str:
+    lines = (error or "").strip().splitlines()
+    return lines[0] if lines else "(no error message)"

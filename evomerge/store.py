@@ -1,7 +1,12 @@
 """The durable record of a run: SQLite (WAL) in the run folder, written as each candidate finishes.
 
-A finished candidate row never changes. ``kind`` says why it was evaluated: ``search`` (a genome the
-algorithm proposed), ``test`` (a re-evaluation on the test split), ``reference`` (base or an expert).
+A candidate's id is reserved (a ``pending`` row) before it is dispatched, in the order the run asks for
+evaluations, so ids do not depend on which worker finishes first: a resumed run finds the reservations
+of the evaluations it had asked for and fills the same ids. A finished ``ok`` row never changes; a
+``failed`` row changes only when a run that stopped on a failure shared by every evaluation is resumed
+(its evaluations are then retried under their ids). ``kind`` says why it was evaluated: ``search`` (a
+genome the algorithm proposed), ``test`` (a re-evaluation on the test split), ``reference`` (base or an
+expert), ``calibration``, ``full`` (a front member on the whole search split).
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ CREATE TABLE IF NOT EXISTS candidates (
     wall_s REAL,
     worker TEXT,
     error TEXT,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    trace TEXT
 );
 CREATE INDEX IF NOT EXISTS candidates_key ON candidates (recipe_key, split, subset);
 CREATE TABLE IF NOT EXISTS checkpoints (generation INTEGER PRIMARY KEY, state BLOB NOT NULL, created REAL NOT NULL);
@@ -71,6 +77,7 @@ class Candidate:
     error: str | None = None
     id: int | None = None
     created: float = field(default_factory=time.time)
+    trace: str | None = None  # the whole traceback of a failed evaluation
 
 
 _JSON = ("genome", "objectives", "metrics", "responses")
@@ -93,7 +100,13 @@ _COLUMNS = [
     "worker",
     "error",
     "created",
+    "trace",
 ]
+PENDING = "pending"  # a reserved id whose evaluation has not finished
+
+
+class StoreFullError(OSError):
+    """The disk (or the database's size limit) is full: the write was rolled back whole."""
 
 
 class Store:
@@ -112,6 +125,16 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        if "trace" not in self._columns():  # a store written before failures kept their traceback
+            self.db.execute("ALTER TABLE candidates ADD COLUMN trace TEXT")
+
+    def _columns(self) -> set[str]:
+        return {row[1] for row in self.db.execute("PRAGMA table_info(candidates)")}
+
+    def _select(self) -> str:
+        """The SELECT list of a candidate row (a store from before ``trace`` reads it as NULL)."""
+        cols = [c if c != "trace" or "trace" in self._columns() else "NULL" for c in _COLUMNS]
+        return "SELECT id, " + ", ".join(cols) + " FROM candidates"
 
     def snapshot(self) -> tuple[dict[str, Any], list[Candidate]]:
         """Every meta value and every candidate, read in one transaction (a consistent view)."""
@@ -127,12 +150,19 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
+        """One transaction: all of it is stored or none (a full disk rolls it back)."""
         try:
-            yield self.db
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as e:
+            if "full" in str(e):
+                raise StoreFullError(str(e)) from None
             raise
 
     def set_meta(self, key: str, value: Any) -> None:
@@ -143,23 +173,54 @@ class Store:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
 
-    def add(self, c: Candidate) -> int:
+    @staticmethod
+    def _values(c: Candidate) -> list[Any]:
         values = []
         for col in _COLUMNS:
             v = getattr(c, col)
             if col in _JSON or col == "recipe":
                 v = None if v is None else json.dumps(v, sort_keys=True)
             values.append(v)
+        return values
+
+    def add(self, c: Candidate) -> int:
+        """Store a new row (``c.status`` ``pending`` reserves its id) and set ``c.id``."""
         with self._tx() as db:
             cur = db.execute(
                 f"INSERT INTO candidates ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                values,
+                self._values(c),
             )
         c.id = cur.lastrowid
         return c.id
 
-    def candidates(self, kind: str | None = None, split: str | None = None) -> list[Candidate]:
-        query, args = "SELECT id, " + ", ".join(_COLUMNS) + " FROM candidates WHERE 1=1", []
+    def finish(self, c: Candidate) -> None:
+        """Fill the reserved (or retried failed) row ``c.id`` with the finished evaluation."""
+        with self._tx() as db:
+            cur = db.execute(
+                f"UPDATE candidates SET {', '.join(f'{col} = ?' for col in _COLUMNS)} "
+                "WHERE id = ? AND status != 'ok'",
+                [*self._values(c), c.id],
+            )
+            if cur.rowcount != 1:
+                raise KeyError(f"candidate {c.id} is not reserved or already finished")
+
+    def reserved(self, recipe_key: str, split: str, subset: str | None = None) -> int | None:
+        """The id reserved for an evaluation of these weights on these items that has not finished."""
+        row = self.db.execute(
+            "SELECT id FROM candidates WHERE recipe_key = ? AND split = ? AND subset IS ? AND status = ? "
+            "ORDER BY id LIMIT 1",
+            (recipe_key, split, subset, PENDING),
+        ).fetchone()
+        return row[0] if row else None
+
+    def candidates(
+        self, kind: str | None = None, split: str | None = None, pending: bool = False
+    ) -> list[Candidate]:
+        """Stored candidates by id; reservations whose evaluation has not finished only with ``pending``."""
+        query, args = self._select() + " WHERE 1=1", []
+        if not pending:
+            query += " AND status != ?"
+            args.append(PENDING)
         if kind is not None:
             query += " AND kind = ?"
             args.append(kind)
@@ -169,20 +230,18 @@ class Store:
         return [self._row(r) for r in self.db.execute(query + " ORDER BY id", args)]
 
     def get(self, candidate_id: int) -> Candidate:
-        row = self.db.execute(
-            "SELECT id, " + ", ".join(_COLUMNS) + " FROM candidates WHERE id = ?", (candidate_id,)
-        ).fetchone()
+        row = self.db.execute(self._select() + " WHERE id = ?", (candidate_id,)).fetchone()
         if row is None:
             raise KeyError(candidate_id)
         return self._row(row)
 
     def find(self, recipe_key: str, split: str, subset: str | None = None) -> Candidate | None:
-        """The stored evaluation of these weights on these items, if any (a successful one first: a
+        """The finished evaluation of these weights on these items, if any (a successful one first: a
         failed one was already retried, so it stands)."""
         row = self.db.execute(
-            "SELECT id, " + ", ".join(_COLUMNS) + " FROM candidates WHERE recipe_key = ? AND split = ? "
-            "AND subset IS ? ORDER BY status != 'ok', id LIMIT 1",
-            (recipe_key, split, subset),
+            self._select() + " WHERE recipe_key = ? AND split = ? AND subset IS ? AND status != ? "
+            "ORDER BY status != 'ok', id LIMIT 1",
+            (recipe_key, split, subset, PENDING),
         ).fetchone()
         return self._row(row) if row else None
 

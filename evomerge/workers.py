@@ -3,8 +3,10 @@ one preallocated model in place; never writes a candidate to disk. Ray actors ru
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -103,8 +105,65 @@ class Evaluator:
         return path
 
 
+# fitness.timeout "auto": no limit is known before an evaluation of its kind has finished, so the first
+# ones get FIRST_TIMEOUT_S; after that, TIMEOUT_FACTOR x the slowest finished evaluation of the same kind
+# (split, item subset or whole split), at least MIN_TIMEOUT_S.
+FIRST_TIMEOUT_S = 1800.0
+TIMEOUT_FACTOR = 10.0
+MIN_TIMEOUT_S = 60.0
+
+
+class Timeouts:
+    """Seconds an evaluation may take before it counts as hung: fixed, none, or derived ("auto")."""
+
+    def __init__(self, setting: float | str | None):
+        self.setting = setting
+        self.slowest: dict[tuple[str, bool], float] = {}
+
+    def limit(self, job: Job) -> float | None:
+        if self.setting is None or isinstance(self.setting, (int, float)):
+            return self.setting
+        seen = self.slowest.get((job.split, job.items is None))
+        return FIRST_TIMEOUT_S if seen is None else max(MIN_TIMEOUT_S, TIMEOUT_FACTOR * seen)
+
+    def finished(self, job: Job, wall_s: float) -> None:
+        key = (job.split, job.items is None)
+        self.slowest[key] = max(self.slowest.get(key, 0.0), wall_s)
+
+
+@contextlib.contextmanager
+def quiet_ray() -> Iterator[None]:
+    """Ray's start-up warnings (its token-authentication banner) are not the user's business."""
+    logger = logging.getLogger("ray")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """ray.init replaces the SIGTERM handler with an exit; the caller's (a clean stop) stays."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
 class WorkerPool:
-    """``workers`` Ray actors, each an Evaluator; ``run(jobs)`` yields (job, result) as each finishes."""
+    """``workers`` Ray actors, each an Evaluator; ``run(jobs)`` yields (job, result) as each finishes.
+
+    ``timeout`` (seconds, ``"auto"`` or None) turns an evaluation that takes longer into a failed one
+    ("timed out after N s"); its worker is killed and replaced. A timed-out evaluation is not retried:
+    a hang is rarely transient."""
 
     def __init__(
         self,
@@ -114,21 +173,24 @@ class WorkerPool:
         threads: int = 1,
         address: str | None = None,
         retries: int = 1,
+        timeout: float | str | None = "auto",
     ):
         import ray
 
         if not ray.is_initialized():
-            if address:
-                ray.init(address=address, log_to_driver=False)
-            else:
-                ray.init(
-                    num_cpus=max(workers * threads, os.cpu_count() or 1),
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    configure_logging=False,
-                )
+            with quiet_ray(), _keep_sigterm_handler():
+                if address:
+                    ray.init(address=address, log_to_driver=False, configure_logging=False)
+                else:
+                    ray.init(
+                        num_cpus=max(workers * threads, os.cpu_count() or 1),
+                        include_dashboard=False,
+                        log_to_driver=False,
+                        configure_logging=False,
+                    )
         self.ray = ray
         self.retries = retries
+        self.timeouts = Timeouts(timeout)
         self._new = lambda: ray.remote(num_cpus=threads)(Evaluator).remote(models, fitness, threads)
         self.actors = [self._new() for _ in range(workers)]
 
@@ -145,32 +207,69 @@ class WorkerPool:
         from ray.exceptions import RayActorError, WorkerCrashedError
 
         pending: deque[tuple[Job, int, int | None]] = deque((job, 0, None) for job in jobs)
-        running: dict[Any, tuple[Job, int, int]] = {}
+        running: dict[Any, tuple[Job, int, int, float]] = {}
         idle = list(range(len(self.actors)))
         while pending or running:
             while pending and idle:
                 job, attempt, last = pending.popleft()
                 slot = next((s for s in idle if s != last), idle[0])
                 idle.remove(slot)
-                running[self.actors[slot].evaluate.remote(job)] = (job, attempt, slot)
-            done, _ = self.ray.wait(list(running), num_returns=1)
-            job, attempt, slot = running.pop(done[0])
-            try:
-                result = self.ray.get(done[0])
-            except (RayActorError, WorkerCrashedError) as e:
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                result = {"status": "failed", "error": f"worker died ({type(e).__name__}): {reason}"[:500]}
-                result.update(wall_s=0.0, worker=f"worker-{slot}")
-                self.ray.kill(self.actors[slot])
-                self.actors[slot] = self._new()
-            idle.append(slot)
-            if result["status"] != "ok" and not result.get("fatal") and attempt < self.retries:
-                pending.appendleft((job, attempt + 1, slot))
-                continue
-            result["attempts"] = attempt + 1
-            yield job, result
+                running[self.actors[slot].evaluate.remote(job)] = (job, attempt, slot, time.monotonic())
+            for ref, (job, attempt, slot, result) in self._next_done(running):
+                if ref is not None:
+                    try:
+                        result = self.ray.get(ref)
+                    except (RayActorError, WorkerCrashedError) as e:
+                        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                        result = _failed(f"worker died ({type(e).__name__}): {reason}"[:500], slot)
+                        self._replace(slot)
+                idle.append(slot)
+                if result["status"] == "ok":
+                    self.timeouts.finished(job, result["wall_s"])
+                retry = not (result.get("fatal") or result.get("timed_out"))
+                if result["status"] != "ok" and retry and attempt < self.retries:
+                    pending.appendleft((job, attempt + 1, slot))
+                    continue
+                result["attempts"] = attempt + 1
+                yield job, result
+
+    def _next_done(self, running: dict[Any, tuple[Job, int, int, float]]) -> list[tuple[Any, tuple]]:
+        """Wait for the next finished evaluation, or for the first to pass its time limit. Returns
+        (ref, (job, attempt, slot, None)) for a finished one and (None, (job, attempt, slot, result))
+        for a timed-out one, whose worker is then replaced."""
+        now = time.monotonic()
+        deadlines = {}
+        for ref, (job, _, _, start) in running.items():
+            limit = self.timeouts.limit(job)
+            if limit is not None:
+                deadlines[ref] = (start + limit, limit)
+        wait = None if not deadlines else max(0.0, min(d for d, _ in deadlines.values()) - now)
+        done, _ = self.ray.wait(list(running), num_returns=1, timeout=wait)
+        if done:
+            job, attempt, slot, _ = running.pop(done[0])
+            return [(done[0], (job, attempt, slot, None))]
+        now = time.monotonic()
+        out = []
+        for ref, (deadline, limit) in deadlines.items():
+            if now >= deadline:
+                job, attempt, slot, start = running.pop(ref)
+                result = _failed(f"timed out after {limit:.0f} s", slot, wall_s=now - start)
+                result["timed_out"] = True
+                self._replace(slot)
+                out.append((None, (job, attempt, slot, result)))
+        return out
+
+    def _replace(self, slot: int) -> None:
+        self.ray.kill(self.actors[slot])
+        self.actors[slot] = self._new()
 
     def shutdown(self) -> None:
         for a in self.actors:
-            self.ray.kill(a)
+            with contextlib.suppress(Exception):  # an actor already dead, or Ray already stopped
+                self.ray.kill(a)
         self.actors = []
+
+
+def _failed(error: str, slot: int, wall_s: float = 0.0) -> dict[str, Any]:
+    """The result of an evaluation that did not return (its worker died or hung)."""
+    return {"status": "failed", "error": error, "wall_s": wall_s, "worker": f"worker-{slot}"}

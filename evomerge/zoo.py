@@ -288,10 +288,25 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def training_progress(enabled: bool, total: int) -> Iterator:
-    """Yields ``update(description, loss)``; a rich progress bar when ``enabled``."""
+def training_progress(enabled: bool | str | None, total: int) -> Iterator:
+    """Yields ``update(description, loss)``: a rich progress bar when ``enabled`` (or "bar"), a line per
+    5% of the steps with "lines" (output that is not a terminal), nothing otherwise."""
     if not enabled:
         yield lambda desc, loss: None
+        return
+    if enabled == "lines":
+        start, done, step = time.monotonic(), 0, max(1, total // 20)
+
+        def line(desc: str, loss: float) -> None:
+            nonlocal done
+            done += 1
+            if done % step == 0 or done == total:
+                print(
+                    f"zoo {desc}: step {done}/{total}, loss {loss:.3f} ({time.monotonic() - start:.0f} s)",
+                    flush=True,
+                )
+
+        yield line
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -391,7 +406,13 @@ def _complete(folder: Path) -> bool:
     return (folder / MANIFEST).is_file()
 
 
-def build_zoo(cache_dir: Path | None = None, force: bool = False, progress: bool = True) -> Path:
+def is_built(cache_dir: Path | None = None) -> bool:
+    """Whether the zoo of this recipe is already in the cache."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return _complete(root / f"zoo-{recipe_hash(RECIPE)}")
+
+
+def build_zoo(cache_dir: Path | None = None, force: bool = False, progress: bool | str | None = True) -> Path:
     """The zoo folder ``<cache_dir>/zoo-<hash12>/``, built on first use and reused afterwards.
 
     It holds ``base/`` and ``experts/<skill>/`` (Hugging Face folders with tokenizer) and ``zoo.json``.

@@ -54,3 +54,21 @@ def loss(model, tokenizer) -> dict[str, float]:
     with torch.no_grad():
         ids = torch.arange(8).unsqueeze(0)
         return {"mean": float(model(input_ids=ids, labels=ids).loss)}
+
+
+def hang_once(model, tokenizer) -> dict[str, float]:
+    """Hangs (far past any test's timeout) the first time it runs; a marker file beside the models
+    remembers."""
+    marker = Path(model.config.name_or_path).parent / "hung"
+    if not marker.exists():
+        marker.write_text(str(os.getpid()))
+        time.sleep(3600)
+    return closeness(model, tokenizer)
+
+
+def broken_until_fixed(model, tokenizer) -> dict[str, float]:
+    """Fails the same way for every candidate until a file named ``fixed`` exists beside the models
+    (a setup problem the user then fixes)."""
+    if not (Path(model.config.name_or_path).parent / "fixed").exists():
+        raise RuntimeError("the fitness data is not there yet")
+    return closeness(model, tokenizer)

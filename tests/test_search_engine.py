@@ -265,10 +265,12 @@ def test_nan_fitness_is_stored_as_failed_after_retries(tmp_path, models, ray_env
         out=str(tmp_path / "run"),
         **{"algorithm.name": "ga", "algorithm.generations": 1, "algorithm.pop_size": 3},
     )
-    with pytest.raises(EvomergeError, match="every candidate failed"):
+    with pytest.raises(EvomergeError, match="every evaluation so far failed with the same error") as err:
         Search(cfg).run()
+    assert "\n" not in str(err.value) and "non-finite values for ['mean']" in str(err.value)
     rows = Store(tmp_path / "run" / "store.sqlite").candidates(kind="search")
     assert rows and all(c.status == "failed" and "non-finite" in c.error for c in rows)
+    assert all("Traceback" in c.trace for c in rows)
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])

@@ -1,0 +1,125 @@
+"""The run folder: the one place that knows its layout and opens its store.
+
+```
+RUN_DIR/store.sqlite   every evaluation, the run's meta, the algorithm checkpoints (evomerge.store)
+RUN_DIR/config.yaml    the validated config
+RUN_DIR/summary.json   the test-split table, the front and how the best model was picked
+RUN_DIR/front.csv      the Pareto front with search and test values and recipes
+RUN_DIR/best_model/    the best merge as an HF folder
+RUN_DIR/irt/           fitted IRT item parameters, one file per objective scope
+```
+
+A store is checked before it is used: a file that is not SQLite (truncated, overwritten), a damaged
+database, or a SQLite database that evomerge did not write is refused in one line and never changed.
+Files other than the store are written whole or not at all (a temporary file renamed into place).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tempfile
+from pathlib import Path
+
+from evomerge.errors import EvomergeError
+from evomerge.store import Store
+
+STORE = "store.sqlite"
+CONFIG = "config.yaml"
+SUMMARY = "summary.json"
+FRONT = "front.csv"
+BEST_MODEL = "best_model"
+IRT = "irt"
+_TABLES = {"meta", "candidates", "checkpoints"}
+
+
+class RunFolder:
+    """A run folder at ``path`` (which may not exist yet)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def store_path(self) -> Path:
+        return self.path / STORE
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def best_model(self) -> Path:
+        return self.path / BEST_MODEL
+
+    @property
+    def irt(self) -> Path:
+        return self.path / IRT
+
+    def exists(self) -> bool:
+        """Whether a run was started here (it has a store)."""
+        return self.store_path.is_file()
+
+    def finished(self) -> bool:
+        return (self.path / SUMMARY).is_file()
+
+    def check_new(self) -> None:
+        if self.exists():
+            raise EvomergeError(
+                f"run folder {str(self.path)!r} already holds a run; continue it with "
+                f"`evomerge resume {self.path}` or choose another --out"
+            )
+
+    def require(self) -> None:
+        """Refuse a folder without a store, or whose store is not a readable evomerge store."""
+        if not self.path.is_dir():
+            raise EvomergeError(f"{str(self.path)!r} is not a run folder (no such folder)")
+        if not self.exists():
+            raise EvomergeError(f"{str(self.path)!r} is not a run folder (no {STORE})")
+        self._check_store()
+
+    def _check_store(self) -> None:
+        where = str(self.store_path)
+        with open(self.store_path, "rb") as f:
+            head = f.read(16)
+        if head != b"SQLite format 3\x00":
+            raise EvomergeError(
+                f"{where!r} is not a SQLite database (truncated or overwritten); it was left as it is"
+            )
+        try:
+            db = sqlite3.connect(f"{self.store_path.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                check = db.execute("PRAGMA quick_check").fetchone()[0]
+            finally:
+                db.close()
+        except sqlite3.DatabaseError as e:
+            raise EvomergeError(f"{where!r} is a damaged database ({e}); it was left as it is") from None
+        if check != "ok":
+            raise EvomergeError(f"{where!r} is a damaged database ({check}); it was left as it is")
+        if not tables >= _TABLES:
+            raise EvomergeError(
+                f"{where!r} is a SQLite database that evomerge did not write (tables: "
+                f"{', '.join(sorted(tables)) or 'none'}); it was left as it is"
+            )
+
+    def open_store(self, readonly: bool = False) -> Store:
+        """The store of an existing run, checked first."""
+        self.require()
+        return Store(self.store_path, readonly=readonly)
+
+    def create_store(self) -> Store:
+        """The store of a new run (the folder is made)."""
+        self.check_new()
+        return Store(self.store_path)
+
+    def write_text(self, name: str, text: str) -> Path:
+        """Write ``name`` in the run folder whole or not at all."""
+        path = self.path / name
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}-", dir=self.path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
