@@ -96,13 +96,10 @@ def to_mergekit(
 def export_candidate(run_dir: str | Path, candidate_id: int, out: str | Path | None = None) -> Path:
     """Write candidate ``candidate_id`` of a run as a mergekit YAML (default
     ``RUN_DIR/exports/candidate-<id>.mergekit.yaml``) and return its path; existing files are kept."""
-    from evomerge.store import Store
+    from evomerge.runfolder import RunFolder
 
     run_dir = Path(run_dir)
-    store_path = run_dir / "store.sqlite"
-    if not store_path.is_file():
-        raise EvomergeError(f"{str(run_dir)!r} is not a run folder (no store.sqlite)")
-    store = Store(store_path)
+    store = RunFolder(run_dir).open_store(readonly=True)
     try:
         models = store.get_meta("models")
         try:

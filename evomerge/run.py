@@ -15,7 +15,8 @@ import pandas as pd
 from evomerge import report
 from evomerge.config import ObjectiveConfig, RunConfig, parse_config
 from evomerge.errors import EvomergeError
-from evomerge.store import Candidate, Store
+from evomerge.runfolder import RunFolder
+from evomerge.store import Candidate
 
 _HEAD_COLUMNS = ("id", "kind", "generation", "label", "split", "status")
 _TAIL_COLUMNS = (
@@ -38,7 +39,7 @@ def load_run(path: str | Path) -> Run:
 
 def _read_store(path: Path) -> tuple[dict[str, Any], list[Candidate]]:
     """The meta table and every candidate, read in one read-only transaction (WAL lets a writer go on)."""
-    store = Store(path, readonly=True)
+    store = RunFolder(path).open_store(readonly=True)
     try:
         return store.snapshot()
     finally:
@@ -60,10 +61,7 @@ class Run:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        store = self.path / "store.sqlite"
-        if not store.is_file():
-            raise EvomergeError(f"{str(self.path)!r} is not a run folder (no store.sqlite)")
-        meta, self._records = _read_store(store)
+        meta, self._records = _read_store(self.path)
         self._meta = meta
         if "config" not in meta:
             raise EvomergeError(f"run {str(self.path)!r} has not recorded its config yet")
@@ -157,34 +155,80 @@ class Run:
 
     def plot_front(self, ax: Any = None) -> Any:
         """Plot the successful search candidates and return the matplotlib Figure. One objective: its value
-        per generation with the running best; more: the first two objectives coloured by generation, with
-        the Pareto front circled. Without a display matplotlib falls back to the Agg backend."""
+        per generation with the running best; two: the objectives against each other coloured by
+        generation, with the Pareto front circled; three or more: a scatter matrix of every pair of
+        objectives drawn that way (front circled in each panel), each objective per generation with its
+        running best on the diagonal, in a new figure (``ax`` is refused). Without a display matplotlib
+        falls back to the Agg backend."""
         import matplotlib.pyplot as plt
         from matplotlib.ticker import MaxNLocator
 
+        if len(self.objectives) > 2:
+            if ax is not None:
+                raise EvomergeError(
+                    f"plot_front draws {len(self.objectives)} objectives as a scatter matrix in a new "
+                    "figure; call it without `ax` (one or two objectives take an `ax`)"
+                )
+            return self._plot_matrix()
         if ax is None:
             _, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
         fig = ax.figure
         searched = self._searched()
-        axis_label = {o.name: f"{o.name} ({o.direction})" for o in self.objectives}
         if len(self.objectives) == 1:
-            name = self.objectives[0].name
-            ax.scatter(searched.generation, searched[name], c=searched.generation, cmap="viridis", alpha=0.7)
-            history = self.history
-            ax.plot(history.generation, history[f"cum_best_{name}"], color="C3", label="best so far")
-            ax.set_xlabel("generation")
-            ax.set_ylabel(axis_label[name])
+            self._plot_per_generation(ax, searched, self.objectives[0])
         else:
-            x, y = (o.name for o in self.objectives[:2])
-            points = ax.scatter(searched[x], searched[y], c=searched.generation, cmap="viridis", alpha=0.7)
-            front = self.pareto_front()
-            ax.scatter(front[x], front[y], s=150, facecolors="none", edgecolors="C3", label="Pareto front")
+            x, y = self.objectives
+            points = self._plot_pair(ax, searched, self.pareto_front(), x, y)
             colorbar = fig.colorbar(points, ax=ax, label="generation")
             colorbar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlabel(axis_label[x])
-            ax.set_ylabel(axis_label[y])
         ax.set_title(f"{self.path.name}: search candidates")
         ax.legend()
+        return fig
+
+    def _plot_per_generation(self, ax: Any, searched: pd.DataFrame, o: ObjectiveConfig) -> None:
+        ax.scatter(searched.generation, searched[o.name], c=searched.generation, cmap="viridis", alpha=0.7)
+        history = self.history
+        ax.plot(history.generation, history[f"cum_best_{o.name}"], color="C3", label="best so far")
+        ax.set_xlabel("generation")
+        ax.set_ylabel(f"{o.name} ({o.direction})")
+
+    @staticmethod
+    def _plot_pair(
+        ax: Any, searched: pd.DataFrame, front: pd.DataFrame, x: ObjectiveConfig, y: ObjectiveConfig
+    ) -> Any:
+        points = ax.scatter(
+            searched[x.name], searched[y.name], c=searched.generation, cmap="viridis", alpha=0.7
+        )
+        ax.scatter(
+            front[x.name], front[y.name], s=150, facecolors="none", edgecolors="C3", label="Pareto front"
+        )
+        ax.set_xlabel(f"{x.name} ({x.direction})")
+        ax.set_ylabel(f"{y.name} ({y.direction})")
+        return points
+
+    def _plot_matrix(self) -> Any:
+        """Row i, column j: objective j (x) against objective i (y); the diagonal: objective i per
+        generation with its running best. One colour bar (generation) for the whole figure."""
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+
+        n = len(self.objectives)
+        fig, axes = plt.subplots(n, n, figsize=(3.2 * n + 1.2, 3.0 * n), layout="constrained", squeeze=False)
+        searched, front = self._searched(), self.pareto_front()
+        points = None
+        for i, y in enumerate(self.objectives):
+            for j, x in enumerate(self.objectives):
+                ax = axes[i, j]
+                if i == j:
+                    self._plot_per_generation(ax, searched, y)
+                    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                else:
+                    points = self._plot_pair(ax, searched, front, x, y)
+        axes[0, 0].legend(fontsize="small")
+        axes[0, 1].legend(fontsize="small")
+        colorbar = fig.colorbar(points, ax=axes, label="generation", shrink=0.6)
+        colorbar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.suptitle(f"{self.path.name}: search candidates, every pair of objectives")
         return fig
 
     # --- models --------------------------------------------------------------------------------------------

@@ -79,13 +79,23 @@ class RunFolder:
     def _check_store(self) -> None:
         where = str(self.store_path)
         with open(self.store_path, "rb") as f:
-            head = f.read(16)
-        if head != b"SQLite format 3\x00":
+            head = f.read(100)
+        if head[:16] != b"SQLite format 3\x00":
+            raise EvomergeError(f"{where!r} is not a SQLite database (overwritten?); it was left as it is")
+        size = self.store_path.stat().st_size
+        page = int.from_bytes(head[16:18], "big") if len(head) == 100 else 0
+        pages = int.from_bytes(head[28:32], "big") if len(head) == 100 else 0
+        expected = (65536 if page == 1 else page) * pages
+        if len(head) < 100 or size < expected:
             raise EvomergeError(
-                f"{where!r} is not a SQLite database (truncated or overwritten); it was left as it is"
+                f"{where!r} is truncated ({size} of {expected or 'at least 100'} bytes); it was left as it is"
             )
         try:
-            db = sqlite3.connect(f"{self.store_path.resolve().as_uri()}?mode=ro", uri=True)
+            # Without a write-ahead log beside it (a store closed cleanly, or not a store) the file is
+            # read as immutable, which leaves no -wal/-shm files beside a store it refuses.
+            wal = self.store_path.with_name(STORE + "-wal").exists()
+            uri = f"{self.store_path.resolve().as_uri()}?mode=ro" + ("" if wal else "&immutable=1")
+            db = sqlite3.connect(uri, uri=True)
             try:
                 tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 check = db.execute("PRAGMA quick_check").fetchone()[0]

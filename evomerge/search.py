@@ -307,7 +307,7 @@ class Search:
         self._failures.append(c)
         firsts = {_first_line(f.error) for f in self._failures}
         if len(self._failures) >= self._stop_after and len(firsts) == 1:
-            first = self._failures[0]
+            first = min(self._failures, key=lambda f: f.id)
             self.store.set_meta("stopped_on", {"error": _first_line(first.error), "candidate": first.id})
             raise SystematicFailure(
                 f"every evaluation so far failed with the same error ({len(self._failures)} of "

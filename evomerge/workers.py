@@ -93,6 +93,10 @@ class Evaluator:
         out.update(wall_s=time.perf_counter() - start, worker=self.name)
         return out
 
+    def ready(self) -> str:
+        """Answers once the worker has loaded its models."""
+        return self.name
+
     def changed_layers(self) -> list[int | None]:
         return sorted(self.merger.changed_layers(), key=lambda layer: -1 if layer is None else layer)
 
@@ -193,6 +197,8 @@ class WorkerPool:
         self.timeouts = Timeouts(timeout)
         self._new = lambda: ray.remote(num_cpus=threads)(Evaluator).remote(models, fitness, threads)
         self.actors = [self._new() for _ in range(workers)]
+        # ready() of the workers still loading their models -> their slot
+        self.starting: dict[Any, int] = {a.ready.remote(): slot for slot, a in enumerate(self.actors)}
 
     def call(self, method: str, *args: Any) -> Any:
         """Run a method on the first worker and wait for it."""
@@ -202,13 +208,14 @@ class WorkerPool:
         """Evaluate jobs on idle workers; yield (job, result) as each finishes.
 
         A failed evaluation (a dead worker, NaN weights, an exception) is retried up to ``retries``
-        times, on another worker when there is one; a dead worker is replaced by a fresh one. The
-        result says how many ``attempts`` it took."""
+        times, on another worker when there is one; a dead worker is replaced by a fresh one. A worker
+        gets jobs once it has loaded its models, so an evaluation's time limit never counts the load.
+        The result says how many ``attempts`` it took."""
         from ray.exceptions import RayActorError, WorkerCrashedError
 
         pending: deque[tuple[Job, int, int | None]] = deque((job, 0, None) for job in jobs)
         running: dict[Any, tuple[Job, int, int, float]] = {}
-        idle = list(range(len(self.actors)))
+        idle = [s for s in range(len(self.actors)) if s not in self.starting.values()]
         while pending or running:
             while pending and idle:
                 job, attempt, last = pending.popleft()
@@ -216,6 +223,9 @@ class WorkerPool:
                 idle.remove(slot)
                 running[self.actors[slot].evaluate.remote(job)] = (job, attempt, slot, time.monotonic())
             for ref, (job, attempt, slot, result) in self._next_done(running):
+                if job is None:  # a worker finished loading (or failed to: its first job will say why)
+                    idle.append(slot)
+                    continue
                 if ref is not None:
                     try:
                         result = self.ray.get(ref)
@@ -223,7 +233,8 @@ class WorkerPool:
                         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
                         result = _failed(f"worker died ({type(e).__name__}): {reason}"[:500], slot)
                         self._replace(slot)
-                idle.append(slot)
+                if slot not in self.starting.values():
+                    idle.append(slot)
                 if result["status"] == "ok":
                     self.timeouts.finished(job, result["wall_s"])
                 retry = not (result.get("fatal") or result.get("timed_out"))
@@ -234,9 +245,10 @@ class WorkerPool:
                 yield job, result
 
     def _next_done(self, running: dict[Any, tuple[Job, int, int, float]]) -> list[tuple[Any, tuple]]:
-        """Wait for the next finished evaluation, or for the first to pass its time limit. Returns
-        (ref, (job, attempt, slot, None)) for a finished one and (None, (job, attempt, slot, result))
-        for a timed-out one, whose worker is then replaced."""
+        """Wait for the next finished evaluation or started worker, or for the first evaluation to pass
+        its time limit. Returns (ref, (job, attempt, slot, None)) for a finished evaluation,
+        (None, (job, attempt, slot, result)) for a timed-out one, whose worker is then replaced, and
+        (ref, (None, 0, slot, None)) for a worker that has started."""
         now = time.monotonic()
         deadlines = {}
         for ref, (job, _, _, start) in running.items():
@@ -244,7 +256,12 @@ class WorkerPool:
             if limit is not None:
                 deadlines[ref] = (start + limit, limit)
         wait = None if not deadlines else max(0.0, min(d for d, _ in deadlines.values()) - now)
-        done, _ = self.ray.wait(list(running), num_returns=1, timeout=wait)
+        done, _ = self.ray.wait([*running, *self.starting], num_returns=1, timeout=wait)
+        if done and done[0] in self.starting:
+            slot = self.starting.pop(done[0])
+            with contextlib.suppress(Exception):
+                self.ray.get(done[0])
+            return [(done[0], (None, 0, slot, None))]
         if done:
             job, attempt, slot, _ = running.pop(done[0])
             return [(done[0], (job, attempt, slot, None))]
@@ -260,8 +277,10 @@ class WorkerPool:
         return out
 
     def _replace(self, slot: int) -> None:
-        self.ray.kill(self.actors[slot])
+        with contextlib.suppress(Exception):
+            self.ray.kill(self.actors[slot])
         self.actors[slot] = self._new()
+        self.starting[self.actors[slot].ready.remote()] = slot
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -1,0 +1,325 @@
+"""Faults a run meets: hung or systematically failing evaluations, a full disk, damaged stores, an
+unwritable run folder, SIGINT/SIGTERM; and checks that run before anything slow."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from test_search_engine import _cli, _rows, models, ray_env, write_config  # noqa: F401
+from tiny import save_model_set
+
+from evomerge.cli import app
+from evomerge.config import load_config
+from evomerge.errors import EvomergeError
+from evomerge.search import Search, resume_search
+from evomerge.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ids(run: Path) -> list[tuple]:
+    """Every stored evaluation by id: what it is and what was evaluated."""
+    return [
+        (c.id, c.kind, c.generation, c.label, c.split, c.recipe_key, c.status)
+        for c in Store(run / "store.sqlite").candidates(pending=True)
+    ]
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _short(tmp_path, models, function="fitness_fns:closeness", **extra):  # noqa: F811
+    return load_config(
+        write_config(tmp_path, models, function, **extra),
+        out=str(tmp_path / "run"),
+        **{"algorithm.pop_size": 4, "algorithm.generations": 2},
+    )
+
+
+# --- evaluations that hang or all fail -------------------------------------------------------------------
+
+
+def test_a_hanging_evaluation_times_out_and_its_worker_is_replaced(tmp_path, models, ray_env):  # noqa: F811
+    marker = models["base"].parent / "hung"
+    marker.unlink(missing_ok=True)
+    cfg = load_config(
+        write_config(tmp_path, models, "fitness_fns:hang_once", fitness__timeout=4, workers=1),
+        out=str(tmp_path / "run"),
+        **{"algorithm.pop_size": 3, "algorithm.generations": 1},
+    )
+    start = time.monotonic()
+    run = Search(cfg).run()
+    assert time.monotonic() - start < 120 and marker.exists()
+    rows = Store(run / "store.sqlite").candidates(kind="search")
+    failed = [c for c in rows if c.status == "failed"]
+    assert len(failed) == 1 and failed[0].error == "timed out after 4 s"
+    assert len({c.worker for c in rows if c.status == "ok"}) == 1  # the replacement did the rest
+    assert failed[0].worker != next(c.worker for c in rows if c.status == "ok")
+
+
+def test_timeout_auto_grows_from_the_first_evaluations():
+    from evomerge.workers import FIRST_TIMEOUT_S, MIN_TIMEOUT_S, Job, Timeouts
+
+    t = Timeouts("auto")
+    subset, whole = Job(0, {}, "search", {"t": [1]}), Job(1, {}, "search", None)
+    assert t.limit(subset) == FIRST_TIMEOUT_S
+    t.finished(subset, 2.0)
+    assert t.limit(subset) == MIN_TIMEOUT_S and t.limit(whole) == FIRST_TIMEOUT_S
+    t.finished(subset, 30.0)
+    assert t.limit(subset) == 300.0
+    assert Timeouts(None).limit(subset) is None and Timeouts(7.5).limit(whole) == 7.5
+
+
+def test_a_run_whose_evaluations_all_fail_alike_stops_early_and_resumes_once_fixed(
+    tmp_path,
+    models,  # noqa: F811
+    ray_env,  # noqa: F811
+):
+    (models["base"].parent / "fixed").unlink(missing_ok=True)
+    cfg = load_config(
+        write_config(tmp_path, models, "fitness_fns:broken_until_fixed", workers=2),
+        out=str(tmp_path / "run"),
+        **{"algorithm.pop_size": 4, "algorithm.generations": 3},
+    )
+    with pytest.raises(EvomergeError) as err:
+        Search(cfg).run()
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(
+        "every evaluation so far failed with the same error (4 of 4): "
+        "RuntimeError: the fitness data is not there yet (candidate 1; whole trace: `evomerge show "
+    )
+    assert f"continue with `evomerge resume {tmp_path / 'run'}`" in message
+    rows = Store(tmp_path / "run" / "store.sqlite").candidates(kind="search")
+    assert len(rows) == 4  # the first generation, not the whole budget
+
+    shown = CliRunner().invoke(app, ["show", str(tmp_path / "run"), "--candidate", "1"])
+    assert shown.exit_code == 0
+    assert "status failed" in shown.output and "Traceback (most recent call last)" in shown.output
+    assert "RuntimeError: the fitness data is not there yet" in shown.output
+    assert "layers_0-1" in shown.output  # the recipe
+    missing = CliRunner().invoke(app, ["show", str(tmp_path / "run"), "--candidate", "99"])
+    assert missing.exit_code == 2 and "has no candidate 99; its candidates: 1..4" in missing.output
+
+    (models["base"].parent / "fixed").write_text("")
+    resume_search(tmp_path / "run").resume()
+    fresh = load_config(
+        write_config(tmp_path, models, "fitness_fns:closeness", workers=2),
+        out=str(tmp_path / "fresh"),
+        **{"algorithm.pop_size": 4, "algorithm.generations": 3},
+    )
+    Search(fresh).run()
+    assert [r[:-1] for r in _ids(tmp_path / "run")] == [r[:-1] for r in _ids(tmp_path / "fresh")]
+    assert all(r[-1] == "ok" for r in _ids(tmp_path / "run"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["front"] == json.loads((tmp_path / "fresh" / "summary.json").read_text())["front"]
+
+
+# --- the run folder: full disk, damaged store, unwritable --out ----------------------------------------
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_afterwards(
+    tmp_path,
+    models,  # noqa: F811
+    ray_env,  # noqa: F811
+    monkeypatch,
+):
+    """SQLite's max_page_count gives the store the error a full disk gives (SQLITE_FULL)."""
+    opened = Store.__init__
+    room = {"pages": 3}
+
+    def small_disk(self, path, readonly=False):
+        opened(self, path, readonly)
+        if not readonly:
+            pages = self.db.execute("PRAGMA page_count").fetchone()[0]
+            self.db.execute(f"PRAGMA max_page_count = {pages + room['pages']}")
+
+    monkeypatch.setattr(Store, "__init__", small_disk)
+    cfg = _short(tmp_path, models)
+    with pytest.raises(EvomergeError) as err:
+        Search(cfg).run()
+    assert "\n" not in str(err.value)
+    assert f"the disk holding run folder {str(tmp_path / 'run')!r} is full" in str(err.value)
+    assert f"continue with `evomerge resume {tmp_path / 'run'}`" in str(err.value)
+    stored = Store(tmp_path / "run" / "store.sqlite").candidates()
+    assert all(c.objectives is not None and c.wall_s > 0 for c in stored)  # none half-stored
+
+    monkeypatch.setattr(Store, "__init__", opened)
+    resume_search(tmp_path / "run").resume()
+    fresh = load_config(write_config(tmp_path, models), out=str(tmp_path / "fresh"))
+    fresh = fresh.model_copy(update={"algorithm": cfg.algorithm})
+    Search(fresh).run()
+    assert _ids(tmp_path / "run") == _ids(tmp_path / "fresh")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncate", "is truncated ("),
+        ("garbage", "is not a SQLite database (overwritten?); it was left as it is"),
+        ("corrupt", "is a damaged database"),
+        ("foreign", "is a SQLite database that evomerge did not write (tables: notes)"),
+    ],
+)
+def test_a_damaged_or_foreign_store_is_named_and_left_as_it_is(tmp_path, damage, message):
+    import sqlite3
+
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / "store.sqlite"
+    if damage == "foreign":
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE notes (x)")
+    else:
+        store = Store(path)
+        for i in range(200):
+            store.set_meta(f"k{i}", "v" * 500)
+        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        store.close()
+        data = path.read_bytes()
+        if damage == "truncate":
+            path.write_bytes(data[: len(data) // 3])
+        elif damage == "garbage":
+            path.write_bytes(b"\x00" * len(data))
+        else:  # overwrite pages in the middle, keep the header
+            path.write_bytes(data[:4096] + os.urandom(len(data) - 8192) + data[-4096:])
+    before = path.read_bytes()
+    for args in (
+        ["resume", str(run)],
+        ["show", str(run), "--candidate", "1"],
+        ["export", str(run), "--candidate", "1"],
+    ):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, lines)
+    from evomerge.run import Run
+
+    with pytest.raises(EvomergeError, match="it was left as it is"):
+        Run(run)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in run.iterdir()) == ["store.sqlite"]
+
+
+def _unwritable(tmp_path: Path) -> Path:
+    """A folder this process cannot write in: a read-only one, or (as root, which ignores permission
+    bits) one on a file system that takes no new files."""
+    if os.geteuid() == 0:
+        return Path("/proc/sys/evomerge-run")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder / "run"
+
+
+def test_an_unwritable_out_fails_in_one_line_before_anything_starts(tmp_path, models):  # noqa: F811
+    config = write_config(tmp_path, models)
+    out = _unwritable(tmp_path)
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "evomerge.cli", "run", str(config), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and f"run folder {str(out)!r} is not writable" in proc.stderr
+    assert time.monotonic() - start < 30  # no Ray, no model loading
+
+
+def test_checks_before_anything_slow(tmp_path, models):  # noqa: F811
+    """Bad task names, references and layer groups fail before a zoo is built or a model read; a
+    model too large for the disk is found from its safetensors header."""
+    runner = CliRunner()
+    cache = tmp_path / "empty-cache"
+    demo = yaml.safe_load((ROOT / "experiments" / "demo.yaml").read_text())
+    demo["zoo"] = {"cache_dir": str(cache)}
+    cases = [
+        (
+            {"fitness": {**demo["fitness"], "tasks": ["zoo_adition"]}},
+            "unknown fitness task 'zoo_adition' (did you mean 'zoo_addition'?)",
+        ),
+        (
+            {"models": {**demo["models"], "experts": {"a": "zoo:additon"}}},
+            "unknown zoo model 'additon' (did you mean 'addition'?)",
+        ),
+        (
+            {"search_space": {"name": "per_layer", "layer_groups": 50}},
+            "search_space.layer_groups is 50 but the base model has 4 decoder layers; use at most 4 groups",
+        ),
+        (
+            {"models": {**demo["models"], "base": str(tmp_path / "nowhere")}},
+            f"base: model folder {str(tmp_path / 'nowhere')!r} does not exist",
+        ),
+    ]
+    for edit, message in cases:
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({**demo, **edit}))
+        for command in ("check", "run"):
+            result = runner.invoke(app, [command, str(path), "--out", str(tmp_path / "run")])
+            assert result.exit_code == 2 and message in result.output, (command, result.output)
+    assert not cache.exists() and not (tmp_path / "run").exists()
+
+    # a base whose one tensor claims 2^40 float32 elements in its safetensors header: 4 TiB to save
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    (huge / "config.json").write_text((models["base"] / "config.json").read_text())
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 0]}}).encode()
+    (huge / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    config = write_config(tmp_path, {**models, "base": huge})
+    result = runner.invoke(app, ["check", str(config), "--out", str(tmp_path / "run")])
+    assert (
+        result.exit_code == 2
+        and "needs about 41943" in result.output
+        and "MiB (store and best model) but" in result.output
+    )
+    ok = runner.invoke(app, ["check", str(write_config(tmp_path, models)), "--out", str(tmp_path / "run")])
+    assert ok.exit_code == 0, ok.output
+
+
+# --- signals and kill -9 ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_stop_cleanly_and_the_run_resumes_exactly(tmp_path, models, ray_env, sig):  # noqa: F811
+    config = write_config(tmp_path, models, workers=2)
+    env = {**os.environ, "EVOMERGE_TEST_SLEEP": "0.3"}
+    proc = _cli("run", config, "--out", tmp_path / "run", env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(g >= 2 for (g,) in _rows(tmp_path / "run" / "store.sqlite")):
+        time.sleep(0.2)
+    # Ctrl-C in a terminal signals the whole foreground process group; kill/systemd send SIGTERM to one
+    os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    last = out.strip().splitlines()[-1]
+    assert last == (
+        f"error: stopped by {sig.name}: every finished evaluation is stored, the workers are stopped; "
+        f"continue with `evomerge resume {tmp_path / 'run'}`"
+    )
+    assert "Traceback" not in out and "Aborted" not in out
+    resumed = _cli("resume", tmp_path / "run", env=env)
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+    full = _cli("run", config, "--out", tmp_path / "full")
+    assert full.wait(timeout=300) == 0, full.stdout.read()
+    assert _ids(tmp_path / "run") == _ids(tmp_path / "full")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary == {
+        **json.loads((tmp_path / "full" / "summary.json").read_text()),
+        "search_seconds": summary["search_seconds"],
+    }
+    assert _files(tmp_path / "run" / "best_model") == _files(tmp_path / "full" / "best_model")
