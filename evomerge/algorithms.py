@@ -48,6 +48,9 @@ def _load(target: str) -> type:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
         raise EvomergeError(f"algorithm {target!r} does not import: {e}") from None
+    except Exception as e:  # the module's own code failed (SyntaxError, ...) or a bad name (".x")
+        first = (str(e).splitlines() or [""])[0]
+        raise EvomergeError(f"algorithm {target!r} does not import: {type(e).__name__}: {first}") from None
     if not isinstance(cls, type):
         raise EvomergeError(f"algorithm {target!r} is not a class")
     return cls

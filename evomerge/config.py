@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from evomerge.errors import EvomergeError
-from evomerge.searchspace import SearchSpaceConfig, load_space_config
+from evomerge.errors import EvomergeError, read_yaml
+from evomerge.searchspace import SearchSpaceConfig, load_space_config, space_data
 
 
 class _Frozen(BaseModel):
@@ -93,7 +95,7 @@ class RunConfig(_Frozen):
     fitness: FitnessConfig
     objectives: tuple[ObjectiveConfig, ...] = (ObjectiveConfig(name="mean_accuracy"),)
     algorithm: AlgorithmConfig = AlgorithmConfig()
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="0 to 2**32 - 1 (numpy's range)")
     workers: int = Field(2, ge=1)
     retries: int = Field(1, ge=0, description="re-evaluations on another worker before a candidate fails")
     threads_per_worker: int = Field(1, ge=1)
@@ -109,7 +111,7 @@ class RunConfig(_Frozen):
             and "search_space" in data
             and not isinstance(data["search_space"], BaseModel)
         ):
-            data = {**data, "search_space": load_space_config(data["search_space"])}
+            data = {**data, "search_space": space_data(data["search_space"])}
         return data
 
     @model_validator(mode="after")
@@ -165,26 +167,81 @@ class RunConfig(_Frozen):
 
 
 def format_validation_error(err: ValidationError) -> str:
-    """One line naming the first problem: where it is, what is wrong, what is allowed."""
-    e = err.errors()[0]
-    where = ".".join(str(p) for p in e["loc"]) or "config"
+    """One line naming the first problem: where it is, what is wrong, what is allowed, and the value
+    given. A value that none of a field's alternatives takes (``float | Literal[...]``) lists them all."""
+    errors = err.errors()
+    e = errors[0]
+    loc = _field_loc(e["loc"])
+    where = ".".join(str(p) for p in loc) or "config"
     if e["type"] == "extra_forbidden":
-        allowed = _allowed_keys(RunConfig, e["loc"][:-1])
-        return f"config: unknown key {where!r}; allowed: {', '.join(allowed)}"
-    msg = e["msg"].removeprefix("Value error, ")
+        allowed = _allowed_keys(loc[:-1])
+        key = ".".join(str(p) for p in loc)
+        return f"config: unknown key {key!r}" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
     if e["type"] == "missing":
         return f"config: missing required key {where!r}"
+    same = [x for x in errors if _field_loc(x["loc"]) == loc and x["msg"].startswith("Input should be ")]
+    if len(same) > 1 and e in same:
+        wanted = [re.sub(r", unable to .*$", "", x["msg"].removeprefix("Input should be ")) for x in same]
+        msg = f"Input should be {' or '.join(dict.fromkeys(wanted))}"
+    else:
+        msg = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    msg = re.sub(r"a valid dictionary or instance of \w+", "a mapping of keys", msg)
+    if e["type"] not in ("value_error", "assertion_error") and "input" in e:
+        given = repr(e["input"])
+        msg += f" (got {given if len(given) <= 60 else given[:57] + '...'})"
+    msg = " ".join(msg.split())  # one line, whatever a validator's message held
     return f"config: {where}: {msg}" if where != "config" else f"config: {msg}"
 
 
-def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+def _unwrap(annotation: Any) -> tuple[Any, list[Any]]:
+    """(the annotation without ``| None``, the members when what is left is still a union)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        if len(members) == 1:
+            return members[0], []
+        return annotation, members
+    return annotation, []
+
+
+def _child(annotation: Any, part: Any) -> Any:
+    """The annotation of ``part`` (a field name, a list index or a mapping key) inside ``annotation``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field = annotation.model_fields.get(str(part))
+        return field.annotation if field is not None else None
+    args = get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin is tuple and isinstance(part, int):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return args[0]
+        return args[part] if part < len(args) else None
+    if origin is dict and len(args) == 2:
+        return args[1]
+    return None
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys of the config section at ``loc`` (list indexes step into a tuple of sections)."""
+    annotation: Any = RunConfig
     for part in loc:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
+        annotation = _child(_unwrap(annotation)[0], part)
+    annotation = _unwrap(annotation)[0]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return list(annotation.model_fields)
+    return []
+
+
+def _field_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``loc`` without pydantic's union member tags (``fitness.timeout.float`` is ``fitness.timeout``)."""
+    out: list[Any] = []
+    annotation: Any = RunConfig
+    for part in loc:
+        annotation, members = _unwrap(annotation)
+        if members and isinstance(part, str):  # the tag of the member that was tried
+            annotation = next((m for m in members if getattr(m, "__name__", None) == part), None)
+            continue
+        out.append(part)
+        annotation = _child(annotation, part)
+    return tuple(out)
 
 
 def load_config(path: str | Path, **overrides: Any) -> RunConfig:
@@ -192,10 +249,9 @@ def load_config(path: str | Path, **overrides: Any) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise EvomergeError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise EvomergeError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from e
+    data = read_yaml(path, "config file")
+    if data is None:  # an empty file: validation names the missing keys
+        data = {}
     if not isinstance(data, dict):
         raise EvomergeError(f"config file {str(path)!r} must hold a mapping of keys")
     for key, value in overrides.items():
@@ -205,7 +261,10 @@ def load_config(path: str | Path, **overrides: Any) -> RunConfig:
         *parents, last = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[last] = value
+            if not isinstance(node, dict):  # `ray: 5`: validation names the bad section below
+                break
+        else:
+            node[last] = value
     if data.get("out") is None:
         data["out"] = str(Path("runs") / path.stem)
     return parse_config(data)
@@ -213,7 +272,7 @@ def load_config(path: str | Path, **overrides: Any) -> RunConfig:
 
 def parse_config(data: dict[str, Any]) -> RunConfig:
     try:
-        return RunConfig(**data)
+        return RunConfig.model_validate(data)
     except ValidationError as e:
         raise EvomergeError(format_validation_error(e)) from None
     except EvomergeError:

@@ -9,17 +9,16 @@ linearly onto its bounds. Parameters the chosen method does not declare are igno
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import math
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge import catalog
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, read_yaml
 from evomerge.merge import get_method
 from evomerge.recipe import OTHER, GroupRecipe, Recipe, split_layers
 
@@ -57,6 +56,10 @@ class SearchSpaceConfig(BaseModel):
                     f"their parameters: {', '.join(sorted(declared))}"
                 )
             p = declared[name]
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise EvomergeError(
+                    f"search space gene {name!r} bounds [{low}, {high}] must be finite numbers"
+                )
             if p.kind is bool:
                 raise EvomergeError(
                     f"search space gene {name!r} is a true/false parameter; set it under `fixed:` instead"
@@ -69,12 +72,45 @@ class SearchSpaceConfig(BaseModel):
                 raise EvomergeError(
                     f"search space gene {name!r} bounds [{low}, {high}] are outside [{p.low}, {p.high}]"
                 )
-        for name in self.fixed:
+        if not self.genes and len(self.methods) == 1:
+            raise EvomergeError(
+                f"search space has nothing to search: no `genes:` and one method ({self.methods[0]}); "
+                "add genes from its numeric parameters "
+                f"({', '.join(sorted(n for n, p in declared.items() if p.kind is not bool)) or 'none'}) "
+                "or more methods"
+            )
+        for m in self.methods:  # else every candidate that draws the method would fail to merge
+            missing = [
+                p.name
+                for p in get_method(m).params
+                if p.required and p.name not in {**self.genes, **self.fixed}
+            ]
+            if missing:
+                raise EvomergeError(
+                    f"search space method {m!r} needs parameter {missing[0]!r}: search it under `genes:` "
+                    "or set it under `fixed:`"
+                )
+        for name, value in self.fixed.items():
             if name not in declared:
                 raise EvomergeError(
                     f"search space fixed parameter {name!r} is not a parameter of {list(self.methods)}; "
                     f"their parameters: {', '.join(sorted(declared))}"
                 )
+            if name in self.genes:
+                raise EvomergeError(
+                    f"search space parameter {name!r} is both searched (genes) and fixed; keep one of them"
+                )
+            for m in self.methods:  # the merge would refuse the value on every candidate: refuse it now
+                method = get_method(m)
+                p = next((p for p in method.params if p.name == name), None)
+                if p is None:
+                    continue
+                per_model = p.scope == "model" and isinstance(value, Mapping | list | tuple)
+                for v in (value.values() if isinstance(value, Mapping) else value) if per_model else [value]:
+                    try:
+                        method._check_range(p, v)
+                    except EvomergeError as e:
+                        raise EvomergeError(f"search space fixed parameter {name!r}: {e}") from None
         return self
 
 
@@ -82,13 +118,28 @@ def load_space_config(spec: SearchSpaceConfig | dict[str, Any] | str) -> SearchS
     """A search-space config from a catalogue name, a YAML path, or a dict whose ``name`` is overridden."""
     if isinstance(spec, SearchSpaceConfig):
         return spec
+    return SearchSpaceConfig.model_validate(space_data(spec))
+
+
+def space_data(spec: dict[str, Any] | str) -> dict[str, Any]:
+    """The unvalidated keys of a search space: those of the catalogue entry or YAML file that ``spec``
+    names (a name, or a dict's ``name``), overridden by the dict's own."""
+    if not isinstance(spec, str | dict):
+        raise EvomergeError(
+            f"search_space must be a catalogue name, a YAML path or a mapping of keys, got {spec!r}"
+        )
     overrides = {"name": spec} if isinstance(spec, str) else dict(spec)
     base: dict[str, Any] = {}
-    if overrides.get("name"):
-        path = catalog.find("searchspaces", overrides["name"])
-        base = yaml.safe_load(Path(path).read_text()) or {}
+    name = overrides.get("name")
+    if name is not None and not isinstance(name, str):
+        raise EvomergeError(f"search_space.name must be a catalogue name or a YAML path, got {name!r}")
+    if name:
+        path = catalog.find("searchspaces", name)
+        base = read_yaml(path, "search space file") or {}
+        if not isinstance(base, dict):
+            raise EvomergeError(f"search space file {str(path)!r} must hold a mapping of keys")
         base.pop("name", None)
-    return SearchSpaceConfig(**{**base, **overrides})
+    return {**base, **overrides}
 
 
 EXACT_METHODS = ("task_arithmetic", "linear")  # weight 1 on one expert, 0 on the others: that expert
@@ -120,6 +171,11 @@ class SearchSpace:
     ):
         self.config = config
         self.experts = list(experts)
+        if num_layers > 0 and config.layer_groups > num_layers:
+            raise EvomergeError(
+                f"search_space.layer_groups is {config.layer_groups} but the base model has "
+                f"{num_layers} decoder layers; use at most {num_layers} groups"
+            )
         ranges = split_layers(num_layers, config.layer_groups)
         self.groups: list[tuple[str, tuple[int, int] | None]] = [
             (f"layers_{a}-{b - 1}", (a, b)) for a, b in ranges

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from evomerge.errors import EvomergeError
 from evomerge.searchspace import SearchSpace, SearchSpaceConfig, load_space_config
@@ -110,7 +111,42 @@ def test_shared_and_per_model_genes_mix():
 
 def test_methods_that_cannot_take_the_experts_are_refused():
     with pytest.raises(EvomergeError, match="'slerp' needs the base and exactly 1 other model"):
-        SearchSpace(SearchSpaceConfig(methods=("ties", "slerp"), genes={"weight": (0, 1)}), ["a", "b"], 4)
+        SearchSpace(
+            SearchSpaceConfig(methods=("ties", "slerp"), genes={"weight": (0, 1), "t": (0, 1)}), ["a", "b"], 4
+        )
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            {"methods": ("ties", "slerp"), "genes": {"weight": (0, 1)}},
+            "search space method 'slerp' needs parameter 't': search it under `genes:` or set it under `fixed:`",
+        ),
+        (
+            {"genes": {}},
+            "search space has nothing to search: no `genes:` and one method (task_arithmetic); add genes "
+            "from its numeric parameters (lambda, weight) or more methods",
+        ),
+        ({"genes": {"weight": (float("nan"), 1.0)}}, "bounds [nan, 1.0] must be finite numbers"),
+        ({"fixed": {"weight": 0.5}}, "parameter 'weight' is both searched (genes) and fixed"),
+        (
+            {"fixed": {"lambda": "high"}},
+            "fixed parameter 'lambda': merge method 'task_arithmetic' parameter 'lambda'='high' is outside",
+        ),
+        ({"fixed": {"normalize": 1}}, "parameter 'normalize' must be true or false"),
+        (
+            {"methods": ("ties",), "fixed": {"density": {"a": 0.5, "b": 2}}},
+            "fixed parameter 'density': merge method 'ties' parameter 'density'=2 is outside [0.0, 1.0]",
+        ),
+    ],
+)
+def test_spaces_every_candidate_of_which_would_fail_are_refused(config, message):
+    with pytest.raises(ValidationError) as err:
+        SearchSpaceConfig(**config)
+    assert message in str(err.value)
+    fixed = {"density": [0.5, 1.0], "normalize": False, "lambda": 1.5}  # per expert, true/false, a number
+    assert SearchSpaceConfig(methods=("ties",), fixed=fixed).fixed == fixed
 
 
 @pytest.mark.parametrize(
@@ -209,3 +245,33 @@ def test_groups_no_expert_changed_get_no_genes_and_stay_the_base():
         EvomergeError, match="no expert differs from the base in any tensor: there is nothing to merge"
     ):
         SearchSpace(load_space_config({"name": "per_layer"}), ["a", "b"], 4, changed_layers=[])
+
+
+def test_more_layer_groups_than_layers_is_an_error():
+    """Not clamped to the model's depth: the config would claim groups the genome does not have."""
+    with pytest.raises(EvomergeError) as err:
+        space(layer_groups=50, layers=4)
+    assert str(err.value) == (
+        "search_space.layer_groups is 50 but the base model has 4 decoder layers; use at most 4 groups"
+    )
+    assert [g for g, _ in space(layer_groups=4, layers=4).groups][:-1] == [
+        f"layers_{i}-{i}" for i in range(4)
+    ]
+
+
+def test_search_space_file_with_a_yaml_error_says_where(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("layer_groups: 2\nmethods: [ties\n")
+    with pytest.raises(EvomergeError) as err:
+        load_space_config(str(path))
+    assert str(err.value) == (
+        f"search space file {str(path)!r} is not valid YAML: line 3, column 1: expected ',' or ']', "
+        "but got '<stream end>' (while parsing a flow sequence started at line 2, column 10)"
+    )
+    path.write_text("- layer_groups: 2\n")
+    with pytest.raises(EvomergeError, match="must hold a mapping of keys"):
+        load_space_config({"name": str(path)})
+    with pytest.raises(
+        EvomergeError, match="search_space.name must be a catalogue name or a YAML path, got 3"
+    ):
+        load_space_config({"name": 3})

@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 
 from evomerge import catalog
-from evomerge.errors import EvomergeError, unknown
+from evomerge.errors import EvomergeError, read_yaml, unknown
 from evomerge.fitness.base import FitnessResult
 
 
@@ -30,7 +30,7 @@ def catalog_tasks(include: tuple[str, ...] = ()) -> dict[str, Path]:
         if not root.is_dir():
             raise EvomergeError(f"fitness include folder {str(root)!r} does not exist")
         for path in sorted(root.rglob("*.yaml")):
-            data = yaml.safe_load(path.read_text()) or {}
+            data = read_yaml(path, "fitness task file")
             if isinstance(data, dict) and isinstance(data.get("task"), str):
                 tasks[data["task"]] = path
     return tasks
@@ -68,12 +68,18 @@ def check_tasks(tasks: Sequence[str], include: Sequence[str] = ()) -> None:
     missing = [t for t in tasks if t not in ours]
     if not missing:
         return
-    from lm_eval.tasks import TaskManager
-
-    known = TaskManager().all_tasks
+    known = lm_eval_tasks()
     for t in missing:
         if t not in known:
             raise unknown("fitness task", t, [*ours, "<any lm-eval task>"])
+
+
+@cache
+def lm_eval_tasks() -> frozenset[str]:
+    """The names of lm-eval's own tasks (indexing them takes seconds: once per process)."""
+    from lm_eval.tasks import TaskManager
+
+    return frozenset(TaskManager().all_tasks)
 
 
 class LmEvalFitness:

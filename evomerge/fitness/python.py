@@ -27,9 +27,16 @@ def load_function(ref: str | FitnessFn) -> FitnessFn:
     if not sep or not module or not name:
         raise EvomergeError(f"fitness function {ref!r} must be written 'module:function'")
     try:
-        fn = getattr(importlib.import_module(module), name)
+        imported = importlib.import_module(module)
     except ImportError as e:
         raise EvomergeError(f"fitness function {ref!r} does not import: {e}") from None
+    except Exception as e:  # the module's own code failed (SyntaxError, NameError, ...) or a bad name
+        first = (str(e).splitlines() or [""])[0]
+        raise EvomergeError(
+            f"fitness function {ref!r} does not import: {type(e).__name__}: {first}"
+        ) from None
+    try:
+        fn = getattr(imported, name)
     except AttributeError:
         raise EvomergeError(f"fitness function {ref!r}: module {module!r} has no {name!r}") from None
     if not callable(fn):

@@ -256,7 +256,7 @@ class MergeMethod:
             )
 
 
-METHODS: Registry[MergeMethod] = Registry("merge method")
+METHODS: Registry[MergeMethod] = Registry("merge method", MergeMethod)
 
 
 def merge_method(
