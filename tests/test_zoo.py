@@ -126,6 +126,47 @@ def test_killed_build_leaves_no_zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert zoo.load_manifest(final)["hash"] == zoo.recipe_hash(zoo.RECIPE)
 
 
+def test_build_once_removes_the_folder_of_a_killed_build(tmp_path: Path) -> None:
+    """SIGKILL runs no `finally`: the killed build's temporary folder stays until the next build of
+    the same folder removes it under the lock; other folders' builds are left alone."""
+    import signal
+    import subprocess
+    import sys
+
+    from evomerge.models import build_once
+
+    final = tmp_path / "thing"
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, signal, sys; from pathlib import Path; from evomerge.models import build_once; "
+            "build_once(Path(sys.argv[1]), lambda tmp: ((tmp / 'half').write_text('x'), "
+            "os.kill(os.getpid(), signal.SIGKILL)))",
+            str(final),
+        ],
+        capture_output=True,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (stale,) = [p for p in tmp_path.iterdir() if p.name.startswith(".thing-")]
+    assert (stale / "half").is_file() and not final.exists()
+    others = [tmp_path / ".thing-bfloat16-abcd1234", tmp_path / ".thing-notes", tmp_path / "thing-abcd1234"]
+    for other in others:  # a build of `thing-bfloat16`, and names mkdtemp does not make for `thing`
+        other.mkdir()
+
+    assert build_once(final, lambda tmp: (tmp / "done").write_text("ok")) == final
+    assert (final / "done").read_text() == "ok" and not stale.exists()
+    assert all(other.is_dir() for other in others)
+
+    # a killed forced rebuild of a finished folder: the next call reuses the folder and still cleans up
+    (tmp_path / ".thing-zz_9abcd").mkdir()
+    assert build_once(final, lambda tmp: pytest.fail("rebuilt a complete folder")) == final
+    assert not (tmp_path / ".thing-zz_9abcd").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".thing-bfloat16-abcd1234", ".thing-notes", "thing", "thing-abcd1234", "thing.lock"]
+    )
+
+
 def test_force_rebuilds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     monkeypatch.setattr(zoo, "_build", lambda *a: calls.append(1) or _fake_build(*a))
