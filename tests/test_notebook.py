@@ -205,6 +205,79 @@ def test_two_objectives_respect_directions(tmp_path):
         plt.close(fig)
 
 
+def test_three_objectives_plot_a_scatter_matrix(tmp_path):
+    """A fake three-objective store: plot_front draws every pair of objectives (none dropped), each
+    coloured by generation with the front circled, and each objective per generation on the diagonal."""
+    import matplotlib.pyplot as plt
+
+    objectives = [
+        {"name": "accuracy", "of": "mean", "direction": "max"},
+        {"name": "cost", "of": "zoo_addition", "direction": "min"},
+        {"name": "script", "of": "zoo_script", "direction": "max"},
+    ]
+    cfg = load_config(
+        ROOT / "experiments" / "demo.yaml", objectives=objectives, **{"algorithm.name": "nsga2"}
+    )
+    store = Store(tmp_path / "store.sqlite")
+    store.set_meta("config", cfg.model_dump(mode="json"))
+    points = {
+        1: (0.5, 0.5, 0.1),  # dominated by 4
+        2: (0.6, 0.7, 0.2),
+        3: (0.4, 0.6, 0.9),
+        4: (0.6, 0.4, 0.1),
+        5: None,
+        6: (0.7, 0.9, 0.0),
+    }
+    for i, values in points.items():
+        store.add(
+            Candidate(
+                recipe={"groups": [{"name": "other", "method": "linear", "parameters": {"i": i}}]},
+                recipe_key=f"k{i}",
+                split="search",
+                status="failed" if values is None else "ok",
+                generation=1 if i <= 3 else 2,
+                objectives=None
+                if values is None
+                else dict(zip(("accuracy", "cost", "script"), values, strict=True)),
+                error="boom" if values is None else None,
+                wall_s=1.0,
+            )
+        )
+    store.close()
+    run = evomerge.load_run(tmp_path)
+    assert sorted(run.pareto_front().index) == [2, 3, 4, 6]
+    fig = run.plot_front()
+    try:
+        assert isinstance(fig, Figure)
+        panels, colorbars = fig.axes[:9], fig.axes[9:]
+        assert len(colorbars) == 1  # one generation colour bar for the whole matrix
+        names = [o["name"] for o in objectives]
+        for k, ax in enumerate(panels):
+            i, j = divmod(k, 3)
+            searched = ax.collections[0]
+            assert len(searched.get_offsets()) == 5  # every successful candidate, in every panel
+            assert list(searched.get_array()) == [1, 1, 1, 2, 2]  # coloured by generation
+            if i == j:  # objective i per generation, with its running best
+                assert ax.get_xlabel() == "generation" and ax.get_ylabel().startswith(names[i])
+                assert len(ax.lines) == 1
+            else:  # objective j against objective i, the front circled
+                assert ax.get_xlabel().startswith(names[j]) and ax.get_ylabel().startswith(names[i])
+                offsets = searched.get_offsets()
+                assert list(offsets[:, 0]) == [points[c][j] for c in (1, 2, 3, 4, 6)]
+                assert list(offsets[:, 1]) == [points[c][i] for c in (1, 2, 3, 4, 6)]
+                assert len(ax.collections[1].get_offsets()) == 4
+        pairs = {(p.get_xlabel().split()[0], p.get_ylabel().split()[0]) for p in panels}
+        assert {(a, b) for a in names for b in names if a != b} <= pairs
+    finally:
+        plt.close(fig)
+    _, ax = plt.subplots()
+    try:
+        with pytest.raises(EvomergeError, match="draws 3 objectives as a scatter matrix in a new figure"):
+            run.plot_front(ax)
+    finally:
+        plt.close(ax.figure)
+
+
 def test_committed_notebook_has_no_outputs():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
