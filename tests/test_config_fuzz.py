@@ -391,3 +391,16 @@ def test_unparseable_configs_answer_in_one_line(tmp_path, text):
     result = CliRunner().invoke(app, ["check", str(path), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2, (result.stderr, result.exception)
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+
+
+@pytest.mark.xfail(
+    reason="preflight._mib divides the estimated run size (an int) into a float: OverflowError past 1e308 "
+    "bytes; preflight.py is being changed elsewhere",
+    raises=pytest.fail.Exception,
+    strict=True,
+)
+@pytest.mark.parametrize("key", ["pop_size", "generations"])
+def test_a_huge_population_answers_in_one_line(key):
+    config = copy.deepcopy(DEMO)
+    config["algorithm"][key] = 10**400
+    assert_one_line_or_ok(config)
