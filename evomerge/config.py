@@ -8,7 +8,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import EvomergeError, read_yaml
 from evomerge.searchspace import SearchSpaceConfig, load_space_config, space_data
@@ -52,6 +52,19 @@ class FitnessConfig(_Frozen):
     )
     batch_size: int = Field(64, ge=1)
     calibration: CalibrationConfig = CalibrationConfig()
+    timeout: float | Literal["auto", "none"] | None = Field(
+        "auto",
+        description="seconds one evaluation may take before it fails as 'timed out' and its worker is "
+        "replaced; auto: 10x the slowest finished evaluation of its kind (at least 60 s; 30 min before "
+        "any has finished); none: no limit",
+    )
+
+    @field_validator("timeout")
+    @classmethod
+    def _positive_timeout(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, (int, float)) and not (0 < v < float("inf")):
+            raise ValueError(f"must be a positive number of seconds, auto or none; got {v}")
+        return None if v == "none" else v
 
 
 class ObjectiveConfig(_Frozen):

@@ -190,7 +190,8 @@ def check_out(out: Path, needed: int, new: bool = True) -> None:
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
+    """Integer arithmetic: a config may ask for more bytes than a float holds."""
+    return f"{n // 2**20} MiB" if n >= 2**20 else f"{n // 1024} KiB"
 
 
 def disk_full(e: BaseException) -> bool:

@@ -393,12 +393,6 @@ def test_unparseable_configs_answer_in_one_line(tmp_path, text):
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
 
 
-@pytest.mark.xfail(
-    reason="preflight._mib divides the estimated run size (an int) into a float: OverflowError past 1e308 "
-    "bytes; preflight.py is being changed elsewhere",
-    raises=pytest.fail.Exception,
-    strict=True,
-)
 @pytest.mark.parametrize("key", ["pop_size", "generations"])
 def test_a_huge_population_answers_in_one_line(key):
     config = copy.deepcopy(DEMO)

@@ -22,19 +22,23 @@ OBJECTIVES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def irt_run(zoo_dir, tmp_path_factory):
-    ray = pytest.importorskip("ray")
+def irt_config(zoo_dir: Path, out: Path) -> dict:
     data = yaml.safe_load(Path("experiments/demo.yaml").read_text())
     del data["fitness"]["items"]  # the estimators choose the items
     data.update(
         objectives=OBJECTIVES,
-        out=str(tmp_path_factory.mktemp("irt") / "run"),
+        out=str(out),
         algorithm={"name": "nsga2", "pop_size": 4, "generations": 2},
         zoo={"cache_dir": str(zoo_dir.parent)},
     )
     data["fitness"]["calibration"] = {"random_merges": 8}
-    cfg = parse_config(data)
+    return data
+
+
+@pytest.fixture(scope="module")
+def irt_run(zoo_dir, tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    cfg = parse_config(irt_config(zoo_dir, tmp_path_factory.mktemp("irt") / "run"))
     try:
         yield Search(cfg).run()
     finally:
@@ -147,3 +151,16 @@ def test_bad_estimator_configs(objective, extra, message):
     with pytest.raises(EvomergeError) as err:
         load_config("experiments/demo.yaml", objectives=[objective], **extra)
     assert message in str(err.value)
+
+
+def test_kill_9_during_calibration_then_resume_reproduces_the_run(irt_run, zoo_dir, tmp_path):
+    from test_search_engine import _cli, _kill_when, same_run
+
+    run_dir = tmp_path / "killed"
+    config = tmp_path / "irt.yaml"
+    config.write_text(yaml.safe_dump(irt_config(zoo_dir, run_dir), sort_keys=False))
+    _kill_when(_cli("run", config), run_dir / "store.sqlite", "kind = 'calibration'")
+    assert not (run_dir / "irt").exists()  # killed before the fit
+    resumed = _cli("resume", run_dir)
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+    same_run(run_dir, irt_run)
