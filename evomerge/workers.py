@@ -52,6 +52,19 @@ def search_merger(model: torch.nn.Module, models: ModelSet) -> Merger:
     return Merger(model.state_dict(), models.expert_state_dicts(), seed=SEARCH_SEED, random=SEARCH_RANDOM)
 
 
+def _ray_node() -> str:
+    """``<Ray node id prefix>:`` inside a Ray worker (nodes of one cluster may share a host name)."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return ""
+    import ray
+
+    if not ray.is_initialized():
+        return ""
+    return f"{ray.get_runtime_context().get_node_id()[:8]}:"
+
+
 class Evaluator:
     """Merges recipes into one model and scores them. Runs in a Ray actor or in-process."""
 
@@ -63,7 +76,7 @@ class Evaluator:
         self.tokenizer = self.models.load_tokenizer()
         self.merger = search_merger(self.model, self.models)
         self.fitness = make_fitness(**fitness)
-        self.name = f"{os.uname().nodename}:{os.getpid()}"
+        self.name = f"{os.uname().nodename}:{_ray_node()}{os.getpid()}"
 
     def materialize(self, recipe: dict[str, Any]) -> torch.nn.Module:
         """Write the recipe's weights into the worker's model; refuse non-finite results.

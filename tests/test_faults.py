@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from test_search_engine import _cli, _rows, models, ray_env, write_config  # noqa: F401
-from tiny import save_model_set
+from test_search_engine import _cli, _rows, models, ray_env, same_run, stored_ids, write_config  # noqa: F401
 
 from evomerge.cli import app
 from evomerge.config import load_config
@@ -25,22 +24,6 @@ from evomerge.search import Search, resume_search
 from evomerge.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _ids(run: Path) -> list[tuple]:
-    """Every stored evaluation by id: what it is and what was evaluated."""
-    return [
-        (c.id, c.kind, c.generation, c.label, c.split, c.recipe_key, c.status)
-        for c in Store(run / "store.sqlite").candidates(pending=True)
-    ]
-
-
-def _files(folder: Path) -> dict[str, str]:
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _short(tmp_path, models, function="fitness_fns:closeness", **extra):  # noqa: F811
@@ -123,8 +106,8 @@ def test_a_run_whose_evaluations_all_fail_alike_stops_early_and_resumes_once_fix
         **{"algorithm.pop_size": 4, "algorithm.generations": 3},
     )
     Search(fresh).run()
-    assert [r[:-1] for r in _ids(tmp_path / "run")] == [r[:-1] for r in _ids(tmp_path / "fresh")]
-    assert all(r[-1] == "ok" for r in _ids(tmp_path / "run"))
+    assert [r[:-1] for r in stored_ids(tmp_path / "run")] == [r[:-1] for r in stored_ids(tmp_path / "fresh")]
+    assert all(r[-1] == "ok" for r in stored_ids(tmp_path / "run"))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["front"] == json.loads((tmp_path / "fresh" / "summary.json").read_text())["front"]
 
@@ -163,7 +146,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_afterwards(
     fresh = load_config(write_config(tmp_path, models), out=str(tmp_path / "fresh"))
     fresh = fresh.model_copy(update={"algorithm": cfg.algorithm})
     Search(fresh).run()
-    assert _ids(tmp_path / "run") == _ids(tmp_path / "fresh")
+    assert stored_ids(tmp_path / "run") == stored_ids(tmp_path / "fresh")
 
 
 @pytest.mark.parametrize(
@@ -316,10 +299,4 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_run_resumes_exactly(tmp_path, m
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
     full = _cli("run", config, "--out", tmp_path / "full")
     assert full.wait(timeout=300) == 0, full.stdout.read()
-    assert _ids(tmp_path / "run") == _ids(tmp_path / "full")
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary == {
-        **json.loads((tmp_path / "full" / "summary.json").read_text()),
-        "search_seconds": summary["search_seconds"],
-    }
-    assert _files(tmp_path / "run" / "best_model") == _files(tmp_path / "full" / "best_model")
+    same_run(tmp_path / "run", tmp_path / "full")
