@@ -131,7 +131,12 @@ def front(run_dir: Path) -> None:
 
     if not (run_dir / "front.csv").is_file():
         fail(f"{str(run_dir)!r} has no front.csv (not a finished run folder)")
-    print_frame(console, front_table(run_dir).set_index("candidate"), "Pareto front (search and test values)")
+    table = front_table(run_dir).set_index("candidate")
+    print_frame(console, table.drop(columns=["recipe"]), "Pareto front (search and test values)")
+    for candidate, recipe in table["recipe"].items():
+        console.print(
+            f"candidate {candidate} recipe: {recipe}", markup=False, highlight=False, soft_wrap=True
+        )
     summary = run_dir / "summary.json"
     if summary.is_file():
         print_summary(console, json.loads(summary.read_text()))

@@ -115,9 +115,14 @@ def model_depth(ref: str) -> int | None:
 
 def safetensors_elements(path: Path) -> int:
     """Elements in a safetensors file, read from its JSON header alone (never the weights)."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(min(size, 100 * 2**20)))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a mapping")
+    except (OSError, ValueError) as e:
+        raise EvomergeError(f"{str(path)!r} is not a readable safetensors file: {e}") from None
     total = 0
     for name, entry in header.items():
         if name != "__metadata__":

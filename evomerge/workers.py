@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from evomerge.errors import EvomergeError
 from evomerge.fitness import make_fitness
 from evomerge.fitness.python import FitnessOutputError
 from evomerge.merge import Merger
@@ -200,6 +201,7 @@ class WorkerPool:
                     ray.init(address=address, log_to_driver=False, configure_logging=False)
                 else:
                     ray.init(
+                        address="local",  # a Ray of its own, even where `ray start` left one running
                         num_cpus=max(workers * threads, os.cpu_count() or 1),
                         include_dashboard=False,
                         log_to_driver=False,
@@ -214,8 +216,14 @@ class WorkerPool:
         self.starting: dict[Any, int] = {a.ready.remote(): slot for slot, a in enumerate(self.actors)}
 
     def call(self, method: str, *args: Any) -> Any:
-        """Run a method on the first worker and wait for it."""
-        return self.ray.get(getattr(self.actors[0], method).remote(*args))
+        """Run a method on the first worker and wait for it; a worker that cannot start (its models or
+        its fitness do not load) is one line naming the cause."""
+        from ray.exceptions import RayActorError
+
+        try:
+            return self.ray.get(getattr(self.actors[0], method).remote(*args))
+        except RayActorError as e:
+            raise EvomergeError(f"a worker could not start: {_cause(e)}") from None
 
     def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, dict[str, Any]]]:
         """Evaluate jobs on idle workers; yield (job, result) as each finishes.
@@ -243,8 +251,7 @@ class WorkerPool:
                     try:
                         result = self.ray.get(ref)
                     except (RayActorError, WorkerCrashedError) as e:
-                        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                        result = _failed(f"worker died ({type(e).__name__}): {reason}"[:500], slot)
+                        result = _failed(f"worker died ({type(e).__name__}): {_cause(e)}"[:500], slot)
                         self._replace(slot)
                 if slot not in self.starting.values():
                     idle.append(slot)
@@ -300,6 +307,19 @@ class WorkerPool:
             with contextlib.suppress(Exception):  # an actor already dead, or Ray already stopped
                 self.ray.kill(a)
         self.actors = []
+
+
+def _cause(e: BaseException) -> str:
+    """The line of a Ray error that says why: the innermost exception raised in the worker (for a
+    worker that failed to start, the error of its creation), else the error's first line."""
+    import re
+
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    raised = [x for x in lines if re.match(r"^[\w.]+(Error|Exception|Exit|Interrupt)\b.*: ", x)]
+    if raised:
+        name, _, message = raised[-1].partition(": ")
+        return f"{name.rsplit('.', 1)[-1]}: {message}"
+    return lines[0] if lines else type(e).__name__
 
 
 def _failed(error: str, slot: int, wall_s: float = 0.0) -> dict[str, Any]:

@@ -3,7 +3,6 @@ unwritable run folder, SIGINT/SIGTERM; and checks that run before anything slow.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -110,6 +109,33 @@ def test_a_run_whose_evaluations_all_fail_alike_stops_early_and_resumes_once_fix
     assert all(r[-1] == "ok" for r in stored_ids(tmp_path / "run"))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["front"] == json.loads((tmp_path / "fresh" / "summary.json").read_text())["front"]
+    # what was found: the recipes of the best candidate and of each front member, and how it was picked
+    best = Store(tmp_path / "run" / "store.sqlite").get(summary["best_candidate"])
+    groups = {g["name"]: g for g in best.recipe["groups"]}
+    assert set(summary["best_recipe"]) == set(groups) == {"layers_0-1", "layers_2-3", "other"}
+    for name, g in groups.items():
+        weights = summary["best_recipe"][name]["weight"]
+        assert summary["best_recipe"][name]["method"] == g["method"] == "task_arithmetic"
+        assert weights == {e: round(w, 4) for e, w in g["parameters"]["weight"].items()}
+    assert all(set(f["recipe"]) == set(groups) for f in summary["front"])
+    assert (
+        summary["best_picked_on"] == "search values"
+        and "lowest candidate id on ties" in summary["best_picked_how"]
+    )
+    front = CliRunner().invoke(app, ["front", str(tmp_path / "run")])
+    assert front.exit_code == 0
+    assert (
+        f"candidate {summary['front'][0]['candidate']} recipe: layers_0-1: task_arithmetic weight a="
+        in front.output
+    )
+    header = [line for line in front.output.splitlines() if "search_first" in line][0]
+    assert (
+        header.index("search_first")
+        < header.index("search_second")
+        < header.index("test_first")
+        < header.index("test_second")
+    )
+    assert "best model: candidate" in front.output
 
 
 # --- the run folder: full disk, damaged store, unwritable --out ----------------------------------------
@@ -295,8 +321,26 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_run_resumes_exactly(tmp_path, m
         f"continue with `evomerge resume {tmp_path / 'run'}`"
     )
     assert "Traceback" not in out and "Aborted" not in out
+    assert "Token authentication" not in out  # Ray's banners are not the user's business
+    assert "generation 1/4: 6/6 (" in out  # progress line by line where the output is not a terminal
     resumed = _cli("resume", tmp_path / "run", env=env)
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
     full = _cli("run", config, "--out", tmp_path / "full")
     assert full.wait(timeout=300) == 0, full.stdout.read()
     same_run(tmp_path / "run", tmp_path / "full")
+
+
+def test_a_worker_that_cannot_load_its_models_is_one_line(tmp_path, models, ray_env):  # noqa: F811
+    """The safetensors header is fine (the checks pass), the weights are cut short: the workers fail to
+    start, and the run says why in one line instead of Ray's traceback."""
+    import shutil
+
+    cut = tmp_path / "cut"
+    shutil.copytree(models["b"], cut)
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    cfg = load_config(write_config(tmp_path, {**models, "b": cut}), out=str(tmp_path / "run"))
+    with pytest.raises(EvomergeError) as err:
+        Search(cfg).run()
+    assert str(err.value).startswith("a worker could not start: ") and "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "store.sqlite").exists()

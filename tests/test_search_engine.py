@@ -35,6 +35,7 @@ def models(tmp_path_factory):
 def ray_env():
     """Ray workers import the test fitness functions from tests/."""
     ray = pytest.importorskip("ray")
+    ray.shutdown()  # a Ray started earlier in the session would give its workers the old environment
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), old) if p)
     yield
