@@ -64,11 +64,11 @@ def check_reference(role: str, ref: str) -> None:
     from evomerge.models import looks_local
 
     if ref.startswith("zoo:"):
-        from evomerge import skills
+        from evomerge import zoo
 
         name = ref.split(":", 1)[1]
-        if name != "base" and name not in skills.SKILLS:
-            raise unknown("zoo model", name, ["base", *skills.SKILLS])
+        if name not in zoo.model_names():
+            raise unknown("zoo model", name, zoo.model_names())
         return
     if ref.startswith("realzoo:"):
         from evomerge import realzoo

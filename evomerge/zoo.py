@@ -406,6 +406,11 @@ def _complete(folder: Path) -> bool:
     return (folder / MANIFEST).is_file()
 
 
+def model_names() -> list[str]:
+    """What ``zoo:<name>`` may name, known without building the zoo."""
+    return ["base", *RECIPE["skills"]]
+
+
 def is_built(cache_dir: Path | None = None) -> bool:
     """Whether the zoo of this recipe is already in the cache."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -144,6 +144,7 @@ def test_a_run_resumes_with_the_model_folders_it_started_with(tmp_path, monkeypa
     path = write_config(tmp_path, refs, **{"algorithm__pop_size": 2, "algorithm__generations": 1})
     cfg = load_config(path, out=str(tmp_path / "run"))
     monkeypatch.setattr(zoo, "build_zoo", lambda *a, **k: old)
+    monkeypatch.setattr(zoo, "model_names", lambda: ["base", "a", "b"])
     run = Search(cfg).run()
     n = len(Store(run / "store.sqlite").candidates())
 
