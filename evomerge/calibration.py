@@ -6,11 +6,13 @@ items together for ``of: mean``), chosen once with ``selection`` from the fitted
 evaluates the base, every expert and ``random_merges`` random merges on the whole search split (stored
 as ``kind="calibration"``), fits one IRT model per scope with py-irt, and saves it as
 ``RUN_DIR/irt/<scope>.json`` (reused on resume; ``calibration.params`` names a folder of such files
-fitted elsewhere, which makes calibration free). ``estimator: sgpirt`` also fits, per scope, a Gaussian
-process of accuracy over genomes (:class:`evomerge.irt.Surrogate`) on the calibration models that have
-a genome: the random merges, and the base and the experts where the search space can reproduce them.
-It is refitted from the stored calibration on every start, and its prediction for each candidate's
-genome is fused with the gp-IRT estimate.
+fitted elsewhere, which makes calibration free). What an objective's estimator gets besides the
+candidate's answers is what its registration declares (:func:`evomerge.irt.estimator`): the endpoint
+abilities (fitted on the base and the experts), anchor weights, and, for one that needs a prior
+(``sgpirt``), the prediction for the candidate's genome of a Gaussian process of accuracy over genomes
+(:class:`evomerge.irt.Surrogate`), fitted per scope on the calibration models that have a genome: the
+random merges, and the base and the experts where the search space can reproduce them. It is refitted
+from the stored calibration on every start.
 """
 
 from __future__ import annotations
@@ -119,17 +121,16 @@ class Subset:
             y = np.array([responses[t][i] for t, i in self.items], dtype=float)
         except KeyError as e:
             raise EvomergeError(f"objective {self.objective!r}: no response for item {e}") from None
-        ends = self.scope.endpoint_thetas if self.estimator in ("mpirt", "gmpirt") else None
+        estimator = irt.get_estimator(self.estimator)
+        ends = self.scope.endpoint_thetas if estimator.needs_endpoints else None
         prior = None
-        if self.estimator in irt.PRIOR_ESTIMATORS:
+        if estimator.needs_prior:
             if self.scope.surrogate is None or genome is None:
                 raise EvomergeError(
-                    f"objective {self.objective!r}: sgpirt needs a fitted surrogate and the genome"
+                    f"objective {self.objective!r}: {self.estimator} needs a fitted surrogate and the genome"
                 )
             prior = self.scope.surrogate.predict(genome)
-        value = irt.estimate_accuracy(
-            self.scope.params, self.idx, y, self.estimator, ends, self.weights, prior
-        )
+        value = estimator(self.scope.params, self.idx, y, ends, self.weights, prior)
         return float(value), float(y.mean())
 
 

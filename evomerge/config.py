@@ -74,13 +74,23 @@ class ObjectiveConfig(_Frozen):
         description="a task name or 'mean' (mean accuracy over tasks); with a fitness function, a key it returns",
     )
     direction: Literal["max", "min"] = "max"
-    estimator: Literal["mean", "irt", "pirt", "gpirt", "mpirt", "gmpirt", "sgpirt"] | None = Field(
+    estimator: str | None = Field(
         None,
-        description="estimate the full-split accuracy from `items` items with IRT (null: plain accuracy); "
-        "sgpirt also uses a surrogate of accuracy over genomes fitted on the calibration models",
+        description="estimate the full-split accuracy from `items` items with IRT (null: plain accuracy): "
+        "a name registered in evomerge.irt.ESTIMATORS; sgpirt also uses a surrogate of accuracy over "
+        "genomes fitted on the calibration models",
     )
     items: int | None = Field(None, ge=1, description="subset size for the estimator")
     selection: Literal["random", "anchor", "information"] = "random"
+
+    @field_validator("estimator")
+    @classmethod
+    def _known_estimator(cls, v: str | None) -> str | None:
+        if v is not None:
+            from evomerge.irt import get_estimator
+
+            get_estimator(v)
+        return v
 
 
 class AlgorithmConfig(_Frozen):
@@ -133,36 +143,27 @@ class RunConfig(_Frozen):
         if len(set(names)) != len(names):
             raise EvomergeError(f"objective names must be unique, got {names}")
         fitness = self.fitness
-        if bool(fitness.tasks) == bool(fitness.function):
-            raise EvomergeError(
-                "fitness: give either `tasks` (lm-eval task names) or `function` (module:function)"
-            )
-        if fitness.function:
-            from evomerge.fitness.python import load_function
+        from evomerge.fitness.base import select_backend
 
-            load_function(fitness.function)
-        else:
-            for o in self.objectives:
-                if o.of != "mean" and o.of not in fitness.tasks:
-                    raise EvomergeError(
-                        f"objective {o.name!r} is of {o.of!r}, which is not a fitness task; "
-                        f"allowed: mean, {', '.join(fitness.tasks)}"
-                    )
-        from evomerge.irt import MIN_SURROGATE_MERGES
+        backend = select_backend(dict(fitness))
+        if backend.check is not None:
+            backend.check(fitness, self.objectives)
+        from evomerge.irt import get_estimator
 
         estimated = [o for o in self.objectives if o.estimator]
+        merges = fitness.calibration.random_merges
         for o in estimated:
             if o.items is None:
                 raise EvomergeError(
                     f"objective {o.name!r} has estimator {o.estimator!r} but no `items` (subset size)"
                 )
-            if o.estimator == "sgpirt" and fitness.calibration.random_merges < MIN_SURROGATE_MERGES:
+            needed = get_estimator(o.estimator).min_calibration_merges
+            if merges < needed:
                 raise EvomergeError(
-                    f"objective {o.name!r}: estimator 'sgpirt' fits its surrogate on the calibration merges; "
-                    f"set fitness.calibration.random_merges >= {MIN_SURROGATE_MERGES} "
-                    f"(got {fitness.calibration.random_merges})"
+                    f"objective {o.name!r}: estimator {o.estimator!r} learns from the calibration merges; "
+                    f"set fitness.calibration.random_merges >= {needed} (got {merges})"
                 )
-        if estimated and (fitness.function or fitness.items):
+        if estimated and (not backend.item_subsets or fitness.items):
             raise EvomergeError(
                 "objective estimators need lm-eval tasks and choose their own items; "
                 "remove fitness.function / fitness.items"

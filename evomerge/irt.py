@@ -20,27 +20,32 @@ select_items(params, 20, "anchor")``, evaluate a new model on those items only, 
 For a merge population, where every subject is a point in a genome space, :func:`fit_surrogate` fits a
 Gaussian process of accuracy over genomes on calibration merges; ``estimator="sgpirt"`` fuses its
 prediction for a candidate's genome with the gp-IRT estimate from the candidate's items.
+
+Estimators are registered in ``ESTIMATORS`` with what they need besides a subject's answers
+(:func:`estimator`): the config validates names against it and calibration asks it what to pass, so a new
+estimator is one decorated function here.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit
 
 from evomerge.errors import EvomergeError, unknown
+from evomerge.registry import Registry
 
 MODELS = ("2pl", "multidim_2pl")
 SELECTORS = ("random", "anchor", "information")
-ESTIMATORS = ("mean", "irt", "pirt", "gpirt", "mpirt", "gmpirt", "sgpirt")
-PRIOR_ESTIMATORS = ("sgpirt",)  # estimators that need a prior on the accuracy (``prior=``)
 DEFAULT_MULTIDIM_DIMS = 2
 ANCHOR_VARIANCE_FACTOR = 4.0
 MIN_SURROGATE_MERGES = 8  # calibration merges a Surrogate needs at least
@@ -414,6 +419,102 @@ def _check_weights(weights: np.ndarray | None, n: int) -> np.ndarray:
     return w / w.sum()
 
 
+# What an estimator may need besides (params, idx, y): need -> (its keyword argument, how to ask for it).
+NEEDS = {
+    "endpoints": ("endpoint_thetas", "endpoint_thetas (abilities of the merged models)"),
+    "prior": ("prior", "prior=(mean, variance), e.g. Surrogate.predict(genome)"),
+}
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """A registered estimator: ``fn(params, idx, y, ...) -> accuracy`` and its declaration.
+
+    ``needs``: inputs it cannot do without, from :data:`NEEDS`: ``"endpoints"`` (the abilities of the
+    merged models; calibration fits them on the base and the experts) and ``"prior"`` (mean, variance)
+    of the accuracy (calibration's :class:`Surrogate` predicts it from the genome). ``weighted``: ``fn``
+    takes anchor ``weights`` for its subset mean (read from its signature). ``min_calibration_merges``:
+    random merges calibration must evaluate for it.
+    """
+
+    name: str
+    fn: Callable[..., float]
+    needs: frozenset[str] = frozenset()
+    weighted: bool = False
+    min_calibration_merges: int = 0
+    doc: str = field(default="", repr=False)
+
+    @property
+    def needs_endpoints(self) -> bool:
+        return "endpoints" in self.needs
+
+    @property
+    def needs_prior(self) -> bool:
+        return "prior" in self.needs
+
+    def __call__(
+        self,
+        params: IrtParams,
+        idx: np.ndarray,
+        y: np.ndarray,
+        endpoint_thetas: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
+        prior: tuple[float, float] | None = None,
+    ) -> float:
+        """``fn`` given what it declared; inputs it does not take are ignored."""
+        given = {"endpoints": endpoint_thetas, "prior": prior}
+        inputs: dict[str, Any] = {}
+        for need, (keyword, ask) in NEEDS.items():
+            if need in self.needs:
+                if given[need] is None:
+                    raise EvomergeError(f"estimator {self.name!r} needs {ask}")
+                inputs[keyword] = given[need]
+        if self.weighted:
+            inputs["weights"] = weights
+        return self.fn(params, idx, y, **inputs)
+
+
+ESTIMATORS: Registry[Estimator] = Registry("estimator", Estimator)
+
+
+def estimator(
+    name: str, *, needs: Collection[str] = (), min_calibration_merges: int = 0
+) -> Callable[[Callable[..., float]], Callable[..., float]]:
+    """Register ``fn(params, idx, y, [endpoint_thetas], [prior], [weights]) -> float`` under ``name``.
+
+    ``fn`` must take the keyword of each need (:data:`NEEDS`); a ``weights`` parameter makes it weighted."""
+    bad = [n for n in needs if n not in NEEDS]
+    if bad:
+        raise unknown("estimator need", bad[0], NEEDS)
+
+    def register(fn: Callable[..., float]) -> Callable[..., float]:
+        signature = inspect.signature(fn).parameters
+        missing = [NEEDS[n][0] for n in needs if NEEDS[n][0] not in signature]
+        if missing:
+            raise TypeError(
+                f"estimator {name!r} needs {missing[0]!r} but {fn.__name__} takes no such argument"
+            )
+        spec = Estimator(
+            name, fn, frozenset(needs), "weights" in signature, min_calibration_merges, fn.__doc__ or ""
+        )
+        ESTIMATORS.add(name, spec)
+        return fn
+
+    return register
+
+
+def get_estimator(name: str) -> Estimator:
+    """The registered estimator ``name``; an unknown name is one line with "did you mean"."""
+    return ESTIMATORS.get(name)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PRIOR_ESTIMATORS":  # the names of the estimators that need a prior (derived, for callers)
+        return tuple(n for n in ESTIMATORS if ESTIMATORS.get(n).needs_prior)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@estimator("mean")
 def estimate_mean(
     params: IrtParams, idx: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None
 ) -> float:
@@ -422,6 +523,7 @@ def estimate_mean(
     return float(_check_weights(weights, len(idx)) @ y)
 
 
+@estimator("irt")
 def estimate_irt(params: IrtParams, idx: np.ndarray, y: np.ndarray) -> float:
     """irt: (1/N) sum_{i=1..N} p_i(theta_hat), theta_hat = fit_ability(params, idx, y), N = n_items."""
     return float(params.prob(fit_ability(params, idx, y)).mean())
@@ -432,6 +534,7 @@ def _pirt(params: IrtParams, idx: np.ndarray, y: np.ndarray, theta: np.ndarray) 
     return float((y.sum() + p.sum() - p[idx].sum()) / params.n_items)
 
 
+@estimator("pirt")
 def estimate_pirt(params: IrtParams, idx: np.ndarray, y: np.ndarray) -> float:
     """p-IRT (tinyBenchmarks): (sum_{j in S} y_j + sum_{i not in S} p_i(theta_hat)) / N, S = idx."""
     idx, y = _check_subset(params, idx, y)
@@ -455,6 +558,7 @@ def gp_lambda(params: IrtParams, n: int, weighted: bool = False) -> float:
     return float(bias2 / total) if total > 0 else 0.0
 
 
+@estimator("gpirt")
 def estimate_gpirt(
     params: IrtParams, idx: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None
 ) -> float:
@@ -485,6 +589,7 @@ def fit_merge_ability(
     return res.x @ ends, res.x
 
 
+@estimator("mpirt", needs={"endpoints"})
 def estimate_mpirt(params: IrtParams, idx: np.ndarray, y: np.ndarray, endpoint_thetas: np.ndarray) -> float:
     """mp-IRT (MERGE^3): the p-IRT formula (sum_{j in S} y_j + sum_{i not in S} p_i(theta)) / N with
     theta = sum_j lambda_j theta_j from :func:`fit_merge_ability`."""
@@ -493,6 +598,7 @@ def estimate_mpirt(params: IrtParams, idx: np.ndarray, y: np.ndarray, endpoint_t
     return _pirt(params, idx, y, theta)
 
 
+@estimator("gmpirt", needs={"endpoints"})
 def estimate_gmpirt(
     params: IrtParams,
     idx: np.ndarray,
@@ -558,6 +664,7 @@ def fit_surrogate(genomes: np.ndarray, accuracy: np.ndarray, seed: int = 0) -> S
     return Surrogate(genomes, accuracy, seed)
 
 
+@estimator("sgpirt", needs={"prior"}, min_calibration_merges=MIN_SURROGATE_MERGES)
 def estimate_sgpirt(
     params: IrtParams,
     idx: np.ndarray,
@@ -586,28 +693,9 @@ def estimate_accuracy(
     prior: tuple[float, float] | None = None,
 ) -> float:
     """Estimated accuracy over all ``params.n_items`` items of a subject whose 0/1 answers on items ``idx``
-    are ``y``, by ``estimator`` (one of ESTIMATORS, see estimate_<name>). ``weights``: per-item weights of the
-    subset (e.g. :func:`anchor_weights`) for the mean part of mean, gpirt, gmpirt and sgpirt;
-    ``endpoint_thetas`` (endpoints x dims) for mpirt and gmpirt; ``prior`` (mean, variance) of the
-    accuracy for sgpirt."""
-    if estimator not in ESTIMATORS:
-        raise unknown("estimator", estimator, ESTIMATORS)
-    if estimator == "sgpirt":
-        if prior is None:
-            raise EvomergeError(
-                "estimator 'sgpirt' needs prior=(mean, variance), e.g. Surrogate.predict(genome)"
-            )
-        return estimate_sgpirt(params, idx, y, prior, weights)
-    if estimator == "mean":
-        return estimate_mean(params, idx, y, weights)
-    if estimator == "irt":
-        return estimate_irt(params, idx, y)
-    if estimator == "pirt":
-        return estimate_pirt(params, idx, y)
-    if estimator == "gpirt":
-        return estimate_gpirt(params, idx, y, weights)
-    if endpoint_thetas is None:
-        raise EvomergeError(f"estimator {estimator!r} needs endpoint_thetas (abilities of the merged models)")
-    if estimator == "mpirt":
-        return estimate_mpirt(params, idx, y, endpoint_thetas)
-    return estimate_gmpirt(params, idx, y, endpoint_thetas, weights)
+    are ``y``, by ``estimator`` (a name in ESTIMATORS, see estimate_<name>). ``weights``: per-item weights of
+    the subset (e.g. :func:`anchor_weights`) for the mean part of the weighted estimators (mean, gpirt,
+    gmpirt, sgpirt); ``endpoint_thetas`` (endpoints x dims) for those that need ``"endpoints"`` (mpirt,
+    gmpirt); ``prior`` (mean, variance) of the accuracy for those that need ``"prior"`` (sgpirt). Inputs an
+    estimator does not take are ignored."""
+    return get_estimator(estimator)(params, idx, y, endpoint_thetas, weights, prior)

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from evomerge import irt
+from evomerge.registry import Registry
 
 N_ITEMS = 1000
 N_CAL = 200
@@ -222,3 +224,89 @@ def test_surrogate_and_prior_errors(sim: dict) -> None:
     for call, words in cases:
         with pytest.raises(ValueError, match=words):
             call()
+
+
+@pytest.fixture
+def own_estimators(monkeypatch: pytest.MonkeyPatch) -> Registry:
+    """A copy of the estimator registry that a test may add to (the module's own stays as it is)."""
+    registry: Registry = Registry("estimator", irt.Estimator)
+    for name in irt.ESTIMATORS:
+        registry.add(name, irt.get_estimator(name))
+    monkeypatch.setattr(irt, "ESTIMATORS", registry)
+    return registry
+
+
+def test_estimator_declarations() -> None:
+    """What calibration and the config ask: each estimator's needs, weights and calibration merges."""
+    assert list(irt.ESTIMATORS) == ["mean", "irt", "pirt", "gpirt", "mpirt", "gmpirt", "sgpirt"]
+    declared = {
+        n: (e.needs_endpoints, e.needs_prior, e.weighted, e.min_calibration_merges)
+        for n in irt.ESTIMATORS
+        for e in [irt.get_estimator(n)]
+    }
+    assert declared == {
+        "mean": (False, False, True, 0),
+        "irt": (False, False, False, 0),
+        "pirt": (False, False, False, 0),
+        "gpirt": (False, False, True, 0),
+        "mpirt": (True, False, False, 0),
+        "gmpirt": (True, False, True, 0),
+        "sgpirt": (False, True, True, irt.MIN_SURROGATE_MERGES),
+    }
+    assert irt.PRIOR_ESTIMATORS == ("sgpirt",)
+    for name in irt.ESTIMATORS:  # the declaration carries the function's docstring: its formula
+        assert irt.get_estimator(name).doc.replace("-", "").lower().startswith(name), name
+
+
+def test_a_new_estimator_is_one_registered_function(own_estimators: Registry, tmp_path: Path) -> None:
+    """Registered in one place, an estimator is known to estimate_accuracy, the config (with its
+    calibration minimum) and calibration, which passes it what it declared."""
+    from evomerge import calibration
+    from evomerge.config import parse_config
+    from evomerge.errors import EvomergeError
+
+    seen: dict[str, np.ndarray] = {}
+
+    @irt.estimator("ends_mean", needs={"endpoints"}, min_calibration_merges=3)
+    def estimate_ends_mean(params: irt.IrtParams, idx: np.ndarray, y: np.ndarray, endpoint_thetas) -> float:
+        """ends_mean: sum_j y_j / n (a test estimator that records the endpoints it gets)."""
+        seen["ends"] = endpoint_thetas
+        return float(np.mean(y))
+
+    _, params = irt.simulate_2pl(5, 10, seed=0)
+    with pytest.raises(EvomergeError, match="estimator 'ends_mean' needs endpoint_thetas"):
+        irt.estimate_accuracy(params, [0, 1], [1, 0], "ends_mean")
+    ends = np.zeros((2, 1))
+    assert irt.estimate_accuracy(params, [0, 1], [1, 0], "ends_mean", ends, weights=[1, 1]) == 0.5
+
+    data = yaml.safe_load(Path("experiments/demo.yaml").read_text())
+    del data["fitness"]["items"]  # the estimators choose the items
+    data["objectives"] = [{"name": "m", "estimator": "ends_mean", "items": 5}]
+    data["fitness"]["calibration"] = {"random_merges": 2}
+    with pytest.raises(
+        EvomergeError,
+        match=r"estimator 'ends_mean' learns from the calibration merges; set fitness.calibration.random_merges >= 3 \(got 2\)",
+    ):
+        parse_config(data)
+    data["fitness"]["calibration"] = {"random_merges": 3}
+    assert parse_config(data).objectives[0].estimator == "ends_mean"
+
+    cols = [("t", str(i)) for i in range(10)]
+    subset = calibration.Subset(
+        "m", calibration.Scope("t", cols, params, ends), np.array([2, 3]), "ends_mean"
+    )
+    assert subset.estimate({"t": {"2": 1.0, "3": 1.0}}) == (1.0, 1.0)
+    assert seen["ends"] is ends
+    assert "ends_mean" not in irt.PRIOR_ESTIMATORS
+
+
+def test_estimator_registration_errors(own_estimators: Registry) -> None:
+    def plain(params, idx, y):
+        return 0.0
+
+    with pytest.raises(ValueError, match="unknown estimator need 'genome'"):
+        irt.estimator("x", needs={"genome"})
+    with pytest.raises(TypeError, match="needs 'prior' but plain takes no such argument"):
+        irt.estimator("x", needs={"prior"})(plain)
+    with pytest.raises(ValueError, match="estimator 'gpirt' is already registered"):
+        irt.estimator("gpirt")(plain)

@@ -138,7 +138,8 @@ def test_estimate_matches_the_library_call(irt_run):
         (
             {"name": "m", "estimator": "tinyirt", "items": 5},
             {},
-            "objectives.0.estimator: Input should be 'mean', 'irt'",
+            "objectives.0.estimator: unknown estimator 'tinyirt' (did you mean 'irt'?); "
+            "available: gmpirt, gpirt, irt, mean, mpirt, pirt, sgpirt",
         ),
         (
             {"name": "m", "estimator": "sgpirt", "items": 5},

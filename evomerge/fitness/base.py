@@ -1,8 +1,21 @@
-"""What a fitness returns for one model."""
+"""What a fitness backend is: the protocol a worker scores models through, what it returns for one
+model, and the registry of backends with the config fields that select and configure each.
+
+A backend is a class registered with :func:`fitness_backend`; the fitness config field named by
+``selected_by`` picks it (``tasks``: lm-eval, ``function``: a Python function) and ``options`` are the
+further fields its constructor takes. ``fitness_spec(config.fitness)`` is what a worker needs, and
+``make_fitness(**spec)`` builds the backend that spec selects.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePath
+from typing import Any, Protocol, runtime_checkable
+
+from evomerge.errors import EvomergeError
+from evomerge.registry import Registry
 
 
 @dataclass
@@ -15,3 +28,109 @@ class FitnessResult:
     responses: dict[str, dict[str, float]] = field(default_factory=dict)
     n_items: int = 0
     n_tokens: int = 0
+
+
+@runtime_checkable
+class FitnessBackend(Protocol):
+    """Scores one in-memory model: ``evaluate`` on ``split`` (only the item ids in ``items``, per task,
+    when given), and ``n_items``: the number of items of each task of ``split`` ({} when it has none)."""
+
+    def evaluate(
+        self, model: Any, tokenizer: Any, split: str, items: dict[str, list[int]] | None = None
+    ) -> FitnessResult: ...
+
+    def n_items(self, split: str) -> dict[str, int]: ...
+
+
+# (the fitness config section, the objectives) -> None; raises EvomergeError on what it refuses
+ConfigCheck = Callable[[Any, Sequence[Any]], None]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A registered backend: its class and its declaration.
+
+    ``selected_by``: the fitness config field whose value (non-empty) selects it, ``what`` says what
+    that field holds; ``options``: further fitness fields passed to the constructor by name.
+    ``item_subsets``: it evaluates chosen items of a split and reports per-item responses, which
+    ``fitness.items`` and IRT estimators need. ``check(fitness, objectives)``: the checks it needs when
+    a config is read (cheap: nothing is loaded).
+    """
+
+    name: str
+    cls: Callable[..., FitnessBackend]
+    selected_by: str
+    what: str
+    options: tuple[str, ...] = ()
+    item_subsets: bool = False
+    check: ConfigCheck | None = field(default=None, repr=False)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Every fitness field the backend's constructor takes."""
+        return (self.selected_by, *self.options)
+
+    def build(self, spec: Mapping[str, Any]) -> FitnessBackend:
+        return self.cls(**{k: spec[k] for k in self.fields if k in spec})
+
+
+BACKENDS: Registry[Backend] = Registry("fitness backend", Backend)
+
+
+def fitness_backend(
+    name: str,
+    *,
+    selected_by: str,
+    what: str,
+    options: Sequence[str] = (),
+    item_subsets: bool = False,
+    check: ConfigCheck | None = None,
+) -> Callable[[type], type]:
+    """Register a :class:`FitnessBackend` class under ``name``, selected by the fitness field
+    ``selected_by`` and built as ``cls(selected_by=value, **options)``."""
+
+    def register(cls: type) -> type:
+        BACKENDS.add(name, Backend(name, cls, selected_by, what, tuple(options), item_subsets, check))
+        return cls
+
+    return register
+
+
+def _selects(value: Any) -> bool:
+    return value is not None and not (isinstance(value, (str, tuple, list)) and not value)
+
+
+def select_backend(spec: Mapping[str, Any]) -> Backend:
+    """The one backend whose ``selected_by`` field ``spec`` sets (a fitness config section as a dict,
+    or the spec a worker builds its fitness from)."""
+    backends = [BACKENDS.get(n) for n in BACKENDS]
+    chosen = [b for b in backends if _selects(spec.get(b.selected_by))]
+    if len(chosen) != 1:
+        raise EvomergeError(
+            "fitness: give either " + " or ".join(f"`{b.selected_by}` ({b.what})" for b in backends)
+        )
+    return chosen[0]
+
+
+def fitness_spec(fitness: Any) -> dict[str, Any]:
+    """What a worker needs to build the fitness of a fitness config section: the fields of the backend
+    it selects, as plain values (sequences as lists, paths as strings), for ``make_fitness(**spec)``."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, PurePath) else value
+
+    return {k: plain(getattr(fitness, k)) for k in select_backend(dict(fitness)).fields}
+
+
+def make_fitness(**spec: Any) -> FitnessBackend:
+    """The fitness a worker runs, from a spec of fitness config fields (``{"function": f}`` or
+    ``{"tasks": [...], "include": [...], "batch_size": n}``): the backend its fields select."""
+    known = {f for n in BACKENDS for f in BACKENDS.get(n).fields}
+    extra = sorted(set(spec) - known)
+    if extra:
+        raise EvomergeError(
+            f"fitness spec has unknown field {extra[0]!r}; allowed: {', '.join(sorted(known))}"
+        )
+    return select_backend(spec).build(spec)

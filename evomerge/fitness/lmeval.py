@@ -1,4 +1,5 @@
-"""Fitness from lm-eval tasks, evaluated on the in-memory model through lm-eval's HFLM.
+"""The lm-eval fitness backend (``fitness.tasks``): accuracy on lm-eval tasks, evaluated on the
+in-memory model through lm-eval's HFLM.
 
 Tasks are named: first in evomerge's ``fitness/`` catalogue (lm-eval YAMLs over local JSON lines,
 whose ``data_files`` are resolved next to the YAML), otherwise among lm-eval's own tasks. The split a
@@ -18,7 +19,7 @@ import yaml
 
 from evomerge import catalog
 from evomerge.errors import EvomergeError, read_yaml, unknown
-from evomerge.fitness.base import FitnessResult
+from evomerge.fitness.base import FitnessResult, fitness_backend
 
 
 @cache
@@ -82,6 +83,24 @@ def lm_eval_tasks() -> frozenset[str]:
     return frozenset(TaskManager().all_tasks)
 
 
+def check_objectives(fitness: Any, objectives: Sequence[Any]) -> None:
+    """Each objective is of a fitness task or of their ``mean``."""
+    for o in objectives:
+        if o.of != "mean" and o.of not in fitness.tasks:
+            raise EvomergeError(
+                f"objective {o.name!r} is of {o.of!r}, which is not a fitness task; "
+                f"allowed: mean, {', '.join(fitness.tasks)}"
+            )
+
+
+@fitness_backend(
+    "lmeval",
+    selected_by="tasks",
+    what="lm-eval task names",
+    options=("include", "batch_size"),
+    item_subsets=True,
+    check=check_objectives,
+)
 class LmEvalFitness:
     """Accuracy per task (and their ``mean``) of a model on a fixed item subset of one split."""
 

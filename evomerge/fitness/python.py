@@ -1,4 +1,4 @@
-"""A plain Python fitness: ``def fitness(model, tokenizer) -> dict[str, float]``.
+"""The Python fitness backend (``fitness.function``): ``def fitness(model, tokenizer) -> dict[str, float]``.
 
 Referenced from a config as ``fitness.function: "package.module:function"`` (the module must be
 importable on every worker: installed, or on ``PYTHONPATH``) or passed to ``evomerge.Search`` as a
@@ -9,12 +9,12 @@ which the store keeps like lm-eval's per-item results.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.fitness.base import FitnessResult
+from evomerge.fitness.base import FitnessResult, fitness_backend
 
 FitnessFn = Callable[[Any, Any], Any]
 
@@ -63,6 +63,12 @@ def _check_values(ref: str, values: Any) -> dict[str, float]:
     return out
 
 
+def check_function(fitness: Any, objectives: Sequence[Any]) -> None:
+    """The function imports (its return values are known only once it runs)."""
+    load_function(fitness.function)
+
+
+@fitness_backend("python", selected_by="function", what="module:function", check=check_function)
 class PythonFitness:
     """Calls the function on the in-memory merged model; ``split``/``items`` are not used."""
 
