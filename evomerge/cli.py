@@ -220,13 +220,13 @@ def zoo_build(cache_dir: Path | None, force: bool, real: bool) -> None:
     progress = "bar" if sys.stdout.isatty() else "lines"
     try:
         if real:
-            from evomerge import realzoo
+            from evomerge.zoos import smollm2
 
-            path = realzoo.build_real_zoo(cache_dir, force=force, progress=progress)
+            path = smollm2.build_real_zoo(cache_dir, force=force, progress=progress)
         else:
-            from evomerge import zoo as zoo_module
+            from evomerge.zoos import tiny
 
-            path = zoo_module.build_zoo(cache_dir, force=force, progress=progress)
+            path = tiny.build_zoo(cache_dir, force=force, progress=progress)
     except EvomergeError as e:
         fail(str(e))
     console.print(str(path))

@@ -1,29 +1,26 @@
 """ModelSet: the base, the experts and the tokenizer of one merge problem.
 
 A reference is a local HF folder, a hub id (passed through to transformers), a ``.gguf`` file (converted
-once into a cached HF folder), ``zoo:<name>`` for the tiny zoo that evomerge builds itself (``zoo:base``,
-``zoo:addition``, ...) or ``realzoo:<name>`` for the SmolLM2-135M zoo (:mod:`evomerge.realzoo`).
+once into a cached HF folder, :mod:`evomerge.gguf`) or ``<prefix>:<name>`` for a prefix registered in
+:data:`REFERENCES`: the demo zoos of :mod:`evomerge.zoos` register ``zoo:`` (``zoo:base``,
+``zoo:addition``, ...) and ``realzoo:``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import importlib.util
-import json
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.gguf import convert_gguf, gguf_has_tokenizer
+from evomerge.hf import DTYPES, no_progress_bars
+from evomerge.registry import Registry
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SHAPE_KEYS = (
     "hidden_size",
     "intermediate_size",
@@ -34,180 +31,63 @@ _SHAPE_KEYS = (
     "head_dim",
 )
 
-
-@contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """transformers' per-shard progress bars off for the duration (they would print per candidate)."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
+# How a reference that builds its model shows progress: "bar", "lines" (a line per step of a few
+# percent, for output that is not a terminal), True (a bar), or None/False (nothing).
+Progress = bool | str | None
 
 
 def save_hf(folder: str | Path, model, tokenizer) -> Path:
     """Save ``model`` (safetensors) and ``tokenizer`` as a Hugging Face folder, without progress bars."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with _no_progress_bars():
+    with no_progress_bars():
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
     return folder
 
 
-def build_once(
-    final: Path,
-    build: Callable[[Path], None],
-    force: bool = False,
-    complete: Callable[[Path], bool] = Path.is_dir,
-) -> Path:
-    """``final``, made by ``build(tmp)`` into a temporary sibling folder renamed into place under a file
-    lock: a build that fails leaves nothing behind, the folder of one killed outright (SIGKILL, power
-    loss: no ``finally`` ran) is removed by the next call, and a process that waited for the lock reuses
-    the result. ``complete(final)`` says whether an existing folder can be trusted."""
-    final = Path(final)
-    if complete(final) and not force and not _stale_builds(final):
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.parent / f"{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        for stale in _stale_builds(final):  # no build writes them: every build of `final` holds the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        if complete(final) and not force:
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-        try:
-            build(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final
+# --- model-reference prefixes ---------------------------------------------------------------------------
 
 
-def _stale_builds(final: Path) -> list[Path]:
-    """The temporary folders of builds of ``final`` left behind: mkdtemp's exact names
-    (``.{name}-`` and 8 characters), never those of another ``{name}-...`` folder's builds."""
-    if not final.parent.is_dir():
-        return []
-    name = re.compile(rf"\.{re.escape(final.name)}-[a-z0-9_]{{8}}")
-    return [p for p in final.parent.iterdir() if name.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+def _no_config(name: str) -> dict[str, Any] | None:
+    return None
 
 
-# --- GGUF files -----------------------------------------------------------------------------------------
-
-# Written into each converted folder: the source file, the dtype, and whether the file had a tokenizer.
-GGUF_INFO = "evomerge_gguf.json"
+def _no_notice(cache_dir: Path | None) -> str | None:
+    return None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class Reference:
+    """A model-reference prefix: ``<prefix>:<name>`` names a model that the prefix's own code finds or
+    builds. What it declares is all that the core knows of it:
+
+    - ``names()``: what ``<name>`` may be, known without building anything (checked before a run starts);
+    - ``resolve(name, cache_dir, progress)``: the model's HF folder, built into ``cache_dir`` (None: the
+      user cache) on first use and found there afterwards, showing build progress as ``progress`` says;
+    - ``config(name)``: the model's config.json as a dict where it is known without building (else None);
+    - ``notice(cache_dir)``: a line to show before a ``resolve`` that will build (None when it will not).
+    """
+
+    prefix: str
+    names: Callable[[], Sequence[str]]
+    resolve: Callable[[str, Path | None, Progress], Path]
+    config: Callable[[str], dict[str, Any] | None] = _no_config
+    notice: Callable[[Path | None], str | None] = _no_notice
 
 
-def gguf_architectures() -> list[str]:
-    """The GGUF architectures that the installed transformers can load."""
-    names: set[str] = set()
-    with contextlib.suppress(ImportError):
-        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+# Prefix -> Reference. evomerge.zoos registers its prefixes when imported; the registry imports it at
+# the first lookup (an entry-point table kept in code), so that importing this module imports no zoo.
+REFERENCES: Registry[Reference] = Registry("model reference prefix", Reference, providers=("evomerge.zoos",))
 
-        names.update(GGUF_SUPPORTED_ARCHITECTURES)
-    with contextlib.suppress(ImportError):
-        from transformers.integrations.gguf import GGUF_ARCHS
-
-        names.update(GGUF_ARCHS)
-    return sorted(names - {"general", "tokenizer"})
+_PREFIXED = re.compile(r"([A-Za-z][\w-]*):(.*)", re.DOTALL)
 
 
-def _gguf_strings(path: Path, keys: tuple[str, ...]) -> dict[str, str | None]:
-    """String metadata fields of a GGUF file (None when absent)."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise EvomergeError(f"{str(path)!r} is not a readable GGUF file: {str(e).splitlines()[0]}") from None
-    out: dict[str, str | None] = {}
-    for key in keys:
-        found = reader.get_field(key)
-        out[key] = None if found is None else bytes(found.parts[found.data[0]]).decode()
-    return out
-
-
-def _convert_gguf(path: Path, out: Path, dtype: str) -> None:
-    """Dequantize GGUF file ``path`` into the HF folder ``out`` (model, and tokenizer when the file has one)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    meta = _gguf_strings(path, ("general.architecture", "tokenizer.ggml.model"))
-    folder, name = str(path.parent), path.name
-    kwargs = {}
-    # transformers >= 5 can keep a GGUF's blocks packed; ask for plain (dequantized) weights.
-    with contextlib.suppress(ImportError):
-        from transformers import GgufConfig
-
-        kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    try:
-        with _no_progress_bars():
-            loaded = AutoModelForCausalLM.from_pretrained(
-                folder, gguf_file=name, dtype=DTYPES[dtype], **kwargs
-            )
-    except (OSError, ValueError, KeyError, NotImplementedError) as e:
-        arch, supported = meta["general.architecture"], gguf_architectures()
-        if arch is not None and _plain(arch) not in {_plain(a) for a in supported}:
-            raise EvomergeError(
-                f"GGUF file {str(path)!r} has architecture {arch!r}, which transformers cannot load; "
-                f"supported: {', '.join(supported)}"
-            ) from None
-        raise EvomergeError(f"cannot convert GGUF file {str(path)!r}: {str(e).splitlines()[0]}") from None
-    # A GGUF-loaded model keeps a quantizer that refuses to save: copy its weights into a plain model.
-    config = loaded.config.to_dict()
-    config.pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=DTYPES[dtype])
-    model.load_state_dict(loaded.state_dict())
-    del loaded
-    with _no_progress_bars():
-        model.save_pretrained(out, safe_serialization=True)
-    has_tokenizer = meta["tokenizer.ggml.model"] is not None
-    if has_tokenizer:
-        try:
-            AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
-        except (OSError, ValueError, KeyError) as e:
-            raise EvomergeError(
-                f"cannot convert the tokenizer of GGUF file {str(path)!r}: {str(e).splitlines()[0]}"
-            ) from None
-    info = {"source": str(path.resolve()), "dtype": dtype, "tokenizer": has_tokenizer}
-    (out / GGUF_INFO).write_text(json.dumps(info, indent=2) + "\n")
-
-
-def _plain(arch: str) -> str:
-    """An architecture name without separators: GGUF files write "qwen2moe" where transformers has "qwen2_moe"."""
-    return arch.replace("_", "").replace("-", "")
-
-
-def convert_gguf(path: str | Path, dtype: str = "float32", cache_dir: Path | None = None) -> Path:
-    """The HF folder converted from GGUF file ``path`` (weights dequantized to ``dtype``), made once and
-    cached as ``<cache_dir>/gguf/<stem>-<sha256 prefix>/`` (a ``-<dtype>`` suffix unless float32)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise EvomergeError(f"GGUF file {str(path)!r} does not exist")
-    if importlib.util.find_spec("gguf") is None:
-        raise EvomergeError("reading GGUF files needs the gguf package: pip install 'evomerge[gguf]'")
-    if cache_dir is None:
-        from evomerge.zoo import default_cache_dir
-
-        cache_dir = default_cache_dir()
-    suffix = "" if dtype == "float32" else f"-{dtype}"
-    final = Path(cache_dir) / "gguf" / f"{path.stem}-{_sha256(path)[:12]}{suffix}"
-    return build_once(final, lambda tmp: _convert_gguf(path, tmp, dtype))
+def split_reference(ref: str) -> tuple[str, str] | None:
+    """``(prefix, name)`` of a ``<prefix>:<name>`` reference; None for a folder, a hub id or a GGUF file
+    (neither has a colon after a leading word)."""
+    found = _PREFIXED.fullmatch(ref)
+    return None if found is None else (found[1], found[2])
 
 
 def looks_local(ref: str) -> bool:
@@ -224,18 +104,22 @@ class ModelSet:
     experts: dict[str, str]
     tokenizer: str | None = None
     dtype: str = "float32"
-    zoo_dir: Path | None = None
-    realzoo_dir: Path | None = None
-    # Where GGUF conversions and the real zoo are cached (default: the user cache).
+    _: KW_ONLY
+    # Where references build what they build (zoos, GGUF conversions); None: the user cache.
     cache_dir: Path | None = None
+    # How a reference that builds shows its progress, and where it says beforehand that it will build
+    # (a console's print, say; None: nowhere).
+    progress: Progress = True
+    announce: Callable[[str], None] | None = None
     _resolved: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     def resolve(self, ref: str) -> str:
         """A local folder path or a hub id for ``ref``; local folders must exist."""
         if ref in self._resolved:
             return self._resolved[ref]
-        if ref.startswith(("zoo:", "realzoo:")):
-            out = str(self._zoo_model(ref))
+        prefixed = split_reference(ref)
+        if prefixed is not None:
+            out = str(self._build_reference(*prefixed))
         elif ref.lower().endswith(".gguf"):
             out = str(convert_gguf(ref, self.dtype, self.cache_dir))
         else:
@@ -251,27 +135,18 @@ class ModelSet:
         self._resolved[ref] = out
         return out
 
-    def _zoo_model(self, ref: str) -> Path:
-        kind, name = ref.split(":", 1)
-        if kind == "zoo":
-            from evomerge import zoo
-
-            root = self.zoo_dir or zoo.build_zoo()
-        else:
-            from evomerge import realzoo
-
-            root = self.realzoo_dir or realzoo.build_real_zoo(self.cache_dir)
-        path = root / "base" if name == "base" else root / "experts" / name
-        if not path.is_dir():
-            available = ["base"] + sorted(p.name for p in (root / "experts").iterdir())
-            raise EvomergeError(f"unknown {kind} model {name!r}; available: {', '.join(available)}")
-        return path
+    def _build_reference(self, prefix: str, name: str) -> Path:
+        """The folder of ``<prefix>:<name>``, from the prefix's registered code (which may build it)."""
+        reference = REFERENCES.get(prefix)
+        notice = reference.notice(self.cache_dir)
+        if notice and self.announce is not None:
+            self.announce(notice)
+        return reference.resolve(name, self.cache_dir, self.progress)
 
     def _check_tokenizer_source(self) -> None:
         """A GGUF file without tokenizer data cannot be the tokenizer source."""
         ref = self.tokenizer or self.base
-        info = Path(self.resolve(ref)) / GGUF_INFO
-        if info.is_file() and not json.loads(info.read_text())["tokenizer"]:
+        if not gguf_has_tokenizer(self.resolve(ref)):
             raise EvomergeError(
                 f"GGUF file {ref!r} holds no tokenizer data; set models.tokenizer to an HF folder or hub id"
             )
@@ -314,7 +189,7 @@ class ModelSet:
 
         ref = ref or self.base
         try:
-            with _no_progress_bars():
+            with no_progress_bars():
                 model = AutoModelForCausalLM.from_pretrained(self.resolve(ref), dtype=self.torch_dtype)
         except (OSError, ValueError) as e:
             raise EvomergeError(f"cannot load model {ref!r}: {str(e).splitlines()[0]}") from None

@@ -1,9 +1,10 @@
 """Checks that run before anything slow starts (zoo build, Ray, model loading).
 
 Everything a run needs that can be read without loading weights is checked here: fitness task names,
-model references (local folders with a config.json, GGUF files, zoo names, hub ids), that the experts'
-shapes match the base, layer groups against the model's depth, and that the run folder can be written
-and has room for the run's store and best model. Each problem is one ``EvomergeError`` line.
+model references (local folders with a config.json, GGUF files, ``<prefix>:<name>`` names such as zoo
+models, hub ids), that the experts' shapes match the base, layer groups against the model's depth, and
+that the run folder can be written and has room for the run's store and best model. Each problem is one
+``EvomergeError`` line.
 """
 
 from __future__ import annotations
@@ -61,21 +62,14 @@ def check_importable(modules: tuple[str, ...], needed_for: str) -> None:
 
 def check_reference(role: str, ref: str) -> None:
     """A model reference that cannot be resolved, named with its role, before anything is built."""
-    from evomerge.models import looks_local
+    from evomerge.models import REFERENCES, looks_local, split_reference
 
-    if ref.startswith("zoo:"):
-        from evomerge import zoo
-
-        name = ref.split(":", 1)[1]
-        if name not in zoo.model_names():
-            raise unknown("zoo model", name, zoo.model_names())
-        return
-    if ref.startswith("realzoo:"):
-        from evomerge import realzoo
-
-        name = ref.split(":", 1)[1]
-        if name != "base" and name not in realzoo.RECIPE["experts"]:
-            raise unknown("realzoo model", name, ["base", *realzoo.RECIPE["experts"]])
+    prefixed = split_reference(ref)
+    if prefixed is not None:
+        prefix, name = prefixed
+        names = REFERENCES.get(prefix).names()
+        if name not in names:
+            raise unknown(f"{prefix} model", name, names)
         return
     path = Path(ref).expanduser()
     if ref.lower().endswith(".gguf"):
@@ -90,11 +84,14 @@ def check_reference(role: str, ref: str) -> None:
 
 
 def _local_config(ref: str) -> dict[str, Any] | None:
-    """config.json of a local model folder or of a zoo model (known without building it)."""
-    if ref.startswith("zoo:"):
-        from evomerge import zoo
+    """config.json of a local model folder, or of a ``<prefix>:<name>`` model where its prefix knows it
+    without building the model."""
+    from evomerge.models import REFERENCES, split_reference
 
-        return dict(zoo.RECIPE["model"])
+    prefixed = split_reference(ref)
+    if prefixed is not None:
+        prefix, name = prefixed  # an unknown prefix is check_reference's to name
+        return REFERENCES.get(prefix).config(name) if prefix in REFERENCES else None
     path = Path(ref).expanduser() / "config.json"
     if path.is_file():
         try:

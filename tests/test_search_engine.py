@@ -130,7 +130,7 @@ def test_a_run_whose_masks_this_version_draws_otherwise_is_not_resumed_or_reload
 
 
 def test_a_run_resumes_with_the_model_folders_it_started_with(tmp_path, monkeypatch, ray_env):
-    from evomerge import zoo
+    from evomerge.zoos import tiny as zoo
 
     def zoo_at(root: Path, seed: int) -> Path:  # the layout of a built zoo: base/ and experts/<name>/
         made = save_model_set(root, ["base", "a", "b"], seed=seed)

@@ -12,7 +12,9 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evomerge import skills, zoo
+from evomerge import cache
+from evomerge.zoos import build, scoring, skills
+from evomerge.zoos import tiny as zoo
 
 FITNESS_ZOO = Path(__file__).resolve().parents[1] / "fitness" / "zoo"
 
@@ -99,13 +101,13 @@ def test_tokenizer_round_trip(tmp_path: Path) -> None:
 def test_recipe_hash_covers_recipe() -> None:
     changed = json.loads(json.dumps(zoo.RECIPE))
     changed["expert"]["lr"] *= 2
-    assert zoo.recipe_hash(zoo.RECIPE) == zoo.recipe_hash(json.loads(json.dumps(zoo.RECIPE)))
-    assert zoo.recipe_hash(changed) != zoo.recipe_hash(zoo.RECIPE)
+    assert build.recipe_hash(zoo.RECIPE) == build.recipe_hash(json.loads(json.dumps(zoo.RECIPE)))
+    assert build.recipe_hash(changed) != build.recipe_hash(zoo.RECIPE)
 
 
 def _fake_build(out: Path, recipe: dict, progress: bool) -> dict:
     (out / "base").mkdir()
-    return {"recipe": recipe, "hash": zoo.recipe_hash(recipe), "experts": [], "accuracy": {}}
+    return {"recipe": recipe, "hash": build.recipe_hash(recipe), "experts": [], "accuracy": {}}
 
 
 def test_killed_build_leaves_no_zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,10 +122,10 @@ def test_killed_build_leaves_no_zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     # A folder without a manifest (say, copied half-way) is rebuilt, not trusted.
     monkeypatch.setattr(zoo, "_build", _fake_build)
-    final = tmp_path / f"zoo-{zoo.recipe_hash(zoo.RECIPE)}"
+    final = tmp_path / f"zoo-{build.recipe_hash(zoo.RECIPE)}"
     (final / "base").mkdir(parents=True)
     assert zoo.build_zoo(tmp_path, progress=False) == final
-    assert zoo.load_manifest(final)["hash"] == zoo.recipe_hash(zoo.RECIPE)
+    assert build.load_manifest(final)["hash"] == build.recipe_hash(zoo.RECIPE)
 
 
 def test_build_once_removes_the_folder_of_a_killed_build(tmp_path: Path) -> None:
@@ -133,14 +135,14 @@ def test_build_once_removes_the_folder_of_a_killed_build(tmp_path: Path) -> None
     import subprocess
     import sys
 
-    from evomerge.models import build_once
+    from evomerge.cache import build_once
 
     final = tmp_path / "thing"
     killed = subprocess.run(
         [
             sys.executable,
             "-c",
-            "import os, signal, sys; from pathlib import Path; from evomerge.models import build_once; "
+            "import os, signal, sys; from pathlib import Path; from evomerge.cache import build_once; "
             "build_once(Path(sys.argv[1]), lambda tmp: ((tmp / 'half').write_text('x'), "
             "os.kill(os.getpid(), signal.SIGKILL)))",
             str(final),
@@ -177,23 +179,23 @@ def test_force_rebuilds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert zoo.default_cache_dir() == tmp_path / "evomerge"
+    assert cache.default_cache_dir() == tmp_path / "evomerge"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert zoo.default_cache_dir() == Path.home() / ".cache" / "evomerge"
+    assert cache.default_cache_dir() == Path.home() / ".cache" / "evomerge"
 
 
 # --- tests on the built zoo ----------------------------------------------------------------------------
 
 
 def test_zoo_layout_and_cache_hit(zoo_dir: Path) -> None:
-    manifest = zoo.load_manifest(zoo_dir)
-    assert zoo_dir.name == f"zoo-{manifest['hash']}" and manifest["hash"] == zoo.recipe_hash(zoo.RECIPE)
+    manifest = build.load_manifest(zoo_dir)
+    assert zoo_dir.name == f"zoo-{manifest['hash']}" and manifest["hash"] == build.recipe_hash(zoo.RECIPE)
     assert manifest["experts"] == list(skills.SKILLS)
-    stamp = (zoo_dir / zoo.MANIFEST).stat().st_mtime_ns
+    stamp = (zoo_dir / build.MANIFEST).stat().st_mtime_ns
     started = time.perf_counter()
     assert zoo.build_zoo(zoo_dir.parent, progress=False) == zoo_dir
     assert time.perf_counter() - started < 1.0
-    assert (zoo_dir / zoo.MANIFEST).stat().st_mtime_ns == stamp
+    assert (zoo_dir / build.MANIFEST).stat().st_mtime_ns == stamp
 
 
 def test_zoo_models_load(zoo_dir: Path) -> None:
@@ -213,7 +215,7 @@ def test_mc_accuracy_matches_naive_scoring(zoo_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(zoo_dir / "base")
     tok = AutoTokenizer.from_pretrained(zoo_dir / "base")
     items = [it for s in skills.SKILLS for it in skills.task_splits(s)["test"][:8]]
-    fast = zoo.mc_correct(model, tok, items, batch_size=7)
+    fast = scoring.mc_correct(model, tok, items, batch_size=7)
     naive = []
     with torch.no_grad():
         for item in items:
@@ -228,7 +230,7 @@ def test_mc_accuracy_matches_naive_scoring(zoo_dir: Path) -> None:
 
 
 def test_experts_specialise(zoo_dir: Path) -> None:
-    acc = zoo.load_manifest(zoo_dir)["accuracy"]
+    acc = build.load_manifest(zoo_dir)["accuracy"]
     for skill in skills.SKILLS:
         assert acc[skill][skill] >= acc["base"][skill] + 0.25, (skill, acc)
         for other in skills.SKILLS:
@@ -244,7 +246,7 @@ def test_task_arithmetic_merge_beats_best_expert(zoo_dir: Path) -> None:
         AutoModelForCausalLM.from_pretrained(zoo_dir / "experts" / s).state_dict() for s in skills.SKILLS
     ]
     model.load_state_dict({k: v + sum(0.5 * (e[k] - v) for e in experts) for k, v in base.items()})
-    merged = sum(zoo.evaluate(model, tok, "test").values()) / len(skills.SKILLS)
-    acc = zoo.load_manifest(zoo_dir)["accuracy"]
+    merged = sum(scoring.evaluate(model, tok, "test").values()) / len(skills.SKILLS)
+    acc = build.load_manifest(zoo_dir)["accuracy"]
     best_expert = max(sum(acc[s].values()) / len(skills.SKILLS) for s in skills.SKILLS)
     assert merged >= best_expert + 0.04, (merged, best_expert)

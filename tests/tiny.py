@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from evomerge import zoo
+from evomerge.zoos import tiny as zoo
 
 
 def llama_config(hidden: int = 32, layers: int = 4, vocab: int | None = None) -> LlamaConfig:

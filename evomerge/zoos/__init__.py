@@ -1,0 +1,17 @@
+"""The demo model zoos, kept out of the core: models that evomerge builds itself, offline, for the demo,
+the tests and the benchmarks.
+
+- :mod:`evomerge.zoos.tiny`: a tiny Llama base and three experts, ``zoo:<name>``
+- :mod:`evomerge.zoos.smollm2`: SmolLM2-135M-Instruct and LoRA experts fine-tuned from it, ``realzoo:<name>``
+- :mod:`evomerge.zoos.skills`: the synthetic skills they learn, and the multiple-choice items measuring them
+- :mod:`evomerge.zoos.scoring`: those items scored in-process as lm-eval scores them
+- :mod:`evomerge.zoos.build`: what both zoos' builds share (recipe hash, manifest, training plumbing)
+
+Importing this package registers the two prefixes in :data:`evomerge.models.REFERENCES` by ``module:attr``:
+a zoo's module (torch training code) is imported only when a reference first names its prefix.
+"""
+
+from evomerge.models import REFERENCES
+
+REFERENCES.add_lazy("zoo", "evomerge.zoos.tiny:REFERENCE")
+REFERENCES.add_lazy("realzoo", "evomerge.zoos.smollm2:REFERENCE")
