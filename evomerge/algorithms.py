@@ -22,12 +22,14 @@ class AlgorithmSpec:
     pop_option: str | None = "pop_size"  # the constructor argument that takes the population size
     ref_dirs: bool = False  # needs reference directions (one per population member)
     seeded: bool = True  # takes its first population as an array (``sampling``), for ``initial: experts``
+    # cma (behind pymoo's CMAES) draws its seed from the clock when given 0: seed 0 is given as this
+    zero_seed: int | None = None
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {
     "ga": AlgorithmSpec("pymoo.algorithms.soo.nonconvex.ga:GA", "single"),
     "de": AlgorithmSpec("pymoo.algorithms.soo.nonconvex.de:DE", "single"),
-    "cmaes": AlgorithmSpec("pymoo.algorithms.soo.nonconvex.cmaes:CMAES", "single"),
+    "cmaes": AlgorithmSpec("pymoo.algorithms.soo.nonconvex.cmaes:CMAES", "single", zero_seed=2**31 - 1),
     "pso": AlgorithmSpec("pymoo.algorithms.soo.nonconvex.pso:PSO", "single"),
     "nsga2": AlgorithmSpec("pymoo.algorithms.moo.nsga2:NSGA2", "multi"),
     "nsga3": AlgorithmSpec("pymoo.algorithms.moo.nsga3:NSGA3", "multi", ref_dirs=True),
@@ -117,6 +119,19 @@ def check_initial(name: str, initial: str, options: dict[str, Any]) -> None:
         raise EvomergeError(
             f"algorithm.initial: {initial} sets the first population; remove algorithm.options.sampling"
         )
+
+
+def setup(algorithm: Any, name: str, problem: Any, generations: int, seed: int) -> Any:
+    """``algorithm.setup`` for ``generations`` generations from ``seed``, the same run for the same seed
+    (pymoo's CMA-ES would take seed 0 as "random")."""
+    zero = spec_for(name).zero_seed
+    algorithm.setup(
+        problem,
+        termination=("n_gen", generations),
+        seed=zero if seed == 0 and zero is not None else seed,
+        verbose=False,
+    )
+    return algorithm
 
 
 def make_algorithm(

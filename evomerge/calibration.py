@@ -168,3 +168,119 @@ def describe_cost(calibration: list[Any], searched: list[Any], full_items: int) 
         "calibration_subjects": len(calibration),
         "calibration_seconds": float(sum(c.wall_s for c in calibration)),
     }
+
+
+# --- the IRT stage of a run --------------------------------------------------------------------------
+
+
+def calibration_genomes(space: Any, seed: int, n: int) -> list[np.ndarray]:
+    """The calibration's random merges, uniform in the genome space (seeded by the run's seed + 1)."""
+    rng = np.random.default_rng(seed + 1)
+    return [rng.random(space.n_var) for _ in range(n)]
+
+
+def _input_genome(space: Any, label: str) -> list[float] | None:
+    """The genome that reproduces the base or an expert, where the search space can express it (the
+    surrogate then learns the corners the search starts from); None elsewhere."""
+    try:
+        x = space.base_genome() if label == "base" else space.expert_genome(label)
+    except EvomergeError:
+        return None
+    return [float(v) for v in x]
+
+
+def calibrate(evals: Any, space: Any, experts: list[str], config: Any) -> list[Any]:
+    """Evaluate the base, the experts and random merges on the whole search split (stored as
+    ``kind="calibration"``); the endpoints come first."""
+    from evomerge.jobs import Job, Origin
+    from evomerge.recipe import reference_recipes
+    from evomerge.store import Kind, Status
+
+    fit = config.fitness
+    recipes = [(label, r, _input_genome(space, label)) for label, r in reference_recipes(experts).items()]
+    recipes += [
+        (f"random-{i}", space.decode(g), [float(v) for v in g])
+        for i, g in enumerate(calibration_genomes(space, config.seed, fit.calibration.random_merges))
+    ]
+    jobs = [
+        Job(i, r, fit.search_split, None, Origin(Kind.CALIBRATION, label=label, genome=g))
+        for i, (label, r, g) in enumerate(recipes)
+    ]
+    done = evals.evaluate(jobs, "calibration")
+    failed = [c for c in done.values() if c.status != Status.OK]
+    if failed:
+        raise EvomergeError(f"calibration evaluation failed: {failed[0].error}")
+    return [done[i] for i in range(len(jobs))]
+
+
+def prepare_estimators(
+    evals: Any, space: Any, experts: list[str], config: Any, n_items: dict[str, int], folder: Path
+) -> dict[str, Subset]:
+    """Each estimated objective's item subset, from saved IRT parameters (``calibration.params`` or the
+    run's ``irt/`` folder) or a calibration, with sgpirt's surrogate refitted from the stored
+    calibration (which re-evaluates nothing) on every start."""
+    cal = config.fitness.calibration
+    objectives = config.objectives
+    scopes: dict[str, Scope | None] = {}
+    for o in objectives:
+        if o.estimator and o.of not in scopes:
+            scopes[o.of] = Scope.load(Path(cal.params or folder), o.of, columns(n_items, o.of))
+    subjects = None
+    if any(sc is None for sc in scopes.values()):
+        if cal.params is not None:
+            missing = [name for name, sc in scopes.items() if sc is None]
+            raise EvomergeError(f"calibration.params {str(cal.params)!r} has no parameters for {missing}")
+        subjects = calibrate(evals, space, experts, config)
+        responses = [c.responses for c in subjects]
+        for name, sc in scopes.items():
+            if sc is None:
+                sc = fit_scope(
+                    name, columns(n_items, name), responses, 1 + len(experts), cal.model, config.seed
+                )
+                sc.save(folder)
+                scopes[name] = sc
+    surrogate = {o.of for o in objectives if o.estimator and irt.get_estimator(o.estimator).needs_prior}
+    if surrogate:
+        subjects = subjects or calibrate(evals, space, experts, config)
+        known = [c for c in subjects if c.genome is not None]  # the random merges, base and experts
+        genomes = [c.genome for c in known]
+        for name in surrogate:
+            fit_surrogate(scopes[name], genomes, [c.responses for c in known], config.seed)
+    return {
+        o.name: select(o.name, scopes[o.of], o.items, o.selection, o.estimator, config.seed)
+        for o in objectives
+        if o.estimator
+    }
+
+
+def estimation_report(
+    evals: Any, subsets: dict[str, Subset], front: list[Any], config: Any
+) -> tuple[dict[str, Any], dict[int, Any]]:
+    """The estimators' error on the front (estimate vs the whole search split) and the cost saved; and
+    the front's evaluations on the whole search split, by candidate id."""
+    from evomerge.jobs import Job, Origin
+    from evomerge.recipe import Recipe
+    from evomerge.store import Kind, Status
+
+    split = config.fitness.search_split
+    jobs = [
+        Job(("full", c.id), Recipe.from_dict(c.recipe), split, None, Origin(Kind.FULL, label=f"full:{c.id}"))
+        for c in front
+    ]
+    full = evals.evaluate(jobs, "front, full search split")
+    errors = {}
+    for name in subsets:
+        pairs = [(c.objectives[name], full[("full", c.id)].objectives[name]) for c in front]
+        errors[name] = {
+            "mae_on_front": float(np.mean([abs(a - b) for a, b in pairs])),
+            "front": [
+                {"candidate": c.id, "estimate": a, "full": b} for c, (a, b) in zip(front, pairs, strict=True)
+            ],
+        }
+    n_full = sum(len(s.scope.cols) for s in subsets.values() if s.scope.name == "mean") or max(
+        len(s.scope.cols) for s in subsets.values()
+    )
+    store = evals.store
+    searched = [c for c in store.candidates(kind=Kind.SEARCH) if c.status == Status.OK]
+    cost = describe_cost(store.candidates(kind=Kind.CALIBRATION), searched, n_full)
+    return {"errors": errors, "cost": cost}, {c.id: full[("full", c.id)] for c in front}

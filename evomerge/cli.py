@@ -128,18 +128,23 @@ def resume(run_dir: Path, config: Path | None, workers: int | None, ray_address:
 def front(run_dir: Path) -> None:
     """Print the Pareto front of a finished run."""
     from evomerge.report import front_table, print_frame, print_summary
+    from evomerge.runfolder import FRONT, SUMMARY, RunFolder
 
-    if not (run_dir / "front.csv").is_file():
-        fail(f"{str(run_dir)!r} has no front.csv (not a finished run folder)")
+    folder = RunFolder(run_dir)
+    if not folder.file(FRONT).is_file():
+        fail(f"{str(run_dir)!r} has no {FRONT} (not a finished run folder)")
+    try:
+        folder.require()
+    except EvomergeError as e:
+        fail(str(e))
     table = front_table(run_dir).set_index("candidate")
     print_frame(console, table.drop(columns=["recipe"]), "Pareto front (search and test values)")
     for candidate, recipe in table["recipe"].items():
         console.print(
             f"candidate {candidate} recipe: {recipe}", markup=False, highlight=False, soft_wrap=True
         )
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        print_summary(console, json.loads(summary.read_text()))
+    if folder.finished():
+        print_summary(console, json.loads(folder.file(SUMMARY).read_text()))
 
 
 @app.command()

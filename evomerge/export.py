@@ -99,9 +99,10 @@ def export_candidate(run_dir: str | Path, candidate_id: int, out: str | Path | N
     from evomerge.runfolder import RunFolder
 
     run_dir = Path(run_dir)
-    store = RunFolder(run_dir).open_store(readonly=True)
+    folder = RunFolder(run_dir)
+    store = folder.open_store(readonly=True)
     try:
-        models = store.get_meta("models")
+        models = folder.meta(store).models
         try:
             candidate = store.get(candidate_id)
         except KeyError:

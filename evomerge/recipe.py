@@ -96,3 +96,12 @@ class Recipe:
         if fallback is None:
             raise ValueError(f"recipe has no group for tensor {tensor_name!r}")
         return fallback
+
+
+def reference_recipes(experts: list[str]) -> dict[str, Recipe]:
+    """Recipes whose merge is exactly the base or one expert, so the inputs are scored through the same
+    path as every merge."""
+    refs = {"base": Recipe.uniform("task_arithmetic", {"weight": 0.0})}
+    for e in experts:
+        refs[e] = Recipe.uniform("linear", {"weight": {x: float(x == e) for x in experts}})
+    return refs

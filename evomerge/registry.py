@@ -49,7 +49,7 @@ class Registry(Generic[T]):
             self._entries[name] = self._import(self._lazy[name])
             del self._lazy[name]
             return self._entries[name]
-        if ":" in name:
+        if isinstance(name, str) and ":" in name:
             return self._import(name)
         raise unknown(self.kind, name, self.names())
 

@@ -6,13 +6,14 @@ The store is opened read-only and read once, so a run still in progress can be l
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from evomerge import report
+from evomerge import summary
 from evomerge.config import ObjectiveConfig, RunConfig, parse_config
 from evomerge.errors import EvomergeError
 from evomerge.runfolder import RunFolder
@@ -30,6 +31,11 @@ _TAIL_COLUMNS = (
     "worker",
     "error",
 )
+
+
+def _plain(v: Any) -> Any:
+    """Enum values (status, kind) as the strings the store holds."""
+    return v.value if isinstance(v, Enum) else v
 
 
 def load_run(path: str | Path) -> Run:
@@ -75,6 +81,11 @@ class Run:
         self.models: dict[str, Any] | None = meta.get("models")
         self.candidates = self._frame(raw["fitness"]["test_split"])
 
+    @property
+    def genes(self) -> list[str] | None:
+        """The genome's gene names in order (``group/expert/parameter``): what each genome column is."""
+        return self._meta.get("genes")
+
     def _frame(self, test_split: str) -> pd.DataFrame:
         names = [o.name for o in self.objectives]
         tested = {
@@ -86,7 +97,7 @@ class Run:
             test = tested.get(c.recipe_key, {}) if c.kind == "search" and c.status == "ok" else {}
             rows.append(
                 [
-                    *(getattr(c, col) for col in _HEAD_COLUMNS),
+                    *(_plain(getattr(c, col)) for col in _HEAD_COLUMNS),
                     *(values.get(n, np.nan) for n in names),
                     *(test.get(n, np.nan) for n in names),
                     *(getattr(c, col) for col in _TAIL_COLUMNS),
@@ -103,8 +114,7 @@ class Run:
         return df[(df.kind == "search") & (df.status == "ok")].astype({"generation": int})
 
     def _front(self) -> list[Candidate]:
-        searched = [c for c in self._records if c.kind == "search" and c.status == "ok"]
-        return report.pareto_front(searched, self.objectives) if searched else []
+        return summary.front_of(self._records, self.objectives)
 
     def pareto_front(self) -> pd.DataFrame:
         """The non-dominated successful search candidates (one per distinct recipe), best first by the
@@ -113,25 +123,14 @@ class Run:
 
     @property
     def best_id(self) -> int:
-        """The candidate the run saved as best_model/: the front member with the best mean of the
-        objectives, earliest on ties; with estimated objectives, once the run has re-scored its front
-        on the whole search split, the best on measured values among the front and the calibration
-        models (whose id it then is)."""
-        front = self._front()
-        if not front:
+        """The candidate the run saved as best_model/ (:func:`evomerge.summary.best_of`): the front
+        member with the best mean of the objectives, earliest on ties; with estimated objectives, once
+        the run has re-scored its front on the whole search split, the best on measured values among
+        the front and the calibration models (whose id it then is)."""
+        best = summary.best_of(self._records, self.objectives, self._raw["fitness"]["search_split"])
+        if best is None:
             raise EvomergeError(f"run {str(self.path)!r} has no successful search candidate yet")
-        if any(o.estimator for o in self.objectives):
-            split = self._raw["fitness"]["search_split"]
-            full = {
-                c.recipe_key: c
-                for c in self._records
-                if c.split == split and c.subset is None and c.kind != "search" and c.status == "ok"
-            }
-            if all(c.recipe_key in full for c in front):
-                calibrated = [c for c in self._records if c.kind == "calibration" and c.status == "ok"]
-                measured = {c.id: full[c.recipe_key] for c in front}
-                return report.pick_best_measured(front, calibrated, measured, self.objectives).id
-        return report.pick_best(front, self.objectives).id
+        return best[0].id
 
     @property
     def history(self) -> pd.DataFrame:

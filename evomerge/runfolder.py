@@ -20,9 +20,56 @@ import os
 import sqlite3
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.store import Store
+
+
+class RunMeta:
+    """A run's meta (the store's ``meta`` table) as typed fields; reading a field reads the store,
+    ``update(**fields)`` writes it. Every field is read by someone: the run itself on resume, ``Run``,
+    ``evomerge export``."""
+
+    config: dict[str, Any] | None  # the validated config (stored_config): resume, Run
+    models: dict[str, Any] | None  # the resolved model folders the run merged: resume, Run, export
+    keyed_stream: int | None  # the version of the keyed mask stream: resume, Run.load_model
+    changed_layers: list[int | None] | None  # layers some expert changes (the genome's layout): resume
+    genes: list[str] | None  # the genome's gene names, in order: Run.genes
+    search_seconds: float | None  # wall time of the search so far: resume (the summary's total)
+    stopped_on: dict[str, Any] | None  # the failure every first evaluation shared: resume retries them
+
+    FIELDS = (
+        "config",
+        "models",
+        "keyed_stream",
+        "changed_layers",
+        "genes",
+        "search_seconds",
+        "stopped_on",
+    )
+
+    def __init__(self, store: Store):
+        object.__setattr__(self, "_store", store)
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in RunMeta.FIELDS:
+            raise AttributeError(name)
+        return self._store.get_meta(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("use RunMeta.update(...)")
+
+    def update(self, **fields: Any) -> None:
+        unknown = set(fields) - set(RunMeta.FIELDS)
+        if unknown:
+            raise KeyError(f"not run meta fields: {sorted(unknown)}; fields: {', '.join(RunMeta.FIELDS)}")
+        for name, value in fields.items():
+            self._store.set_meta(name, value)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in RunMeta.FIELDS}
+
 
 STORE = "store.sqlite"
 CONFIG = "config.yaml"
@@ -110,6 +157,11 @@ class RunFolder:
                 f"{where!r} is a SQLite database that evomerge did not write (tables: "
                 f"{', '.join(sorted(tables)) or 'none'}); it was left as it is"
             )
+
+    @staticmethod
+    def meta(store: Store) -> RunMeta:
+        """The typed meta of the run whose store is ``store``."""
+        return RunMeta(store)
 
     def open_store(self, readonly: bool = False) -> Store:
         """The store of an existing run, checked first."""

@@ -18,10 +18,40 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
+
+
+class _Value(str, Enum):
+    """An enum whose members print as the strings the store holds."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Status(_Value):
+    """How an evaluation ended; ``pending``: its id is reserved, it has not finished."""
+
+    OK = "ok"
+    FAILED = "failed"
+    PENDING = "pending"
+
+
+class Kind(_Value):
+    """Why a model was evaluated."""
+
+    SEARCH = "search"  # a genome the algorithm proposed, on its item subset
+    CALIBRATION = "calibration"  # base, experts, random merges on the whole search split (IRT fitness)
+    FULL = "full"  # a front member on the whole search split (IRT fitness)
+    TEST = "test"  # a front member or the best on the test split
+    REFERENCE = "reference"  # the base or an expert on the test split
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -61,8 +91,8 @@ class Candidate:
     recipe: dict[str, Any]
     recipe_key: str
     split: str
-    status: str
-    kind: str = "search"
+    status: Status
+    kind: Kind = Kind.SEARCH
     subset: str | None = None
     generation: int | None = None
     label: str | None = None
@@ -102,7 +132,6 @@ _COLUMNS = [
     "created",
     "trace",
 ]
-PENDING = "pending"  # a reserved id whose evaluation has not finished
 
 
 class StoreFullError(OSError):
@@ -209,7 +238,7 @@ class Store:
         row = self.db.execute(
             "SELECT id FROM candidates WHERE recipe_key = ? AND split = ? AND subset IS ? AND status = ? "
             "ORDER BY id LIMIT 1",
-            (recipe_key, split, subset, PENDING),
+            (recipe_key, split, subset, Status.PENDING),
         ).fetchone()
         return row[0] if row else None
 
@@ -220,7 +249,7 @@ class Store:
         query, args = self._select() + " WHERE 1=1", []
         if not pending:
             query += " AND status != ?"
-            args.append(PENDING)
+            args.append(Status.PENDING)
         if kind is not None:
             query += " AND kind = ?"
             args.append(kind)
@@ -241,7 +270,7 @@ class Store:
         row = self.db.execute(
             self._select() + " WHERE recipe_key = ? AND split = ? AND subset IS ? AND status != ? "
             "ORDER BY status != 'ok', id LIMIT 1",
-            (recipe_key, split, subset, PENDING),
+            (recipe_key, split, subset, Status.PENDING),
         ).fetchone()
         return self._row(row) if row else None
 
@@ -250,6 +279,7 @@ class Store:
         for col in (*_JSON, "recipe"):
             if d[col] is not None:
                 d[col] = json.loads(d[col])
+        d["status"], d["kind"] = Status(d["status"]), Kind(d["kind"])
         return Candidate(**d)
 
     def save_checkpoint(self, generation: int, state: Any) -> None:

@@ -1,11 +1,11 @@
-"""Evaluation workers: each keeps the base and the task vectors in memory and merges candidates into
-one preallocated model in place; never writes a candidate to disk. Ray actors run them in parallel."""
+"""Workers: each keeps the base and the task vectors in memory, merges candidates into one
+preallocated model in place and scores them; never writes a candidate to disk. ``WorkerPool`` runs them
+as Ray actors: it dispatches jobs to idle workers, retries failed evaluations, replaces dead or hung
+workers."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import os
@@ -13,7 +13,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -21,30 +21,13 @@ import torch
 from evomerge.errors import EvomergeError
 from evomerge.fitness import make_fitness
 from evomerge.fitness.python import FitnessOutputError
+from evomerge.jobs import EvalResult, Job
 from evomerge.merge import Merger
 from evomerge.merge.kernels import limit_heap_fragmentation
 from evomerge.merge.merger import SEARCH_RANDOM, SEARCH_SEED
 from evomerge.models import ModelSet, save_hf
 from evomerge.recipe import Recipe
-
-
-@dataclass
-class Job:
-    """One evaluation: a recipe on a split, with the items to use (None: all). ``record`` holds the
-    store fields that say why it was asked for (kind, generation, genome, label)."""
-
-    key: Any
-    recipe: dict[str, Any]
-    split: str
-    items: dict[str, list[int]] | None = None
-    record: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def subset(self) -> str | None:
-        """A key of the items (None: the whole split): evaluations are reused only on the same items."""
-        if self.items is None:
-            return None
-        return hashlib.sha1(json.dumps(self.items, sort_keys=True).encode()).hexdigest()[:12]
+from evomerge.store import Status
 
 
 def search_merger(model: torch.nn.Module, models: ModelSet) -> Merger:
@@ -66,7 +49,7 @@ def _ray_node() -> str:
     return f"{ray.get_runtime_context().get_node_id()[:8]}:"
 
 
-class Evaluator:
+class Worker:
     """Merges recipes into one model and scores them. Runs in a Ray actor or in-process."""
 
     def __init__(self, models: dict[str, Any], fitness: dict[str, Any], threads: int = 1):
@@ -79,18 +62,18 @@ class Evaluator:
         self.fitness = make_fitness(**fitness)
         self.name = f"{os.uname().nodename}:{_ray_node()}{os.getpid()}"
 
-    def materialize(self, recipe: dict[str, Any]) -> torch.nn.Module:
+    def materialize(self, recipe: Recipe) -> torch.nn.Module:
         """Write the recipe's weights into the worker's model; refuse non-finite results.
 
         The check is one sum per tensor (NaN and inf propagate through it), ~35x cheaper than
         ``isfinite(p).all()``; it also refuses a tensor whose sum overflows, i.e. absurd weights."""
-        self.merger.apply(Recipe.from_dict(recipe), out=self.model)
+        self.merger.apply(recipe, out=self.model)
         for name, p in self.model.state_dict().items():
             if p.is_floating_point() and not math.isfinite(float(p.sum())):
                 raise FloatingPointError(f"merge produced NaN/inf in tensor {name!r}")
         return self.model
 
-    def evaluate(self, job: Job) -> dict[str, Any]:
+    def evaluate(self, job: Job) -> EvalResult:
         start = time.perf_counter()
         try:
             model = self.materialize(job.recipe)
@@ -99,12 +82,12 @@ class Evaluator:
             bad = [k for k, v in result.values.items() if not math.isfinite(v)]
             if bad:
                 raise FloatingPointError(f"fitness returned non-finite values for {bad}")
-            out = {"status": "ok", "error": None, **asdict(result)}
+            out = EvalResult(Status.OK, **asdict(result))
         except FitnessOutputError as e:  # the user's function is wrong: every candidate would fail
-            out = {"status": "failed", "error": str(e), "fatal": True}
+            out = EvalResult.failed(str(e), fatal=True)
         except Exception as e:  # a failed candidate is a record with its reason, never a gap
-            out = {"status": "failed", "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
-        out.update(wall_s=time.perf_counter() - start, worker=self.name)
+            out = EvalResult.failed(f"{type(e).__name__}: {e}", trace=traceback.format_exc())
+        out.wall_s, out.worker = time.perf_counter() - start, self.name
         return out
 
     def ready(self) -> str:
@@ -117,7 +100,7 @@ class Evaluator:
     def n_items(self, split: str) -> dict[str, int]:
         return self.fitness.n_items(split)
 
-    def save(self, recipe: dict[str, Any], path: str) -> str:
+    def save(self, recipe: Recipe, path: str) -> str:
         """Save the merged model and the tokenizer as an HF folder (safetensors)."""
         save_hf(path, self.materialize(recipe), self.tokenizer)
         return path
@@ -177,7 +160,7 @@ def _keep_sigterm_handler() -> Iterator[None]:
 
 
 class WorkerPool:
-    """``workers`` Ray actors, each an Evaluator; ``run(jobs)`` yields (job, result) as each finishes.
+    """``workers`` Ray actors, each a Worker; ``run(jobs)`` yields (job, result) as each finishes.
 
     ``timeout`` (seconds, ``"auto"`` or None) turns an evaluation that takes longer into a failed one
     ("timed out after N s"); its worker is killed and replaced. A timed-out evaluation is not retried:
@@ -210,7 +193,7 @@ class WorkerPool:
         self.ray = ray
         self.retries = retries
         self.timeouts = Timeouts(timeout)
-        self._new = lambda: ray.remote(num_cpus=threads)(Evaluator).remote(models, fitness, threads)
+        self._new = lambda: ray.remote(num_cpus=threads)(Worker).remote(models, fitness, threads)
         self.actors = [self._new() for _ in range(workers)]
         # ready() of the workers still loading their models -> their slot
         self.starting: dict[Any, int] = {a.ready.remote(): slot for slot, a in enumerate(self.actors)}
@@ -225,7 +208,7 @@ class WorkerPool:
         except RayActorError as e:
             raise EvomergeError(f"a worker could not start: {_cause(e)}") from None
 
-    def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, dict[str, Any]]]:
+    def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, EvalResult]]:
         """Evaluate jobs on idle workers; yield (job, result) as each finishes.
 
         A failed evaluation (a dead worker, NaN weights, an exception) is retried up to ``retries``
@@ -251,17 +234,19 @@ class WorkerPool:
                     try:
                         result = self.ray.get(ref)
                     except (RayActorError, WorkerCrashedError) as e:
-                        result = _failed(f"worker died ({type(e).__name__}): {_cause(e)}"[:500], slot)
+                        result = EvalResult.failed(
+                            f"worker died ({type(e).__name__}): {_cause(e)}"[:500], f"worker-{slot}"
+                        )
                         self._replace(slot)
                 if slot not in self.starting.values():
                     idle.append(slot)
-                if result["status"] == "ok":
-                    self.timeouts.finished(job, result["wall_s"])
-                retry = not (result.get("fatal") or result.get("timed_out"))
-                if result["status"] != "ok" and retry and attempt < self.retries:
+                if result.ok:
+                    self.timeouts.finished(job, result.wall_s)
+                retry = not (result.fatal or result.timed_out)
+                if not result.ok and retry and attempt < self.retries:
                     pending.appendleft((job, attempt + 1, slot))
                     continue
-                result["attempts"] = attempt + 1
+                result.attempts = attempt + 1
                 yield job, result
 
     def _next_done(self, running: dict[Any, tuple[Job, int, int, float]]) -> list[tuple[Any, tuple]]:
@@ -290,8 +275,9 @@ class WorkerPool:
         for ref, (deadline, limit) in deadlines.items():
             if now >= deadline:
                 job, attempt, slot, start = running.pop(ref)
-                result = _failed(f"timed out after {limit:.0f} s", slot, wall_s=now - start)
-                result["timed_out"] = True
+                result = EvalResult.failed(
+                    f"timed out after {limit:.0f} s", f"worker-{slot}", now - start, timed_out=True
+                )
                 self._replace(slot)
                 out.append((None, (job, attempt, slot, result)))
         return out
@@ -320,8 +306,3 @@ def _cause(e: BaseException) -> str:
         name, _, message = raised[-1].partition(": ")
         return f"{name.rsplit('.', 1)[-1]}: {message}"
     return lines[0] if lines else type(e).__name__
-
-
-def _failed(error: str, slot: int, wall_s: float = 0.0) -> dict[str, Any]:
-    """The result of an evaluation that did not return (its worker died or hung)."""
-    return {"status": "failed", "error": error, "wall_s": wall_s, "worker": f"worker-{slot}"}

@@ -27,9 +27,11 @@ import pandas as pd
 
 from evomerge.config import load_config, parse_config
 from evomerge.fitness.lmeval import LmEvalFitness
+from evomerge.jobs import Job
+from evomerge.recipe import Recipe
 from evomerge.search import Search, resume_search
 from evomerge.store import Store
-from evomerge.workers import Evaluator, Job
+from evomerge.workers import Worker
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -100,7 +102,7 @@ def side_by_side(run_dir: Path, n: int) -> dict:
     own item subsets (the runs above ran at different times on a shared machine; this ratio does not
     depend on that)."""
     search = resume_search(run_dir)  # the model folders the run used
-    worker = Evaluator(search._models_spec(), search._fitness_spec(), search.config.threads_per_worker)
+    worker = Worker(search._models_spec(), search._fitness_spec(), search.config.threads_per_worker)
     cands = [c for c in Store(run_dir / "store.sqlite").candidates(kind="search") if c.status == "ok"][
         : n + 1
     ]
@@ -109,8 +111,8 @@ def side_by_side(run_dir: Path, n: int) -> dict:
         items = {t: [int(k) for k in r] for t, r in c.responses.items()}
         for split_items, times in ((None, full_s), (items, subset_s)):
             started = time.perf_counter()
-            result = worker.evaluate(Job(c.id, c.recipe, c.split, split_items))
-            assert result["status"] == "ok", result["error"]
+            result = worker.evaluate(Job(c.id, Recipe.from_dict(c.recipe), c.split, split_items))
+            assert result.ok, result.error
             if i:  # the first candidate warms the worker up
                 times.append(time.perf_counter() - started)
     full, subset = statistics.median(full_s), statistics.median(subset_s)

@@ -14,7 +14,16 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from test_search_engine import _cli, _rows, models, ray_env, same_run, stored_ids, write_config  # noqa: F401
+from test_search_engine import (  # noqa: F401
+    _cli,
+    _rows,
+    models,
+    ray_env,
+    same_run,
+    stored_ids,
+    uninterrupted,
+    write_config,
+)
 
 from evomerge.cli import app
 from evomerge.config import load_config
@@ -55,10 +64,13 @@ def test_a_hanging_evaluation_times_out_and_its_worker_is_replaced(tmp_path, mod
 
 
 def test_timeout_auto_grows_from_the_first_evaluations():
-    from evomerge.workers import FIRST_TIMEOUT_S, MIN_TIMEOUT_S, Job, Timeouts
+    from evomerge.jobs import Job
+    from evomerge.recipe import Recipe
+    from evomerge.workers import FIRST_TIMEOUT_S, MIN_TIMEOUT_S, Timeouts
 
     t = Timeouts("auto")
-    subset, whole = Job(0, {}, "search", {"t": [1]}), Job(1, {}, "search", None)
+    recipe = Recipe.uniform("task_arithmetic", {"weight": 0.0})
+    subset, whole = Job(0, recipe, "search", {"t": [1]}), Job(1, recipe, "search", None)
     assert t.limit(subset) == FIRST_TIMEOUT_S
     t.finished(subset, 2.0)
     assert t.limit(subset) == MIN_TIMEOUT_S and t.limit(whole) == FIRST_TIMEOUT_S
@@ -304,9 +316,9 @@ def test_checks_before_anything_slow(tmp_path, models):  # noqa: F811
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_sigint_and_sigterm_stop_cleanly_and_the_run_resumes_exactly(tmp_path, models, ray_env, sig):  # noqa: F811
-    config = write_config(tmp_path, models, workers=2)
-    env = {**os.environ, "EVOMERGE_TEST_SLEEP": "0.3"}
+def test_sigint_and_sigterm_stop_cleanly_and_the_run_resumes_exactly(tmp_path, uninterrupted, sig):  # noqa: F811
+    config, full = uninterrupted
+    env = {**os.environ, "EVOMERGE_TEST_SLEEP": "0.2"}
     proc = _cli("run", config, "--out", tmp_path / "run", env=env)
     deadline = time.time() + 240
     while time.time() < deadline and not any(g >= 2 for (g,) in _rows(tmp_path / "run" / "store.sqlite")):
@@ -325,22 +337,4 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_run_resumes_exactly(tmp_path, m
     assert "generation 1/4: 6/6 (" in out  # progress line by line where the output is not a terminal
     resumed = _cli("resume", tmp_path / "run", env=env)
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
-    full = _cli("run", config, "--out", tmp_path / "full")
-    assert full.wait(timeout=300) == 0, full.stdout.read()
-    same_run(tmp_path / "run", tmp_path / "full")
-
-
-def test_a_worker_that_cannot_load_its_models_is_one_line(tmp_path, models, ray_env):  # noqa: F811
-    """The safetensors header is fine (the checks pass), the weights are cut short: the workers fail to
-    start, and the run says why in one line instead of Ray's traceback."""
-    import shutil
-
-    cut = tmp_path / "cut"
-    shutil.copytree(models["b"], cut)
-    weights = cut / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-1000])
-    cfg = load_config(write_config(tmp_path, {**models, "b": cut}), out=str(tmp_path / "run"))
-    with pytest.raises(EvomergeError) as err:
-        Search(cfg).run()
-    assert str(err.value).startswith("a worker could not start: ") and "\n" not in str(err.value)
-    assert not (tmp_path / "run" / "store.sqlite").exists()
+    same_run(tmp_path / "run", full)

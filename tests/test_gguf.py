@@ -13,9 +13,10 @@ from transformers import LlamaForCausalLM
 
 from evomerge.errors import EvomergeError
 from evomerge.gguf import GGUF_INFO
+from evomerge.jobs import Job
 from evomerge.models import ModelSet, save_hf
 from evomerge.recipe import Recipe
-from evomerge.workers import Evaluator, Job
+from evomerge.workers import Worker
 from evomerge.zoos import skills
 
 gguf = pytest.importorskip("gguf", reason="gguf not installed (pip install 'evomerge[gguf]')")
@@ -153,19 +154,19 @@ def test_gguf_base_merges_with_experts_end_to_end(files, cache, tmp_path):
     models.check()
 
     spec = {"base": base_ref, "experts": experts, "tokenizer": None, "dtype": "float32"}
-    worker = Evaluator(spec, {"tasks": ["zoo_addition"], "batch_size": 16})
+    worker = Worker(spec, {"tasks": ["zoo_addition"], "batch_size": 16})
     assert worker.models.resolve(base_ref) == str(base_folder)
-    recipe = Recipe.uniform("task_arithmetic", {"weight": [0.5, 0.25]}).to_dict()
+    recipe = Recipe.uniform("task_arithmetic", {"weight": [0.5, 0.25]})
     merged = worker.materialize(recipe).state_dict()
     a, b = (ModelSet(base_ref, experts).load_model(e).state_dict() for e in experts.values())
     for name, t in base.state_dict().items():
         torch.testing.assert_close(merged[name], t + 0.5 * (a[name] - t) + 0.25 * (b[name] - t))
 
     result = worker.evaluate(
-        Job(key="k", recipe=recipe, split="search", items={"zoo_addition": list(range(8))})
+        Job(tag="k", recipe=recipe, split="search", items={"zoo_addition": list(range(8))})
     )
-    assert result["status"] == "ok", result.get("error")
-    assert 0.0 <= result["values"]["zoo_addition"] <= 1.0
+    assert result.ok, result.error
+    assert 0.0 <= result.values["zoo_addition"] <= 1.0
 
 
 def test_missing_gguf_file(cache, tmp_path):

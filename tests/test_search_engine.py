@@ -17,7 +17,7 @@ import pytest
 import yaml
 from tiny import save_model_set
 
-from evomerge.algorithms import ALGORITHMS, make_algorithm
+from evomerge.algorithms import ALGORITHMS, make_algorithm, setup
 from evomerge.config import load_config
 from evomerge.errors import EvomergeError
 from evomerge.search import Search, resume_search
@@ -70,26 +70,38 @@ def write_config(root: Path, models, function="fitness_fns:closeness", **extra) 
 # --- algorithms --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(ALGORITHMS))
-def test_every_algorithm_runs_ask_tell(name):
+def ask_tell(name: str, seed: int, generations: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Run algorithm ``name`` (population 6) by ask/tell on a 4-variable toy problem in [0, 1]^4 for
+    ``generations`` generations from ``seed``; returns every generation's X and F, stacked in order."""
     from pymoo.core.evaluator import Evaluator
     from pymoo.core.problem import Problem
     from pymoo.problems.static import StaticProblem
 
     n_obj = 1 if ALGORITHMS[name].objectives == "single" else 2
     problem = Problem(n_var=4, n_obj=n_obj, xl=0.0, xu=1.0)
-    algorithm = make_algorithm(name, 6, {}, n_obj)
-    algorithm.setup(problem, termination=("n_gen", 3), seed=0, verbose=False)
-    seen = 0
+    algorithm = setup(make_algorithm(name, 6, {}, n_obj), name, problem, generations, seed)
+    xs, fs = [], []
     while algorithm.has_next():
         pop = algorithm.ask()
         X = pop.get("X")
-        assert X.shape[1] == 4 and np.all((X >= 0) & (X <= 1))
         F = np.stack([((X - 0.3) ** 2).sum(1), ((X - 0.7) ** 2).sum(1)][:n_obj], axis=1)
         Evaluator().eval(StaticProblem(problem, F=F), pop)
         algorithm.tell(infills=pop)
-        seen += len(X)
-    assert seen >= 6
+        xs.append(X)
+        fs.append(F)
+    return np.concatenate(xs), np.concatenate(fs)
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_every_algorithm_runs_ask_tell(name):
+    """Each algorithm runs by ask/tell inside the bounds, and one seed gives the same X and F twice
+    (pymoo's own determinism check)."""
+    X, F = ask_tell(name, seed=0)
+    assert X.shape[1] == 4 and np.all((X >= 0) & (X <= 1))
+    assert len(X) >= 6
+    X2, F2 = ask_tell(name, seed=0)
+    np.testing.assert_array_equal(X2, X, err_msg=f"{name}: seed 0 twice, different X")
+    np.testing.assert_array_equal(F2, F, err_msg=f"{name}: seed 0 twice, different F")
 
 
 def test_any_pymoo_class_by_path():
@@ -281,7 +293,7 @@ def test_a_merge_with_non_finite_weights_is_refused(tmp_path, models, bad):
     from safetensors.torch import load_file, save_file
 
     from evomerge.recipe import Recipe
-    from evomerge.workers import Evaluator
+    from evomerge.workers import Worker
 
     broken = tmp_path / "broken"
     shutil.copytree(models["b"], broken)
@@ -290,8 +302,8 @@ def test_a_merge_with_non_finite_weights_is_refused(tmp_path, models, bad):
     weights[name].view(-1)[7] = bad
     save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
     spec = {"base": str(models["base"]), "experts": {"a": str(models["a"]), "b": str(broken)}}
-    worker = Evaluator({**spec, "tokenizer": None, "dtype": "float32"}, {"function": "fitness_fns:closeness"})
-    recipe = Recipe.uniform("task_arithmetic", {"weight": [0.5, 0.5]}).to_dict()
+    worker = Worker({**spec, "tokenizer": None, "dtype": "float32"}, {"function": "fitness_fns:closeness"})
+    recipe = Recipe.uniform("task_arithmetic", {"weight": [0.5, 0.5]})
     with pytest.raises(FloatingPointError, match=f"NaN/inf in tensor '{name}'"):
         worker.materialize(recipe)
 
@@ -392,15 +404,24 @@ def same_run(a: Path, b: Path) -> None:
     assert files(a / "best_model") == files(b / "best_model")
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(models, ray_env, tmp_path_factory):
+    """(config, run folder) of an uninterrupted CLI run with two workers: what the tests that stop a
+    run and resume it compare with."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    config = write_config(root, models, workers=2)
+    full = _cli("run", config, "--out", root / "full")
+    assert full.wait(timeout=300) == 0, full.stdout.read()
+    return config, root / "full"
+
+
 def test_kill_9_mid_generation_and_during_the_test_evaluations_then_resume_reproduces_the_run(
-    tmp_path, models, ray_env
+    tmp_path, uninterrupted
 ):
     """Two workers finish in any order; killed twice and resumed, the run stores every evaluation under
     the id the uninterrupted run gave it and ends with the same front, best candidate and best model."""
-    env = {**os.environ, "EVOMERGE_TEST_SLEEP": "0.3"}
-    config = write_config(tmp_path, models, workers=2)
-    full = _cli("run", config, "--out", tmp_path / "full", env={**os.environ})
-    assert full.wait(timeout=300) == 0, full.stdout.read()
+    env = {**os.environ, "EVOMERGE_TEST_SLEEP": "0.2"}
+    config, full = uninterrupted
 
     run_dir = tmp_path / "killed"
     db = run_dir / "store.sqlite"
@@ -415,7 +436,7 @@ def test_kill_9_mid_generation_and_during_the_test_evaluations_then_resume_repro
     assert all(after[c.id].recipe_key == c.recipe_key for c in before)  # nothing rewritten
     searched = [c for c in after.values() if c.kind == "search"]
     assert len({c.recipe_key for c in searched}) == len(searched)  # nothing evaluated twice
-    same_run(run_dir, tmp_path / "full")
+    same_run(run_dir, full)
 
 
 def test_resume_refuses_another_config(tmp_path, models):

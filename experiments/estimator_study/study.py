@@ -28,7 +28,7 @@ import pandas as pd  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from evomerge import irt  # noqa: E402
-from evomerge.calibration import columns, response_matrix  # noqa: E402
+from evomerge.calibration import calibrate, calibration_genomes, columns, response_matrix  # noqa: E402
 from evomerge.config import load_config  # noqa: E402
 from evomerge.search import Search  # noqa: E402
 
@@ -49,9 +49,9 @@ def collect(merges: int, workers: int, run_dir: Path) -> tuple[np.ndarray, np.nd
     search = Search(cfg)
     with search.session(resume=(run_dir / "store.sqlite").exists()):
         n_items = search.pool.call("n_items", cfg.fitness.search_split)
-        subjects = search.calibrate()
+        subjects = calibrate(search.evals, search.space, search.experts, cfg)
     y = response_matrix([c.responses for c in subjects], columns(n_items, "mean"))
-    genomes = np.array(search.calibration_genomes())
+    genomes = np.array(calibration_genomes(search.space, cfg.seed, merges))
     return y, genomes, 1 + len(cfg.models.experts), sum(c.wall_s for c in subjects)
 
 

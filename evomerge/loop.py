@@ -1,0 +1,123 @@
+"""The search loop: pymoo's ask/tell over genomes, one generation at a time. The algorithm object is the
+state: it is checkpointed in the store after each generation and restored on resume (algorithms that
+cannot be pickled, such as CMA-ES, are set up afresh and replay their generations, every evaluation
+answered from the store)."""
+
+from __future__ import annotations
+
+import pickle
+import time
+from typing import Any
+
+import numpy as np
+
+from evomerge import calibration
+from evomerge.algorithms import make_algorithm, setup
+from evomerge.errors import EvomergeError
+from evomerge.jobs import Job, Origin
+from evomerge.store import Candidate, Kind, Status, StoreFullError
+
+FAILED_F = 1e6  # what the algorithm sees for a failed candidate: worse than any real objective
+
+
+def choose_items(n_items: dict[str, int], items: int | None, seed: int) -> dict[str, list[int]] | None:
+    """A fixed random subset of ``items`` item indices per task, the same for every candidate."""
+    if items is None:
+        return None
+    rng = np.random.default_rng(seed)
+    out = {}
+    for task, n in n_items.items():
+        if items > n:
+            raise EvomergeError(f"fitness.items={items} exceeds the {n} items of task {task!r}")
+        out[task] = sorted(rng.choice(n, size=items, replace=False).tolist())
+    return out
+
+
+def to_F(c: Candidate, objectives: Any) -> np.ndarray:
+    """A candidate's objective values as pymoo minimises them (failed: FAILED_F everywhere)."""
+    if c.status != Status.OK:
+        return np.full(len(objectives), FAILED_F)
+    return np.array(
+        [-c.objectives[o.name] if o.direction == "max" else c.objectives[o.name] for o in objectives]
+    )
+
+
+def initial_population(search: Any) -> np.ndarray | None:
+    """``algorithm.initial: experts``: one genome per expert that reproduces it, then random genomes
+    (seeded by the run's seed) up to pop_size; None for the algorithm's own random start."""
+    cfg = search.config
+    if cfg.algorithm.initial == "random":
+        return None
+    experts = np.stack([search.space.expert_genome(e) for e in search.experts])
+    rng = np.random.default_rng(cfg.seed)
+    rest = rng.random((cfg.algorithm.pop_size - len(experts), search.space.n_var))
+    return np.concatenate([experts, rest])
+
+
+def _restore(search: Any, problem: Any) -> tuple[Any, int]:
+    """The algorithm and the generation it finished: from the last checkpoint, or set up afresh."""
+    cfg = search.config
+    last = search.evals.store.last_checkpoint()
+    if last is not None:
+        generation, algorithm = last
+        return algorithm, generation
+    algorithm = make_algorithm(
+        cfg.algorithm.name,
+        cfg.algorithm.pop_size,
+        dict(cfg.algorithm.options),
+        len(cfg.objectives),
+        initial_population(search),
+    )
+    return setup(algorithm, cfg.algorithm.name, problem, cfg.algorithm.generations, cfg.seed), 0
+
+
+def _checkpoint(search: Any, generation: int, algorithm: Any) -> None:
+    try:
+        search.evals.store.save_checkpoint(generation, algorithm)
+    except (TypeError, AttributeError, pickle.PicklingError):
+        pass  # e.g. CMA-ES holds a generator: a resume replays its generations, answered from the store
+    except StoreFullError:
+        raise EvomergeError(search.evals.disk_full_message()) from None
+
+
+def run_generations(search: Any, seconds_before: float = 0.0) -> float:
+    """Run the search's generations (from its last checkpoint) and return the search's wall seconds,
+    ``seconds_before`` (a resumed run's earlier seconds) included."""
+    from pymoo.core.evaluator import Evaluator as PymooEvaluator
+    from pymoo.core.problem import Problem
+    from pymoo.problems.static import StaticProblem
+
+    cfg, space, evals = search.config, search.space, search.evals
+    start = time.time() - seconds_before
+    items = None
+    if cfg.fitness.tasks:
+        n_items = search.pool.call("n_items", cfg.fitness.search_split)
+        items = choose_items(n_items, cfg.fitness.items, cfg.seed)
+        if any(o.estimator for o in cfg.objectives):
+            search.subsets = calibration.prepare_estimators(
+                evals, space, search.experts, cfg, n_items, search.folder.irt
+            )
+            items = calibration.union_items(list(search.subsets.values()))
+    problem = Problem(n_var=space.n_var, n_obj=len(cfg.objectives), xl=0.0, xu=1.0)
+    algorithm, generation = _restore(search, problem)
+    while algorithm.has_next():
+        generation += 1
+        pop = algorithm.ask()
+        X = pop.get("X")
+        jobs = [
+            Job(
+                i,
+                space.decode(x),
+                cfg.fitness.search_split,
+                items,
+                Origin(Kind.SEARCH, generation=generation, genome=[float(v) for v in x]),
+            )
+            for i, x in enumerate(X)
+        ]
+        results = evals.evaluate(jobs, f"generation {generation}/{cfg.algorithm.generations}")
+        F = np.stack([to_F(results[i], cfg.objectives) for i in range(len(X))])
+        PymooEvaluator().eval(StaticProblem(problem, F=F), pop)
+        algorithm.tell(infills=pop)
+        _checkpoint(search, generation, algorithm)
+        evals.write_meta(search_seconds=time.time() - start)
+    return time.time() - start
