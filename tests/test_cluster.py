@@ -101,18 +101,13 @@ def test_evomerge_run_joins_a_cluster_started_with_ray_start(tmp_path, models, r
     )
     try:
         address = f"127.0.0.1:{port}"
-        proc = None
-        for _ in range(60):  # the head takes a while to answer on 2 cores
-            check = subprocess.run(
-                [sys.executable, "-c", f"import ray; ray.init(address={address!r}); ray.shutdown()"],
-                capture_output=True,
-                timeout=120,
-                env=env,
-            )
-            if check.returncode == 0:
-                break
-            time.sleep(2)
-        config = write_config(tmp_path, models, workers=2)
+        deadline = time.time() + 120  # the head takes a while to listen on 2 cores
+        while time.time() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
+        config = write_config(tmp_path, models, workers=2, algorithm__pop_size=4, algorithm__generations=2)
         proc = _cli("run", config, "--out", tmp_path / "run", "--ray-address", address, env=env)
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out

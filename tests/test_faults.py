@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -315,26 +316,32 @@ def test_checks_before_anything_slow(tmp_path, models):  # noqa: F811
 # --- signals and kill -9 ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_sigint_and_sigterm_stop_cleanly_and_the_run_resumes_exactly(tmp_path, uninterrupted, sig):  # noqa: F811
+def test_sigterm_and_sigint_stop_cleanly_and_the_run_resumes_exactly(tmp_path, uninterrupted):  # noqa: F811
+    """SIGTERM (kill, systemd, a scheduler) stops the run in its first generations; the resumed run gets
+    Ctrl-C (SIGINT to the whole foreground process group, as a terminal sends it) later on; resumed
+    again, it ends as the uninterrupted run did."""
     config, full = uninterrupted
     env = {**os.environ, "EVOMERGE_TEST_SLEEP": "0.2"}
-    proc = _cli("run", config, "--out", tmp_path / "run", env=env)
-    deadline = time.time() + 240
-    while time.time() < deadline and not any(g >= 2 for (g,) in _rows(tmp_path / "run" / "store.sqlite")):
-        time.sleep(0.2)
-    # Ctrl-C in a terminal signals the whole foreground process group; kill/systemd send SIGTERM to one
-    os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2, out
-    last = out.strip().splitlines()[-1]
-    assert last == (
-        f"error: stopped by {sig.name}: every finished evaluation is stored, the workers are stopped; "
-        f"continue with `evomerge resume {tmp_path / 'run'}`"
-    )
-    assert "Traceback" not in out and "Aborted" not in out
-    assert "Token authentication" not in out  # Ray's banners are not the user's business
-    assert "generation 1/4: 6/6 (" in out  # progress line by line where the output is not a terminal
-    resumed = _cli("resume", tmp_path / "run", env=env)
+    run = tmp_path / "run"
+    for sig, command, generation in (
+        (signal.SIGTERM, ("run", config, "--out", run), 2),
+        (signal.SIGINT, ("resume", run), 4),
+    ):
+        proc = _cli(*command, env=env)
+        deadline = time.time() + 240
+        while time.time() < deadline and not any(g >= generation for (g,) in _rows(run / "store.sqlite")):
+            time.sleep(0.2)
+        os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 2, out
+        assert out.strip().splitlines()[-1] == (
+            f"error: stopped by {sig.name}: every finished evaluation is stored, the workers are stopped; "
+            f"continue with `evomerge resume {run}`"
+        )
+        assert "Traceback" not in out and "Aborted" not in out
+        assert "Token authentication" not in out  # Ray's banners are not the user's business
+    # progress line by line where the output is not a terminal: the resumed run finished generation 3
+    assert re.search(r"^generation 3/4: (\d+)/\1 \(\d+ s\)$", out, re.MULTILINE), out
+    resumed = _cli("resume", run, env=env)
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
-    same_run(tmp_path / "run", full)
+    same_run(run, full)

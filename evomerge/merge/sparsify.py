@@ -224,11 +224,19 @@ def bernoulli(x: MergeInputs, i: int, density: float, rescale: bool = False) -> 
             mask_store[sl].copy_(mask)
             if rescale:
                 parts.append(l1(masked))
+    return _stored(x, i, d, masked_store, mask_store, parts, rescale)
+
+
+def _stored(
+    x: MergeInputs, i: int, d: torch.Tensor, masked_store, mask_store, parts: list, rescale: bool
+) -> Sparse:
+    """A random sparsifier's result: the stored masked delta, rescaled by its kept L1 share when asked
+    (``parts``: the kept L1 norms summed chunk by chunk, when the masked delta was not stored whole)."""
     sp = Stored(d, masked_store, mask_store)
     if not rescale:
         return sp
     if masked_store is not None:
-        parts = [torch.abs(masked_store, out=x.workspace.buf("whole", n)).sum()]
+        parts = [torch.abs(masked_store, out=x.workspace.buf("whole", d.numel())).sum()]
     return _rescale(x, i, sp, _total(parts))
 
 
@@ -263,12 +271,7 @@ def della_magprune(x: MergeInputs, i: int, density: float, epsilon: float, resca
             mask_store[sl].copy_(mask.view(-1))
             if rescale:
                 parts.append(masked.abs().sum())
-    sp = Stored(d, masked_store, mask_store)
-    if not rescale:
-        return sp
-    if masked_store is not None:
-        parts = [torch.abs(masked_store, out=x.workspace.buf("whole", n)).sum()]
-    return _rescale(x, i, sp, _total(parts))
+    return _stored(x, i, d, masked_store, mask_store, parts, rescale)
 
 
 def _row_ranks(rows: torch.Tensor, starts: range, block: int) -> Iterator[torch.Tensor]:
