@@ -75,6 +75,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # 50 s, most of it Ray starting; `python -m pytest -m slow -k ray_start`
 def test_evomerge_run_joins_a_cluster_started_with_ray_start(tmp_path, models, ray_env):  # noqa: F811
     ray.shutdown()
     port = _free_port()

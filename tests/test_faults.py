@@ -345,3 +345,21 @@ def test_sigterm_and_sigint_stop_cleanly_and_the_run_resumes_exactly(tmp_path, u
     resumed = _cli("resume", run, env=env)
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
     same_run(run, full)
+
+
+def test_a_run_folder_that_vanishes_mid_run_ends_in_one_line(tmp_path, models, ray_env):  # noqa: F811
+    import shutil
+
+    config = write_config(tmp_path, models, algorithm__pop_size=4, algorithm__generations=3)
+    run = tmp_path / "run"
+    proc = _cli("run", config, "--out", run, env={**os.environ, "EVOMERGE_TEST_SLEEP": "0.2"})
+    deadline = time.time() + 240
+    while time.time() < deadline and not _rows(run / "store.sqlite"):
+        time.sleep(0.1)
+    shutil.rmtree(run)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 2, out
+    assert out.strip().splitlines()[-1] == (
+        f"error: run folder {str(run)!r} vanished during the run (its store.sqlite is gone); "
+        "what the run stored there is lost: start the run again"
+    )

@@ -154,6 +154,7 @@ def test_bad_estimator_configs(objective, extra, message):
     assert message in str(err.value)
 
 
+@pytest.mark.slow  # 90 s: a second IRT run; `python -m pytest -m slow -k calibration_then_resume`
 def test_kill_9_during_calibration_then_resume_reproduces_the_run(irt_run, zoo_dir, tmp_path):
     from test_search_engine import _cli, _kill_when, same_run
 
