@@ -18,6 +18,8 @@ _LAZY = {
     "RunConfig": "evomerge.config",
     "load_config": "evomerge.config",
     "Search": "evomerge.search",
+    "resume_search": "evomerge.search",
+    "RunFolder": "evomerge.runfolder",
     "SearchSpace": "evomerge.searchspace",
     "ModelSet": "evomerge.models",
     "Store": "evomerge.store",
