@@ -29,11 +29,18 @@ def with_responses(model, tokenizer):
     }
 
 
+def _first_time(model, marker: str) -> bool:
+    """True the first time it is asked about ``marker``: a file of that name beside the models remembers."""
+    path = Path(model.config.name_or_path).parent / marker
+    if path.exists():
+        return False
+    path.write_text(str(os.getpid()))
+    return True
+
+
 def crash_once(model, tokenizer) -> dict[str, float]:
-    """Kills its worker process the first time it runs (a marker file beside the models remembers)."""
-    marker = Path(model.config.name_or_path).parent / "crashed"
-    if not marker.exists():
-        marker.write_text(str(os.getpid()))
+    """Kills its worker process the first time it runs."""
+    if _first_time(model, "crashed"):
         os._exit(1)
     return closeness(model, tokenizer)
 
@@ -57,11 +64,8 @@ def loss(model, tokenizer) -> dict[str, float]:
 
 
 def hang_once(model, tokenizer) -> dict[str, float]:
-    """Hangs (far past any test's timeout) the first time it runs; a marker file beside the models
-    remembers."""
-    marker = Path(model.config.name_or_path).parent / "hung"
-    if not marker.exists():
-        marker.write_text(str(os.getpid()))
+    """Hangs (far past any test's timeout) the first time it runs."""
+    if _first_time(model, "hung"):
         time.sleep(3600)
     return closeness(model, tokenizer)
 
