@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -23,6 +24,20 @@ def fail(message: str) -> None:
     """Print ``error: message`` as one line on stderr and exit with code 2."""
     Console(stderr=True).print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
     sys.exit(2)
+
+
+class _Workers(click.ParamType):
+    name = "N|auto"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        if value == "auto" or (isinstance(value, int) and value >= 1):
+            return value
+        if isinstance(value, str) and value.isdigit() and int(value) >= 1:
+            return int(value)
+        self.fail(f"{value!r} is not a number of workers (1 or more) or auto", param, ctx)
+
+
+WORKERS = _Workers()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,9 +72,9 @@ def stoppable(run_dir: Path | None) -> Iterator[None]:
 @app.command()
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="run folder (default: runs/<config name>)")
-@click.option("--workers", type=int, help="number of Ray workers")
+@click.option("--workers", type=WORKERS, help="number of Ray workers, or auto")
 @click.option("--ray-address", help="join this Ray cluster")
-def run(config: Path, out: Path | None, workers: int | None, ray_address: str | None) -> None:
+def run(config: Path, out: Path | None, workers: int | str | None, ray_address: str | None) -> None:
     """Run an evolutionary merge search."""
     from evomerge.config import load_config
     from evomerge.search import Search
@@ -92,13 +107,63 @@ def check(config: Path, out: Path | None) -> None:
 
 
 @app.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option(
+    "--device", type=click.Choice(["cpu", "cuda"]), help="plan for this device (default: the config's)"
+)
+@click.option("--gpus", type=click.IntRange(min=1), help="GPUs of the machine planned for")
+@click.option("--gpu-memory", help="memory of each GPU, e.g. 80GiB")
+@click.option("--host-memory", help="host memory, e.g. 256GiB")
+@click.option("--cpus", type=click.IntRange(min=1), help="CPU cores of the machine planned for")
+def plan(
+    config: Path,
+    device: str | None,
+    gpus: int | None,
+    gpu_memory: str | None,
+    host_memory: str | None,
+    cpus: int | None,
+) -> None:
+    """Print the memory plan: each model's bytes, what a worker holds on its device and in host memory
+    under each placement, the placement chosen and how many workers fit. Reads config.json and
+    safetensors headers only. Without options it plans for this machine; the options describe another."""
+    from evomerge.config import load_config
+    from evomerge.plan import Machine, parse_bytes
+    from evomerge.preflight import plan_run, resolve_device
+
+    try:
+        cfg = load_config(config)
+        machine = None
+        if any(v is not None for v in (device, gpus, gpu_memory, host_memory, cpus)):
+            device = device or ("cuda" if cfg.device.startswith("cuda") else resolve_device(cfg))
+            machine = Machine.here(
+                device,
+                gpus,
+                None if gpu_memory is None else parse_bytes(gpu_memory, "--gpu-memory"),
+                None if host_memory is None else parse_bytes(host_memory, "--host-memory"),
+                cpus,
+            )
+            if device == "cuda" and not (machine.gpus and machine.gpus[0]):
+                raise EvomergeError(
+                    "torch sees no GPU here: describe the machine with --gpus and --gpu-memory"
+                )
+        found = plan_run(cfg, machine, device)
+    except EvomergeError as e:
+        fail(str(e))
+    if found is None:
+        console.print(f"{config}: the base model's size cannot be read offline; no plan", markup=False)
+        return
+    for line in found.lines():
+        console.print(line, markup=False, highlight=False)
+
+
+@app.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option(
     "--config", type=click.Path(path_type=Path), help="the run's config, checked against the stored one"
 )
-@click.option("--workers", type=int, help="number of Ray workers")
+@click.option("--workers", type=WORKERS, help="number of Ray workers, or auto")
 @click.option("--ray-address", help="join this Ray cluster")
-def resume(run_dir: Path, config: Path | None, workers: int | None, ray_address: str | None) -> None:
+def resume(run_dir: Path, config: Path | None, workers: int | str | None, ray_address: str | None) -> None:
     """Continue a stopped run where it stopped; nothing stored is evaluated again."""
     from evomerge.config import load_config
     from evomerge.runfolder import RunFolder
@@ -110,12 +175,7 @@ def resume(run_dir: Path, config: Path | None, workers: int | None, ray_address:
             RunFolder(run_dir).require()
             console.print(f"run {run_dir} already finished; see `evomerge front {run_dir}`")
             return
-        search = resume_search(run_dir, given, console=console)
-        if workers or ray_address:
-            updates = {"workers": workers or search.config.workers}
-            if ray_address:
-                updates["ray"] = search.config.ray.model_copy(update={"address": ray_address})
-            search.config = search.config.model_copy(update=updates)
+        search = resume_search(run_dir, given, console=console, workers=workers, ray_address=ray_address)
         with stoppable(run_dir):
             search.resume()
     except EvomergeError as e:

@@ -24,7 +24,10 @@ class ModelsConfig(_Frozen):
         min_length=1, description="expert name -> HF folder, hub id, or zoo:<skill>"
     )
     tokenizer: str | None = Field(None, description="tokenizer source (default: the base)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="the compute dtype workers load and merge in (default: bfloat16 on cuda, float32 on cpu)",
+    )
 
 
 class ZooConfig(_Frozen):
@@ -51,6 +54,13 @@ class FitnessConfig(_Frozen):
         None, ge=1, description="items per task per candidate on the search split (all if null)"
     )
     batch_size: int = Field(64, ge=1)
+    max_length: int | None = Field(
+        None,
+        ge=1,
+        description="tokens per sequence the fitness sees (lm-eval truncates longer ones from the left); "
+        "the memory plan reserves activations for batch_size sequences of this length "
+        "(default: the model's context, at most 2048)",
+    )
     calibration: CalibrationConfig = CalibrationConfig()
     timeout: float | Literal["auto", "none"] | None = Field(
         "auto",
@@ -119,7 +129,24 @@ class RunConfig(_Frozen):
     objectives: tuple[ObjectiveConfig, ...] = (ObjectiveConfig(name="mean_accuracy"),)
     algorithm: AlgorithmConfig = AlgorithmConfig()
     seed: int = Field(0, ge=0, lt=2**32, description="0 to 2**32 - 1 (numpy's range)")
-    workers: int = Field(2, ge=1)
+    workers: int | Literal["auto"] = Field(
+        2, description="Ray workers, or auto: as many as the GPUs (or CPU cores) and the memory plan allow"
+    )
+    device: str = Field(
+        "auto",
+        description="where workers merge and evaluate: auto (cuda where torch sees a GPU), cpu, cuda, cuda:N",
+    )
+    placement: Literal["auto", "device", "streamed", "host"] = Field(
+        "auto",
+        description="where a worker holds base and task vectors: device, streamed (task vectors in pinned host "
+        "memory, copied to the device tensor by tensor), host (cpu); auto: the fastest the memory plan fits",
+    )
+    gpus_per_worker: float | None = Field(
+        None,
+        gt=0,
+        description="GPUs Ray gives each worker (0.5: two workers share a GPU; an integer above 1 spreads a "
+        "worker's model over that many GPUs); default: 1 on cuda",
+    )
     retries: int = Field(1, ge=0, description="re-evaluations on another worker before a candidate fails")
     threads_per_worker: int = Field(1, ge=1)
     ray: RayConfig = RayConfig()
@@ -137,8 +164,39 @@ class RunConfig(_Frozen):
             data = {**data, "search_space": space_data(data["search_space"])}
         return data
 
+    @field_validator("workers")
+    @classmethod
+    def _positive_workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"must be at least 1 or auto; got {v}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N; got {v!r}")
+        return v
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_above_one(cls, v: float | None) -> float | None:
+        if v is not None and v > 1 and v != int(v):
+            raise ValueError(f"must be at most 1 or a whole number of GPUs; got {v}")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
+        if self.device == "cpu" and self.gpus_per_worker:
+            raise EvomergeError("gpus_per_worker is set but device is cpu; remove it or set device: cuda")
+        if self.device == "cpu" and self.placement in ("device", "streamed"):
+            raise EvomergeError(
+                f"placement {self.placement!r} needs a GPU; with device: cpu use host or auto"
+            )
+        if self.device.startswith("cuda") and self.placement == "host":
+            raise EvomergeError(
+                "placement 'host' runs on the CPU; with device: cuda use device, streamed or auto"
+            )
         names = [o.name for o in self.objectives]
         if len(set(names)) != len(names):
             raise EvomergeError(f"objective names must be unique, got {names}")
@@ -186,10 +244,10 @@ def format_validation_error(err: ValidationError) -> str:
     errors = err.errors()
     e = errors[0]
     loc = _field_loc(e["loc"])
-    where = ".".join(str(p) for p in loc) or "config"
+    where = ".".join(str(p) if str(p).isprintable() else repr(p) for p in loc) or "config"
     if e["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
-        key = ".".join(str(p) for p in loc)
+        key = ".".join(str(p) if str(p).isprintable() else repr(p) for p in loc)
         return f"config: unknown key {key!r}" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
     if e["type"] == "missing":
         return f"config: missing required key {where!r}"

@@ -1,12 +1,17 @@
-"""What every module that loads or saves Hugging Face models shares: the dtypes a config may name, and
-transformers' progress bars switched off."""
+"""What every module that loads or saves Hugging Face models shares: the dtypes a config may name,
+transformers' progress bars switched off, and a safetensors file's header read without its weights."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
+
+from evomerge.errors import EvomergeError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,3 +28,19 @@ def no_progress_bars() -> Iterator[None]:
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (never its weights)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= 100 * 2**20:
+                raise ValueError(f"its header length {size} is not plausible")
+            header = json.loads(f.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a mapping")
+    except (OSError, ValueError) as e:
+        raise EvomergeError(f"{str(path)!r} is not a readable safetensors file: {e}") from None
+    header.pop("__metadata__", None)
+    return header

@@ -9,7 +9,7 @@ once into a cached HF folder, :mod:`evomerge.gguf`) or ``<prefix>:<name>`` for a
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.gguf import convert_gguf, gguf_has_tokenizer
-from evomerge.hf import DTYPES, no_progress_bars
+from evomerge.hf import DTYPES, no_progress_bars, safetensors_header
 from evomerge.registry import Registry
 
 _SHAPE_KEYS = (
@@ -184,13 +184,18 @@ class ModelSet:
     def num_layers(self) -> int:
         return int(self.config(self.base).num_hidden_layers)
 
-    def load_model(self, ref: str | None = None) -> torch.nn.Module:
+    def load_model(self, ref: str | None = None, device: str | None = None) -> torch.nn.Module:
+        """A model (the base by default) in the compute dtype, loaded straight onto ``device`` (None or
+        cpu: host memory; ``cuda``: one GPU; ``auto``: spread over the visible GPUs)."""
         from transformers import AutoModelForCausalLM
 
         ref = ref or self.base
+        place = {} if device in (None, "cpu") else {"device_map": device}
         try:
             with no_progress_bars():
-                model = AutoModelForCausalLM.from_pretrained(self.resolve(ref), dtype=self.torch_dtype)
+                model = AutoModelForCausalLM.from_pretrained(
+                    self.resolve(ref), dtype=self.torch_dtype, **place
+                )
         except (OSError, ValueError) as e:
             raise EvomergeError(f"cannot load model {ref!r}: {str(e).splitlines()[0]}") from None
         return model.eval()
@@ -208,17 +213,46 @@ class ModelSet:
             tok.pad_token = tok.eos_token
         return tok
 
-    def expert_state_dicts(self) -> Mapping[str, Mapping[str, torch.Tensor]]:
-        """Experts' state dicts, each loaded when read (one expert in memory at a time)."""
-        return _LazyStateDicts(self)
+    def expert_state_dicts(self, names: Collection[str] = ()) -> Mapping[str, Mapping[str, torch.Tensor]]:
+        """Experts' state dicts, each loaded when read (one expert in memory at a time). An expert saved
+        as safetensors whose tensor names are among ``names`` (the base model's state dict) is read
+        tensor by tensor as it is stored, without building a model; others load as models."""
+        return _LazyStateDicts(self, frozenset(names))
+
+
+class SafetensorsDict(Mapping):
+    """The tensors of a model's safetensors files, each read from disk when looked up (memory-mapped,
+    in the stored dtype, on the CPU): a checkpoint is never held whole in memory."""
+
+    def __init__(self, files: Sequence[Path]):
+        self.where = {key: f for f in files for key in safetensors_header(f)}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.where[name], "pt") as handle:
+            return handle.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
 
 
 class _LazyStateDicts(Mapping):
-    def __init__(self, models: ModelSet):
+    def __init__(self, models: ModelSet, names: frozenset[str]):
         self.models = models
+        self.names = names
 
     def __getitem__(self, name: str) -> Mapping[str, torch.Tensor]:
-        return self.models.load_model(self.models.experts[name]).state_dict()
+        ref = self.models.experts[name]
+        files = sorted(Path(self.models.resolve(ref)).glob("*.safetensors"))
+        if files and self.names:
+            tensors = SafetensorsDict(files)
+            if set(tensors) <= self.names:  # stored under the model's own names (no key conversion)
+                return tensors
+        return self.models.load_model(ref).state_dict()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.models.experts)

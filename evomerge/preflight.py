@@ -10,27 +10,28 @@ that the run folder can be written and has room for the run's store and best mod
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError, unknown
+from evomerge.plan import Machine, Plan, check_loadable, local_config, model_shape, plan
 
 # Bytes the store takes per stored evaluation (genome, recipe, per-item responses, SQLite overhead), a
 # generous figure: the demo's store holds about 4 KiB per candidate.
 STORE_BYTES_PER_EVALUATION = 64 * 1024
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def check_run(config: RunConfig, out: str | Path, new: bool = True) -> None:
-    """Every check that needs no weights, cheapest first. ``new``: the run folder must not hold a run."""
+def check_run(
+    config: RunConfig, out: str | Path, new: bool = True, machine: Machine | None = None
+) -> Plan | None:
+    """Every check that needs no weights, cheapest first, ending with the memory plan (returned; None
+    where the models' sizes cannot be known offline). ``new``: the run folder must not hold a run."""
     from evomerge.fitness import check_tasks
 
-    check_out(Path(out), estimate_run_bytes(config), new)
+    check_out(Path(out), estimate_run_bytes(config, 0), new)
     if config.fitness.tasks:
         check_importable(LMEVAL_NEEDS, "lm-eval fitness (fitness.tasks)")
         check_tasks(config.fitness.tasks, [str(p) for p in config.fitness.include])
@@ -45,6 +46,10 @@ def check_run(config: RunConfig, out: str | Path, new: bool = True) -> None:
             f"search_space.layer_groups is {config.search_space.layer_groups} but the base model has "
             f"{depth} decoder layers; use at most {depth} groups"
         )
+    found = plan_run(config, machine)
+    if found is not None:
+        check_out(Path(out), estimate_run_bytes(config, found.model_bytes), new)
+    return found
 
 
 # What lm-eval's HF backend imports when a worker first evaluates; lm-eval itself requires none of them.
@@ -83,77 +88,106 @@ def check_reference(role: str, ref: str) -> None:
         raise EvomergeError(f"{role}: model folder {ref!r} does not exist")
 
 
-def _local_config(ref: str) -> dict[str, Any] | None:
-    """config.json of a local model folder, or of a ``<prefix>:<name>`` model where its prefix knows it
-    without building the model."""
-    from evomerge.models import REFERENCES, split_reference
-
-    prefixed = split_reference(ref)
-    if prefixed is not None:
-        prefix, name = prefixed  # an unknown prefix is check_reference's to name
-        return REFERENCES.get(prefix).config(name) if prefix in REFERENCES else None
-    path = Path(ref).expanduser() / "config.json"
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise EvomergeError(f"model config {str(path)!r} is not valid JSON: {e}") from None
-    return None
-
-
 def model_depth(ref: str) -> int | None:
     """Decoder layers of a model whose config can be read without the network (None otherwise)."""
-    cfg = _local_config(ref)
+    cfg = local_config(ref)
     if cfg is None:
         return None
     depth = cfg.get("num_hidden_layers") or cfg.get("text_config", {}).get("num_hidden_layers")
     return int(depth) if depth else None
 
 
-def safetensors_elements(path: Path) -> int:
-    """Elements in a safetensors file, read from its JSON header alone (never the weights)."""
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(min(size, 100 * 2**20)))
-        if not isinstance(header, dict):
-            raise ValueError("its header is not a mapping")
-    except (OSError, ValueError) as e:
-        raise EvomergeError(f"{str(path)!r} is not a readable safetensors file: {e}") from None
-    total = 0
-    for name, entry in header.items():
-        if name != "__metadata__":
-            n = 1
-            for d in entry["shape"]:
-                n *= d
-            total += n
-    return total
-
-
-def model_bytes(ref: str, dtype: str) -> int | None:
-    """A model's bytes in ``dtype`` from its safetensors files or its config (None where unknown)."""
-    path = Path(ref).expanduser()
-    files = list(path.glob("*.safetensors")) if path.is_dir() else []
-    if files:
-        return sum(safetensors_elements(f) for f in files) * DTYPE_BYTES[dtype]
-    cfg = _local_config(ref)
-    if cfg is None:
-        return None
-    hidden, layers = cfg.get("hidden_size"), cfg.get("num_hidden_layers")
-    inter, vocab = cfg.get("intermediate_size"), cfg.get("vocab_size", 32000)
-    if not (hidden and layers and inter):
-        return None
-    per_layer = 4 * hidden * hidden + 3 * hidden * inter
-    return (layers * per_layer + 2 * vocab * hidden) * DTYPE_BYTES[dtype]
-
-
-def estimate_run_bytes(config: RunConfig) -> int:
-    """What a run writes: its store (every evaluation) and the best model (one model's weights)."""
+def estimate_run_bytes(config: RunConfig, weights: int) -> int:
+    """What a run writes: its store (every evaluation) and the best model (``weights`` bytes)."""
     a = config.algorithm
     evaluations = a.pop_size * a.generations + 2 * (len(config.models.experts) + 1) + 4 * a.pop_size
     evaluations += config.fitness.calibration.random_merges
-    weights = model_bytes(config.models.base, config.models.dtype) or 0
     return evaluations * STORE_BYTES_PER_EVALUATION + weights
+
+
+# --- where the workers run ------------------------------------------------------------------------------
+
+
+def resolve_device(config: RunConfig) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``: auto is cuda where torch sees a GPU. A cuda device torch does not
+    see here is refused, unless the run joins a Ray cluster, whose nodes' GPUs Ray places workers on."""
+    import torch
+
+    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = config.device
+    if device == "auto":
+        return "cuda" if seen else "cpu"
+    if device == "cpu" or config.ray.address:
+        return device
+    if not seen:
+        cuda = "CUDA is not built into it" if torch.version.cuda is None else "no GPU is visible"
+        raise EvomergeError(
+            f"device is {device} but torch {torch.__version__} sees no GPU here ({cuda}); "
+            "use device: cpu or auto"
+        )
+    if ":" in device and int(device.split(":")[1]) >= seen:
+        raise EvomergeError(f"device is {device} but torch sees {seen} GPU(s): cuda:0 to cuda:{seen - 1}")
+    return device
+
+
+def compute_dtype(config: RunConfig, device: str) -> str:
+    """models.dtype, or its default for the device: bfloat16 on cuda, float32 on cpu."""
+    return config.models.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+
+
+def gpus_per_worker(config: RunConfig, device: str) -> float:
+    """GPUs each worker asks Ray for: none on cpu or on a fixed ``cuda:N`` (every worker uses that GPU),
+    else gpus_per_worker (default 1)."""
+    if device == "cuda":
+        return config.gpus_per_worker or 1.0
+    if device.startswith("cuda:") and config.gpus_per_worker:
+        raise EvomergeError(
+            f"device {device} puts every worker on that GPU; gpus_per_worker lets Ray choose: "
+            "use device: cuda with gpus_per_worker, or remove gpus_per_worker"
+        )
+    return 0.0
+
+
+def plan_run(config: RunConfig, machine: Machine | None = None, device: str | None = None) -> Plan | None:
+    """The run's memory plan on ``machine`` (None: this one), from config.json and safetensors headers
+    alone; refuses a quantized checkpoint and, in one line with the numbers, models that fit no
+    placement. None when the base's size cannot be known offline (a hub id not in the local cache).
+    ``device`` (with ``machine``) plans for another machine's device than this one's."""
+    device = device or resolve_device(config)
+    dtype = compute_dtype(config, device)
+    refs = {"base": config.models.base, **{f"expert {k}": v for k, v in config.models.experts.items()}}
+    shapes = {}
+    for role, ref in refs.items():
+        check_reference(role, ref)
+        shape = model_shape(ref)
+        if shape is not None:
+            check_loadable(role, ref, shape, local_config(ref))
+        shapes[role] = shape
+    base = shapes["base"]
+    if base is None:
+        return None
+    g = gpus_per_worker(config, device)
+    if machine is None:
+        machine = Machine.here(device)
+        if device.startswith("cuda") and config.ray.address:
+            return None  # the cluster's GPUs: each worker checks its own (Worker.check_memory)
+    if device == "cuda" and g > len(machine.gpus):
+        raise EvomergeError(
+            f"gpus_per_worker is {g:g} but {machine.described} has {len(machine.gpus)} GPU(s); "
+            f"use at most {len(machine.gpus)}"
+        )
+    return plan(
+        base,
+        dtype,
+        len(config.models.experts),
+        machine,
+        gpus_per_worker=g,
+        threads=config.threads_per_worker,
+        workers=None if config.workers == "auto" else config.workers,
+        placement=config.placement,
+        batch_size=config.fitness.batch_size,
+        max_length=config.fitness.max_length,
+    )
 
 
 def _existing_parent(path: Path) -> Path:

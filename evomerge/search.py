@@ -25,7 +25,7 @@ from evomerge.models import ModelSet, looks_local
 from evomerge.runfolder import RunFolder
 from evomerge.searchspace import SearchSpace
 from evomerge.store import Kind
-from evomerge.workers import WorkerPool
+from evomerge.workers import Where, WorkerPool
 
 __all__ = ["Search", "SystematicFailure", "resume_search", "stored_config"]
 
@@ -41,7 +41,16 @@ def stored_config(config: RunConfig) -> dict[str, Any]:
 
 
 # What may differ between the config a run was started with and the one it is resumed with.
-RESUMABLE = ("workers", "threads_per_worker", "ray", "retries", "out")
+RESUMABLE = (
+    "workers",
+    "threads_per_worker",
+    "ray",
+    "retries",
+    "out",
+    "device",
+    "placement",
+    "gpus_per_worker",
+)
 RESUMABLE_FITNESS = ("timeout",)
 
 
@@ -56,10 +65,17 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def resume_search(
-    run_dir: str | Path, config: RunConfig | None = None, console: Any = None, **kw: Any
+    run_dir: str | Path,
+    config: RunConfig | None = None,
+    console: Any = None,
+    *,
+    workers: int | str | None = None,
+    ray_address: str | None = None,
+    **kw: Any,
 ) -> Search:
     """A Search that continues the run in ``run_dir``. ``config``, when given, must be the run's own
-    (only where it runs may differ: workers, threads, Ray, retries)."""
+    (only where it runs may differ: workers, threads, Ray, retries, device); ``workers`` and
+    ``ray_address`` replace the config's."""
     from evomerge.config import parse_config
 
     run_dir = Path(run_dir)
@@ -73,6 +89,9 @@ def resume_search(
     if stored is None:
         raise EvomergeError(f"run folder {str(run_dir)!r} has not recorded its config; start a new run")
     if config is not None:
+        if config.models.dtype is None:  # the run's dtype was resolved when it started
+            dtype = stored.get("models", {}).get("dtype")
+            config = config.model_copy(update={"models": config.models.model_copy(update={"dtype": dtype})})
         given, had = _comparable(stored_config(config)), _comparable(stored)
         changed = sorted(k for k in set(had) | set(given) if had.get(k) != given.get(k))
         if changed:
@@ -82,6 +101,10 @@ def resume_search(
             )
     else:
         config = parse_config({**stored, "out": str(run_dir)})
+    if workers is not None:
+        config = config.model_copy(update={"workers": workers})
+    if ray_address:
+        config = config.model_copy(update={"ray": config.ray.model_copy(update={"address": ray_address})})
     # The run goes on with the model folders it started with, even where its references now resolve to
     # others (a zoo rebuilt under a new recipe, a GGUF converted anew).
     for ref in [models["base"], *models["experts"].values(), models["tokenizer"]] if models else []:
@@ -110,13 +133,21 @@ class Search:
             config = config.model_copy(
                 update={"fitness": config.fitness.model_copy(update={"function": fitness, "tasks": ()})}
             )
-        self.config = config
         self.fitness_fn = fitness
         self.run_dir = Path(out or config.out or "runs/run")
         self.folder = RunFolder(self.run_dir)
         self.console = console
-        # Everything that needs no weights is checked before anything slow (zoo build, Ray, loading).
-        preflight.check_run(config, self.run_dir, new=False)
+        # Everything that needs no weights is checked before anything slow (zoo build, Ray, loading),
+        # ending with the memory plan: where workers hold their models and how many fit.
+        self.plan = preflight.check_run(config, self.run_dir, new=False)
+        self.device = preflight.resolve_device(config)
+        if config.models.dtype is None:  # the device's default, recorded with the run
+            dtype = preflight.compute_dtype(config, self.device)
+            config = config.model_copy(update={"models": config.models.model_copy(update={"dtype": dtype})})
+        self.config = config
+        if console is not None and self.plan is not None:
+            for line in self.plan.lines():
+                console.print(line, markup=False, highlight=False)
         if models is not None:
             self.models = ModelSet(**models)
         else:
@@ -149,6 +180,18 @@ class Search:
             "tokenizer": m.resolve(m.tokenizer) if m.tokenizer else None,
             "dtype": m.dtype,
         }
+
+    def _where(self) -> tuple[int | str, Where]:
+        """How many workers, and where each holds its models (the memory plan's choice)."""
+        cfg, plan = self.config, self.plan
+        gpus = preflight.gpus_per_worker(cfg, self.device)
+        if plan is None:  # sizes unknown offline, or a cluster's GPUs: each worker checks its own
+            placement = (
+                cfg.placement if cfg.placement != "auto" else ("host" if self.device == "cpu" else "device")
+            )
+            return cfg.workers, Where(self.device, placement, gpus)
+        need = plan.chosen.memory.device if plan.chosen.placement != "host" else None
+        return plan.workers, Where(self.device, plan.chosen.placement, gpus, need)
 
     def _fitness_spec(self) -> dict[str, Any]:
         return fitness_spec(self.config.fitness)
@@ -211,14 +254,16 @@ class Search:
                     )
             else:
                 self.folder.check_new()  # before the workers start
+            workers, where = self._where()
             self.pool = WorkerPool(
                 self._models_spec(),
                 self._fitness_spec(),
-                cfg.workers,
+                workers,
                 cfg.threads_per_worker,
                 cfg.ray.address,
                 cfg.retries,
                 cfg.fitness.timeout,
+                where,
             )
             stack.callback(self.pool.shutdown)
             changed = self.folder.meta(store).changed_layers if resume else self.pool.call("changed_layers")

@@ -13,7 +13,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -26,14 +26,64 @@ from evomerge.merge import Merger
 from evomerge.merge.kernels import limit_heap_fragmentation
 from evomerge.merge.merger import SEARCH_RANDOM, SEARCH_SEED
 from evomerge.models import ModelSet, save_hf
+from evomerge.plan import size
 from evomerge.recipe import Recipe
 from evomerge.store import Status
 
 
-def search_merger(model: torch.nn.Module, models: ModelSet) -> Merger:
+def search_merger(model: torch.nn.Module, models: ModelSet, streamed: bool = False) -> Merger:
     """The Merger of a run's candidates (workers, ``Run.load_model``): keyed random masks, so the fused
-    dare kernels run and a tensor's masks do not depend on the rest of the recipe."""
-    return Merger(model.state_dict(), models.expert_state_dicts(), seed=SEARCH_SEED, random=SEARCH_RANDOM)
+    dare kernels run and a tensor's masks do not depend on the rest of the recipe. It holds each tensor
+    where ``model`` has it, in the models' compute dtype; ``streamed`` keeps the task vectors in pinned
+    host memory instead."""
+    base = model.state_dict()
+    return Merger(
+        base,
+        models.expert_state_dicts(base),
+        models.torch_dtype,
+        seed=SEARCH_SEED,
+        random=SEARCH_RANDOM,
+        streamed=streamed,
+    )
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a worker holds its models: ``device`` (cpu, cuda: the GPU(s) Ray gave it, cuda:N),
+    ``placement`` (device, streamed, host), ``gpus`` it was given and the device memory the plan says
+    it needs (None: unknown)."""
+
+    device: str = "cpu"
+    placement: str = "host"
+    gpus: float = 0.0
+    need: int | None = None
+
+    def torch_device(self) -> str:
+        """The device the worker loads onto: Ray exposes a worker's GPUs to it as cuda:0, cuda:1, ...;
+        a worker given several spreads its model over them (``auto``)."""
+        if self.device == "cpu":
+            return "cpu"
+        if not torch.cuda.is_available():
+            raise EvomergeError(
+                f"device is {self.device} but torch {torch.__version__} on {os.uname().nodename} sees no GPU"
+            )
+        if self.device.startswith("cuda:"):
+            return self.device
+        return "auto" if self.gpus > 1 else "cuda:0"
+
+    def check_memory(self) -> None:
+        """Refuse, before loading, a GPU too small for the plan's share of it (a worker given 0.5 of a
+        GPU may use half of its memory)."""
+        if self.need is None or self.device == "cpu":
+            return
+        index = int(self.device.split(":")[1]) if self.device.startswith("cuda:") else 0
+        props = torch.cuda.get_device_properties(index)
+        share = int(props.total_memory * min(1.0, self.gpus or 1.0) * max(1, int(self.gpus)))
+        if self.need > share:
+            raise EvomergeError(
+                f"the {self.placement} placement needs {size(self.need)} of GPU memory per worker; "
+                f"{props.name} on {os.uname().nodename} gives this worker {size(share)}"
+            )
 
 
 def _ray_node() -> str:
@@ -52,13 +102,18 @@ def _ray_node() -> str:
 class Worker:
     """Merges recipes into one model and scores them. Runs in a Ray actor or in-process."""
 
-    def __init__(self, models: dict[str, Any], fitness: dict[str, Any], threads: int = 1):
+    def __init__(
+        self, models: dict[str, Any], fitness: dict[str, Any], threads: int = 1, where: Where | None = None
+    ):
         torch.set_num_threads(threads)
         limit_heap_fragmentation()  # this process merges thousands of times
+        self.where = where or Where()
+        device = self.where.torch_device()
+        self.where.check_memory()
         self.models = ModelSet(**models)
-        self.model = self.models.load_model()
+        self.model = self.models.load_model(device=device)
         self.tokenizer = self.models.load_tokenizer()
-        self.merger = search_merger(self.model, self.models)
+        self.merger = search_merger(self.model, self.models, streamed=self.where.placement == "streamed")
         self.fitness = make_fitness(**fitness)
         self.name = f"{os.uname().nodename}:{_ray_node()}{os.getpid()}"
 
@@ -93,6 +148,21 @@ class Worker:
     def ready(self) -> str:
         """Answers once the worker has loaded its models."""
         return self.name
+
+    def placement(self) -> dict[str, Any]:
+        """Where this worker runs: its name, the GPU ids Ray gave it, its model's device(s), its placement."""
+        gpu_ids = []
+        if _ray_node():
+            import ray
+
+            gpu_ids = [str(i) for i in ray.get_gpu_ids()]
+        devices = sorted({str(p.device) for p in self.model.parameters()})
+        return {
+            "worker": self.name,
+            "gpu_ids": gpu_ids,
+            "devices": devices,
+            "placement": self.where.placement,
+        }
 
     def changed_layers(self) -> list[int | None]:
         return sorted(self.merger.changed_layers(), key=lambda layer: -1 if layer is None else layer)
@@ -170,13 +240,16 @@ class WorkerPool:
         self,
         models: dict[str, Any],
         fitness: dict[str, Any],
-        workers: int,
+        workers: int | str,
         threads: int = 1,
         address: str | None = None,
         retries: int = 1,
         timeout: float | str | None = "auto",
+        where: Where | None = None,
     ):
         import ray
+
+        where = where or Where()
 
         if not ray.is_initialized():
             with quiet_ray(), _keep_sigterm_handler():
@@ -185,7 +258,9 @@ class WorkerPool:
                 else:
                     ray.init(
                         address="local",  # a Ray of its own, even where `ray start` left one running
-                        num_cpus=max(workers * threads, os.cpu_count() or 1),
+                        num_cpus=max(
+                            (workers if isinstance(workers, int) else 1) * threads, os.cpu_count() or 1
+                        ),
                         include_dashboard=False,
                         log_to_driver=False,
                         configure_logging=False,
@@ -193,7 +268,12 @@ class WorkerPool:
         self.ray = ray
         self.retries = retries
         self.timeouts = Timeouts(timeout)
-        self._new = lambda: ray.remote(num_cpus=threads)(Worker).remote(models, fitness, threads)
+        workers = gpu_slots(ray, where.gpus, workers) if where.gpus else workers
+        if workers == "auto":
+            workers = max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
+        self.where = where
+        remote = ray.remote(num_cpus=threads, num_gpus=where.gpus)(Worker)
+        self._new = lambda: remote.remote(models, fitness, threads, where)
         self.actors = [self._new() for _ in range(workers)]
         # ready() of the workers still loading their models -> their slot
         self.starting: dict[Any, int] = {a.ready.remote(): slot for slot, a in enumerate(self.actors)}
@@ -293,6 +373,31 @@ class WorkerPool:
             with contextlib.suppress(Exception):  # an actor already dead, or Ray already stopped
                 self.ray.kill(a)
         self.actors = []
+
+
+def gpu_slots(ray: Any, gpus: float, workers: int | str) -> int:
+    """How many workers of ``gpus`` GPUs each the Ray cluster's nodes hold (``workers: auto``), or
+    ``workers`` after checking that they fit: Ray would otherwise leave the rest waiting for GPUs that
+    never come. One line with the numbers when they do not."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    per_node = [int(r.get("GPU", 0) / gpus + 1e-9) for r in nodes]
+    most = max((r.get("GPU", 0) for r in nodes), default=0)
+    if gpus > most:
+        raise EvomergeError(
+            f"gpus_per_worker is {gpus:g} but no node of the Ray cluster has more than {most:g} GPU(s); "
+            f"use gpus_per_worker: {most:g} or less" + (" (or device: cpu)" if not most else "")
+        )
+    slots = sum(per_node)
+    if workers == "auto":
+        return slots
+    if workers > slots:
+        total = sum(r.get("GPU", 0) for r in nodes)
+        raise EvomergeError(
+            f"workers: {workers} with gpus_per_worker {gpus:g} need {workers * gpus:g} GPUs; the Ray cluster "
+            f"has {total:g} on {len(nodes)} node(s), room for {slots} worker(s): set workers: auto or {slots}, "
+            f"or a smaller gpus_per_worker"
+        )
+    return workers
 
 
 def _cause(e: BaseException) -> str:

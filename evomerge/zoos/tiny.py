@@ -100,6 +100,15 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def model_config() -> dict:
+    """config.json's shape keys of every zoo model, known without building the zoo."""
+    return {
+        "model_type": "llama",
+        "vocab_size": len(SPECIAL_TOKENS) + len(skills.ALPHABET),
+        **RECIPE["model"],
+    }
+
+
 def build_model(tokenizer: PreTrainedTokenizerFast, recipe: dict, seed: int) -> LlamaForCausalLM:
     """A freshly initialised Llama of the recipe's shape."""
     config = LlamaConfig(
@@ -277,6 +286,6 @@ REFERENCE = Reference(
     "zoo",
     names=lambda: model_names(),
     resolve=lambda name, cache_dir, progress: zoo_model(build_zoo(cache_dir, progress=progress), "zoo", name),
-    config=lambda name: dict(RECIPE["model"]),
+    config=lambda name: model_config(),
     notice=lambda cache_dir: None if is_built(cache_dir) else BUILD_NOTICE,
 )
