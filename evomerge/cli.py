@@ -94,15 +94,18 @@ def run(config: Path, out: Path | None, workers: int | str | None, ray_address: 
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="run folder (default: runs/<config name>)")
 def check(config: Path, out: Path | None) -> None:
-    """Check a config and everything a run of it needs that can be checked without loading weights."""
+    """Check a config and everything a run of it needs that can be checked without loading weights,
+    and print the memory plan."""
     from evomerge.config import load_config
     from evomerge.preflight import check_run
 
     try:
         cfg = load_config(config, out=str(out) if out else None)
-        check_run(cfg, cfg.out)
+        found = check_run(cfg, cfg.out)
     except EvomergeError as e:
         fail(str(e))
+    for line in found.lines() if found is not None else ():
+        console.print(line, markup=False, highlight=False)
     console.print(f"{config}: ok (run folder {cfg.out})")
 
 

@@ -231,9 +231,11 @@ class Run:
         return fig
 
     # --- models --------------------------------------------------------------------------------------------
-    def load_model(self, candidate_id: int) -> tuple[Any, Any]:
+    def load_model(self, candidate_id: int, device: str = "cpu") -> tuple[Any, Any]:
         """Re-merge candidate ``candidate_id``'s recipe from the run's models, as its worker did, and return
-        the Hugging Face model (eval mode) and tokenizer."""
+        the Hugging Face model (eval mode) and tokenizer. ``device``: where to load and merge (cpu, cuda,
+        cuda:N, or auto to spread the model over the visible GPUs); the masks of dare_*/della* are the
+        same on every device, so the weights equal the worker's up to the device's rounding."""
         from evomerge.merge.merger import check_masks_reproducible
         from evomerge.models import ModelSet
         from evomerge.recipe import Recipe
@@ -248,7 +250,7 @@ class Run:
         recipe = Recipe.from_dict(self.candidates.at[candidate_id, "recipe"])
         check_masks_reproducible(self._meta.get("keyed_stream"), [g.method for g in recipe.groups], self.path)
         models = ModelSet(**self.models)
-        model = models.load_model()
+        model = models.load_model(device=device)
         merger = search_merger(model, models)
         merger.apply(recipe, out=model)
         return model.eval(), models.load_tokenizer()

@@ -97,18 +97,25 @@ def check_objectives(fitness: Any, objectives: Sequence[Any]) -> None:
     "lmeval",
     selected_by="tasks",
     what="lm-eval task names",
-    options=("include", "batch_size"),
+    options=("include", "batch_size", "max_length"),
     item_subsets=True,
     check=check_objectives,
 )
 class LmEvalFitness:
     """Accuracy per task (and their ``mean``) of a model on a fixed item subset of one split."""
 
-    def __init__(self, tasks: Sequence[str], batch_size: int = 64, include: Sequence[str] = ()):
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        batch_size: int = 64,
+        include: Sequence[str] = (),
+        max_length: int | None = None,
+    ):
         _quiet()
         self.tasks = list(tasks)
         self.catalog = catalog_tasks(tuple(str(p) for p in include))
         self.batch_size = batch_size
+        self.max_length = max_length  # None: lm-eval's default, the model's context
         self._task_dicts: dict[str, Any] = {}
         self._lm = None
         self._lm_model = None
@@ -137,8 +144,13 @@ class LmEvalFitness:
         if self._lm is None or self._lm_model is not model:
             from lm_eval.models.huggingface import HFLM
 
+            limit = {} if self.max_length is None else {"max_length": self.max_length}
             self._lm = HFLM(
-                pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=str(model.device)
+                pretrained=model,
+                tokenizer=tokenizer,
+                batch_size=self.batch_size,
+                device=str(model.device),
+                **limit,
             )
             self._lm_model = model
         return self._lm
