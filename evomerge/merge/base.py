@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.kernels import STORE, Workspace
+from evomerge.merge.kernels import STORE, Workspace, chunk_size
 from evomerge.merge.orderstats import OrderSketch, Selection, select_direct
 from evomerge.merge.streams import Stream, TorchStream
 from evomerge.registry import Registry
@@ -53,6 +53,9 @@ class MergeInputs:
     however small, because the model it belongs to is large enough to pay their one-time compile
     (None: decided by this tensor's size alone). Built by hand (``MergeInputs(name, base, deltas)``)
     it works the same, computing everything on the spot.
+
+    Everything a method creates lives on ``device``, the task vectors' device (a GPU's, say): the
+    workspace hands out buffers there and ``chunk`` is that device's loop chunk size.
     """
 
     def __init__(
@@ -74,7 +77,9 @@ class MergeInputs:
         self.out = out
         self.persistent = cache is not None
         self.cache: dict[Any, Any] = cache if cache is not None else {}
-        self.workspace = workspace if workspace is not None else Workspace()
+        self.device = deltas.device
+        self.chunk = chunk_size(self.device)
+        self.workspace = (workspace if workspace is not None else Workspace()).on(self.device)
         self.stream = stream if stream is not None else TorchStream()
 
     @property
@@ -99,7 +104,7 @@ class MergeInputs:
     def output(self) -> torch.Tensor:
         """The flat float32 output to write into (``out``, or a fresh tensor kept as ``out``)."""
         if self.out is None:
-            self.out = torch.empty(self.base.shape, dtype=self.deltas.dtype)
+            self.out = torch.empty(self.base.shape, dtype=self.deltas.dtype, device=self.device)
         return self.out.view(-1)
 
     def result(self) -> torch.Tensor:
@@ -233,7 +238,7 @@ class MergeMethod:
             values = [value] * len(experts)
         for v, e in zip(values, experts, strict=True):
             self._check_range(p, v, e if len(experts) > 1 else None)
-        return torch.tensor([float(v) for v in values], dtype=torch.float64)
+        return torch.tensor([float(v) for v in values], dtype=torch.float64, device="cpu")
 
     def _check_range(self, p: Param, value: Any, expert: Any = None) -> None:
         of = f" (expert {expert!r})" if expert is not None else ""
@@ -300,5 +305,6 @@ def get_method(name: str) -> MergeMethod:
 
 
 def per_model(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Shape (K,) per-model values so they broadcast against a (K, *shape) stack."""
-    return values.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
+    """Shape (K,) per-model values (``resolve`` makes them on the CPU) on ``like``'s device and in its
+    dtype, shaped to broadcast against the (K, *shape) stack ``like``."""
+    return values.to(device=like.device, dtype=like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))

@@ -1,9 +1,10 @@
 """Fused kernels for the random-mask methods (dare_ties, dare_linear) under a keyed stream.
 
 With a ``KeyedStream`` an element's uniform is a hash of its index (one hash for every two experts),
-so the mask need not be drawn, stored and read back: one compiled loop (``torch.compile``,
-Inductor's C++ backend) hashes, masks, weights, elects signs and writes the output, and a first loop
-computes the l1 norms the rescaling needs. Per element of a tensor with K experts:
+so the mask need not be drawn, stored and read back: one compiled loop (``torch.compile``:
+Inductor's C++ backend on CPUs, its Triton backend on GPUs) hashes, masks, weights, elects signs and
+writes the output, and a first loop computes the l1 norms the rescaling needs. Per element of a
+tensor with K experts:
 
     keep_i = U_i(index) < density_i
     l1_i   = sum |delta_i| over kept elements          (rescale: s_i = |delta_i|_1 / l1_i)
@@ -11,8 +12,10 @@ computes the l1 norms the rescaling needs. Per element of a tensor with K expert
     merged = base + lambda * sum_i m_i t_i / D         (``evomerge.merge.generalized``'s formula)
 
 The results equal the eager path's (same masks; sums in another order, so within float32 rounding).
-Compiling takes tens of seconds once per process (Inductor caches the code on disk for the next);
-without a working compiler, or with ``EVOMERGE_FUSED=0``, or in models whose largest tensor has
+Compiling takes tens of seconds once per process and device type (Inductor caches the code on disk
+for the next); where the kernels cannot be compiled for a device type (checked once per type, on a
+small input against the eager functions), or with ``EVOMERGE_FUSED=0``, or in models whose largest
+tensor has
 under ``MIN_NUMEL`` elements (where the compile would cost more than it saves), the eager path runs
 instead. In larger models every tensor of ``MIN_TENSOR`` elements or more runs fused: two kernel
 calls cost less than the eager path's some thirty small ops (routing the 61 norm vectors of the
@@ -47,7 +50,7 @@ def worth_compiling(largest: int) -> bool:
 def _keeps(n: int, keys: torch.Tensor, density: torch.Tensor, k: int) -> list[torch.Tensor]:
     """Each of the ``k`` experts' keep masks over elements [0, n): experts 2m and 2m + 1 read the two
     halves of pair m's hash (keys[0, m], keys[1, m]), so the loop hashes once per element and pair."""
-    index = torch.arange(n, dtype=torch.int64)
+    index = torch.arange(n, dtype=torch.int64, device=keys.device)
     keep = []
     for m in range((k + 1) // 2):
         h = hash32(index, keys[0, m], keys[1, m])
@@ -114,10 +117,14 @@ def _dynamic(*tensors: torch.Tensor) -> None:
         torch._dynamo.mark_dynamic(t, t.dim() - 1)
 
 
+COMPILED_DEVICES = ("cpu", "cuda")  # device types whose Inductor backend the kernels are tried on
+
+
 @functools.cache
-def _compiled() -> dict[str, Any] | None:
-    """The compiled kernels, or None when this process cannot compile them (logged once)."""
-    if os.environ.get("EVOMERGE_FUSED", "1") == "0":
+def _compiled(device_type: str = "cpu") -> dict[str, Any] | None:
+    """The kernels compiled for tensors on devices of ``device_type``, or None when this process
+    cannot compile them there (logged once per device type): the eager path runs instead."""
+    if os.environ.get("EVOMERGE_FUSED", "1") == "0" or device_type not in COMPILED_DEVICES:
         return None
     # One compiled entry per expert count, `normalize`, dtype and torch thread count (a process that
     # changes its thread count recompiles): dynamo's default limit of 8 entries per function is too low.
@@ -128,30 +135,43 @@ def _compiled() -> dict[str, Any] | None:
             for f in (_kept_l1, _consensus, _linear)
         }
         with torch.no_grad():  # as merges run: grad mode is part of the compiled entry's guards
-            _smoke(kernels)
-    except Exception as e:  # no C++ compiler, an unsupported platform: the eager path is exact too
-        log.warning("fused merge kernels unavailable (%s: %s); using the eager path", type(e).__name__, e)
+            _smoke(kernels, device_type)
+    except Exception as e:  # no C++ compiler / Triton, an unsupported platform: the eager path is exact too
+        log.warning(
+            "fused merge kernels unavailable on %s (%s: %s); using the eager path",
+            device_type,
+            type(e).__name__,
+            e,
+        )
         return None
     return kernels
 
 
-def _smoke(kernels: dict[str, Any]) -> None:
-    """Compile and check every kernel on a small input against the eager functions."""
-    g = torch.Generator().manual_seed(0)
+def kernels_for(device: torch.device) -> dict[str, Any] | None:
+    """The kernels compiled for ``device``'s type, or None (``_compiled()``, no argument, for the CPU)."""
+    return _compiled() if device.type == "cpu" else _compiled(device.type)
+
+
+def _smoke(kernels: dict[str, Any], device_type: str = "cpu") -> None:
+    """Compile and check every kernel on a small input on a device of ``device_type`` against the
+    eager functions."""
+    device = torch.device(device_type)
+    g = torch.Generator(device="cpu").manual_seed(0)
     n = MIN_NUMEL + 3
-    base, deltas = torch.randn(n, generator=g), torch.randn(2, n, generator=g)
+    base = torch.randn(n, generator=g, device="cpu").to(device)
+    deltas = torch.randn(2, n, generator=g, device="cpu").to(device)
     _dynamic(base, deltas)
-    keys = torch.tensor([[1], [3]])
-    col = torch.tensor([0.3, 0.7])
+    keys = torch.tensor([[1], [3]], device=device)
+    col = torch.tensor([0.3, 0.7], device=device)
     assert torch.allclose(kernels["_kept_l1"](deltas, keys, col), _kept_l1(deltas, keys, col), rtol=1e-5)
-    f = torch.tensor([0.3, 0.7, 1.1, 0.9, 0.6, 0.4, 1.0])
+    f = torch.tensor([0.3, 0.7, 1.1, 0.9, 0.6, 0.4, 1.0], device=device)
     for normalize in (False, True):
-        a, b = torch.empty(n), torch.empty(n)
+        a, b = torch.empty(n, device=device), torch.empty(n, device=device)
         _dynamic(a)
         kernels["_consensus"](a, base, deltas, keys, f, normalize)
         _consensus(b, base, deltas, keys, f, normalize)
         assert torch.allclose(a, b, atol=1e-6)
-    a, b = torch.empty(n), torch.empty(n)
+    a, b = torch.empty(n, device=device), torch.empty(n, device=device)
     _dynamic(a)
     kernels["_linear"](a, base, deltas, keys, f[:4])
     _linear(b, base, deltas, keys, f[:4])
@@ -160,28 +180,37 @@ def _smoke(kernels: dict[str, Any]) -> None:
 
 def applies(x: MergeInputs) -> bool:
     """Whether the kernels run this tensor: a keyed stream, a tensor of a large enough model (``x.fuse``;
-    unset: this tensor large enough alone), a working compiler."""
+    unset: this tensor large enough alone), kernels that compile for its device type."""
     if not isinstance(x.stream, KeyedStream) or x.numel < MIN_TENSOR:
         return False
     large = x.fuse if x.fuse is not None else worth_compiling(x.numel)
-    return large and _compiled() is not None
+    return large and kernels_for(x.device) is not None
 
 
 def _prepared(x: MergeInputs) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kernels, this tensor's task vectors (K, n) and base (n) marked dynamic, and its pair keys."""
-    kernels = _compiled()
+    """The kernels, this tensor's task vectors (K, n) and base (n) marked dynamic, and its pair keys
+    (on the tensor's device)."""
+    kernels = kernels_for(x.device)
     assert kernels is not None and isinstance(x.stream, KeyedStream)
     deltas = x.deltas.reshape(x.n_experts, -1)
     base = x.flat_base()
     _dynamic(deltas, base)
-    keys = x.cached(("fused.keys", x.stream.seed), lambda: x.stream.pair_keys(x.name, x.n_experts))
+    stream = x.stream
+    keys = x.cached(
+        ("fused.keys", stream.seed, x.device), lambda: stream.pair_keys(x.name, x.n_experts, x.device)
+    )
     return kernels, deltas, base, keys
+
+
+def _values(x: MergeInputs, values: list[float]) -> torch.Tensor:
+    """A kernel's float parameters as a float32 vector on the tensor's device."""
+    return torch.tensor(values, dtype=torch.float32, device=x.device)
 
 
 def kept_l1(x: MergeInputs, density: list[float]) -> list[float]:
     """sum |delta_i| over each expert's kept elements (what the rescaling divides by)."""
     kernels, deltas, _, keys = _prepared(x)
-    return kernels["_kept_l1"](deltas, keys, torch.tensor(density)).tolist()
+    return kernels["_kept_l1"](deltas, keys, _values(x, density)).tolist()
 
 
 def consensus(
@@ -196,7 +225,7 @@ def consensus(
     kernels, deltas, base, keys = _prepared(x)
     out = x.output()
     _dynamic(out)
-    kernels["_consensus"](out, base, deltas, keys, torch.tensor([*density, *scale, *weight, lam]), normalize)
+    kernels["_consensus"](out, base, deltas, keys, _values(x, [*density, *scale, *weight, lam]), normalize)
     return x.result()
 
 
@@ -205,5 +234,5 @@ def linear(x: MergeInputs, density: list[float], coef: list[float]) -> torch.Ten
     kernels, deltas, base, keys = _prepared(x)
     out = x.output()
     _dynamic(out)
-    kernels["_linear"](out, base, deltas, keys, torch.tensor([*density, *coef]))
+    kernels["_linear"](out, base, deltas, keys, _values(x, [*density, *coef]))
     return x.result()

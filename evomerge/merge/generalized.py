@@ -22,7 +22,7 @@ import torch
 
 from evomerge.merge import fused
 from evomerge.merge.base import MergeInputs, Param
-from evomerge.merge.kernels import CHUNK, chunks
+from evomerge.merge.kernels import chunks
 from evomerge.merge.sparsify import Sparse, rescale_factor, sparsify
 
 WEIGHT = Param("weight", "model", low=-10.0, high=10.0)
@@ -102,7 +102,7 @@ def linear_coefficients(
 ) -> list[float]:
     """Each expert's factor in the sum without consensus, as mergekit: w_i s_i / D * lambda, with
     D = sum_i w_i in float32 (|D| < 1e-8 -> 1) when ``normalize``, else 1."""
-    divisor = float(torch.tensor(list(weight), dtype=torch.float32).sum())
+    divisor = float(torch.tensor(list(weight), dtype=torch.float32, device="cpu").sum())
     if abs(divisor) < 1e-8:
         divisor = 1.0
     return [w * s / (divisor if normalize else 1.0) * lam for w, s in zip(weight, scale, strict=True)]
@@ -127,9 +127,9 @@ def combine(
         factors = linear_coefficients(weight, scales, normalize, lam)
         coef = [factors[i] for i, _ in active]
         ws = x.workspace
-        bufs = [ws.buf(f"gta.h{j}", min(n, CHUNK)) for j in range(len(active))]
-        tmp = ws.buf("gta.tmp", min(n, CHUNK))
-        for sl in chunks(n):
+        bufs = [ws.buf(f"gta.h{j}", min(n, x.chunk)) for j in range(len(active))]
+        tmp = ws.buf("gta.tmp", min(n, x.chunk))
+        for sl in chunks(n, x.chunk):
             m = sl.stop - sl.start
             o = out[sl]
             if not active:
@@ -142,13 +142,13 @@ def combine(
                     o.add_(h, alpha=coef[j])
         return x.result()
     ws = x.workspace
-    size = min(n, CHUNK)
+    size = min(n, x.chunk)
     dps = [ws.buf(f"gta.h{j}", size) for j in range(len(active))]
     tmp, s_buf, sign_buf, sel, num, den = (
         ws.buf(f"gta.{s}", size) for s in ("tmp", "S", "M", "sel", "num", "den")
     )
     ones = ws.ones(size)
-    for sl in chunks(n):
+    for sl in chunks(n, x.chunk):
         m = sl.stop - sl.start
         o = out[sl]
         if not active:

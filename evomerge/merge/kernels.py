@@ -15,6 +15,9 @@ from typing import Any
 import torch
 
 CHUNK = 1 << 18  # elements: 1 MiB of float32, several of which fit in L2/L3 cache together
+# On accelerators a chunk is one kernel launch per op, not a cache-sized block: larger chunks keep the
+# launches (some microseconds each) under the memory time (64 MiB of float32 per op on a GPU).
+DEVICE_CHUNK = 1 << 24
 # Tensors up to STORE elements may be held whole in scratch (4 MiB of float32): whole-tensor
 # reductions then match mergekit's bit for bit. Larger ones (embeddings) are only ever chunked.
 STORE = 1 << 20
@@ -24,30 +27,44 @@ class Workspace:
     """Named, growable scratch buffers; ``buf(slot, n)`` returns a length-``n`` view of slot's buffer.
 
     One workspace serves every tensor of every merge of a ``Merger`` (one per worker), so its size is
-    that of the largest request, usually a few chunks.
+    that of the largest request, usually a few chunks. Buffers live on the workspace's ``device``;
+    ``on(device)`` is a view of the same buffers that allocates on another device (a model spread
+    over several devices keeps a set of buffers on each).
     """
 
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device("cpu" if device is None else device)
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def on(self, device: torch.device | str) -> Workspace:
+        """This workspace's buffers, allocating on ``device`` (``self`` when it is already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        view = Workspace.__new__(Workspace)
+        view.device = device
+        view._buffers = self._buffers
+        return view
 
     def buf(self, slot: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        key = (slot, dtype)
+        key = (slot, dtype, self.device)
         b = self._buffers.get(key)
         if b is None or b.numel() < n:
             del b
             self._buffers.pop(key, None)  # free the old buffer before allocating the larger one
-            b = self._buffers[key] = torch.empty(n, dtype=dtype)
+            b = self._buffers[key] = torch.empty(n, dtype=dtype, device=self.device)
         return b[:n]
 
     def ones(self, n: int) -> torch.Tensor:
-        b = self._buffers.get(("ones", torch.float32))
+        key = ("ones", torch.float32, self.device)
+        b = self._buffers.get(key)
         if b is None or b.numel() < n:
-            self._buffers.pop(("ones", torch.float32), None)
-            b = self._buffers["ones", torch.float32] = torch.ones(max(n, CHUNK))
+            self._buffers.pop(key, None)
+            b = self._buffers[key] = torch.ones(max(n, CHUNK), device=self.device)
         return b[:n]
 
     def release(self, slot: str) -> None:
-        """Free a slot's buffers (all dtypes)."""
+        """Free a slot's buffers (all dtypes and devices)."""
         for key in [k for k in self._buffers if k[0] == slot]:
             del self._buffers[key]
 
@@ -56,8 +73,13 @@ class Workspace:
         for key in [k for k, b in self._buffers.items() if b.numel() > numel]:
             del self._buffers[key]
 
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+    def nbytes(self, device_type: str | None = None) -> int:
+        """Bytes held (on devices of ``device_type`` only, when given)."""
+        return sum(
+            b.numel() * b.element_size()
+            for key, b in self._buffers.items()
+            if device_type is None or key[2].type == device_type
+        )
 
     def clear(self) -> None:
         self._buffers.clear()
@@ -99,6 +121,12 @@ def _malloc_trim() -> Any:
     return libc.malloc_trim if libc is not None else None
 
 
+def chunk_size(device: torch.device) -> int:
+    """Elements per chunk of the loops that run on ``device``: ``CHUNK`` on CPUs, ``DEVICE_CHUNK``
+    elsewhere."""
+    return CHUNK if device.type == "cpu" else DEVICE_CHUNK
+
+
 def chunks(n: int, size: int = CHUNK) -> Iterator[slice]:
     """Consecutive slices covering ``range(n)``, each at most ``size`` long."""
     for start in range(0, n, size):
@@ -118,7 +146,7 @@ def weighted_sum(
     """
     n = out.numel()
     terms = [(t, c) for t, c in terms if c != 0]
-    for sl in chunks(n):
+    for sl in chunks(n, chunk_size(out.device)):
         o = out[sl]
         if base is None or base_coef == 0:
             if terms:

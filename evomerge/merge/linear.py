@@ -26,7 +26,9 @@ def linear(x: MergeInputs, weight: torch.Tensor, base_weight: float, normalize: 
     c_i = w_i / total and c_b = (sum_i w_i + base_weight) / total.
     """
     w = [float(v) for v in weight.to(torch.float32)]
-    total = float(torch.tensor(w + [base_weight], dtype=torch.float32).sum()) if normalize else 1.0
+    total = (
+        float(torch.tensor(w + [base_weight], dtype=torch.float32, device="cpu").sum()) if normalize else 1.0
+    )
     base_coef = (sum(w) + base_weight) / total
     weighted_sum(x.output(), x.flat_base(), base_coef, [(x.delta(i), wi / total) for i, wi in enumerate(w)])
     return x.result()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from evomerge.merge.base import MergeInputs, Param, merge_method
-from evomerge.merge.kernels import CHUNK, chunks, weighted_sum
+from evomerge.merge.kernels import chunk_size, chunks, weighted_sum
 
 EPS = 1e-8
 
@@ -26,7 +26,7 @@ def _cos(x: MergeInputs, row_wise: bool, flatten: bool) -> torch.Tensor:
         n1 = torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
         prod = v0 / n0
         if flatten:  # one full-size temporary: the second factor is formed chunk by chunk
-            for sl in chunks(prod.numel(), CHUNK):
+            for sl in chunks(prod.numel(), chunk_size(prod.device)):
                 prod[sl].mul_(v1[sl] / n1)
         else:
             prod.mul_(v1 / n1)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from evomerge.merge.kernels import CHUNK, Workspace, chunks
+from evomerge.merge.kernels import Workspace, chunk_size, chunks
 
 STEP = 256
 
@@ -30,27 +30,55 @@ def below(value: float) -> float:
     return float(np.nextafter(np.float32(value), np.float32(-np.inf)))
 
 
+def _indices(n: int) -> np.ndarray:
+    """The sorted positions a sketch keeps: every STEP-th and the last."""
+    idx = np.arange(0, n, STEP)
+    if n and idx[-1] != n - 1:
+        idx = np.append(idx, n - 1)
+    return idx
+
+
+def _numpy_sketch(buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(values, counts below them, zero count) of the magnitudes ``buf`` (CPU), sorted in place."""
+    a = buf.numpy()
+    a.sort()
+    vals = a[_indices(a.size)]
+    below = np.searchsorted(a, vals, side="left").astype(np.int64)
+    return torch.from_numpy(vals.copy()), torch.from_numpy(below), int(np.searchsorted(a, 0.0, side="right"))
+
+
+def _torch_sketch(buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``_numpy_sketch`` with ``torch.sort`` on ``buf``'s device (a GPU), returned on the CPU: the
+    same sorted values (task vectors hold no NaNs), so the same sketch."""
+    a = torch.sort(buf).values
+    idx = torch.from_numpy(_indices(a.numel())).to(a.device)
+    vals = a[idx]
+    below = torch.searchsorted(a, vals, side="left")
+    zeros = torch.searchsorted(a, torch.zeros(1, dtype=a.dtype, device=a.device), side="right")
+    return (
+        vals.to(device="cpu", dtype=torch.float32),
+        below.to(device="cpu", dtype=torch.int64),
+        int(zeros.item()),
+    )
+
+
 class OrderSketch:
     """Every STEP-th order statistic of |x| (and the last), with exact counts below each."""
 
     __slots__ = ("below", "n", "values", "zeros")
 
     def __init__(self, x: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
-        """Sort |x| once; ``scratch`` (float32, at least x's size) holds the sorted copy, which is
-        then discarded (x itself may be passed to sort in place)."""
+        """Sort |x| once; ``scratch`` (float32, at least x's size, on x's device) holds |x|, sorted in
+        place on the CPU, then discarded (x itself may be passed to sort in place). On another device
+        (a GPU) ``torch.sort`` sorts there. Either way the sketch is the same and is kept on the CPU:
+        it is small, and lookups read it as Python numbers."""
         flat = x.detach().reshape(-1)
-        buf = torch.empty(flat.numel()) if scratch is None else scratch.reshape(-1)[: flat.numel()]
-        a = torch.abs(flat, out=buf).numpy()
-        a.sort()
-        n = a.size
-        idx = np.arange(0, n, STEP)
-        if n and idx[-1] != n - 1:
-            idx = np.append(idx, n - 1)
-        vals = a[idx]
+        n = flat.numel()
+        buf = torch.empty(n, device=flat.device) if scratch is None else scratch.reshape(-1)[:n]
+        torch.abs(flat, out=buf)
         self.n = n
-        self.values = torch.from_numpy(vals.copy())
-        self.below = torch.from_numpy(np.searchsorted(a, vals, side="left").astype(np.int64))
-        self.zeros = int(np.searchsorted(a, 0.0, side="right"))
+        sketch = _numpy_sketch if flat.device.type == "cpu" else _torch_sketch
+        self.values, self.below, self.zeros = sketch(buf)
 
     def nbytes(self) -> int:
         return self.values.numel() * 4 + self.below.numel() * 8
@@ -89,13 +117,14 @@ class OrderSketch:
     def _window(
         self, lo: float, hi: float, source: Source, workspace: Workspace
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Magnitudes in [lo, hi] and their flat indices, in index order. Zeros are not collected (when
-        lo == 0 they are counted by ``self.zeros``)."""
+        """Magnitudes in [lo, hi] and their flat indices, in index order, on the workspace's device (the
+        source's). Zeros are not collected (when lo == 0 they are counted by ``self.zeros``)."""
         lo_m = below(lo)
-        size = min(CHUNK, self.n)
+        chunk = chunk_size(workspace.device)
+        size = min(chunk, self.n)
         a_buf, b_buf, s_buf = (workspace.buf(f"order.{k}", size) for k in ("a", "b", "src"))
         values, indices = [], []
-        for sl in chunks(self.n):
+        for sl in chunks(self.n, chunk):
             m = sl.stop - sl.start
             v = source(sl, s_buf[:m])
             a = torch.hardshrink(v, lo_m, out=a_buf[:m])  # |v| >= lo

@@ -6,7 +6,7 @@ import torch
 
 from evomerge.merge.base import MergeInputs, Param, merge_method
 from evomerge.merge.generalized import INT8_MASK, sign_consensus
-from evomerge.merge.kernels import CHUNK, chunks
+from evomerge.merge.kernels import chunks
 from evomerge.merge.orderstats import OrderSketch, select_direct
 from evomerge.merge.sparsify import surplus
 
@@ -40,7 +40,7 @@ def _sketch(x: MergeInputs) -> OrderSketch:
 
     def compute() -> OrderSketch:
         var = x.workspace.buf("sort", x.numel)
-        for sl in chunks(x.numel):
+        for sl in chunks(x.numel, x.chunk):
             _variance(x, sl, var[sl])
         return OrderSketch(var, var)  # sorted in place
 
@@ -53,7 +53,7 @@ def prepare(x: MergeInputs) -> None:
 
 def _count(nonzero: int, select_topk: float) -> int:
     """mergekit's k = int(count_nonzero(var) * density): a float32 product (it rounds up at times)."""
-    return int(torch.tensor(nonzero) * select_topk)
+    return int(torch.tensor(nonzero, device="cpu") * select_topk)
 
 
 def _threshold(x: MergeInputs, select_topk: float) -> tuple[float | None, torch.Tensor | None]:
@@ -72,7 +72,7 @@ def _threshold(x: MergeInputs, select_topk: float) -> tuple[float | None, torch.
             return float("inf"), None
         sel = sketch.select(n - k, lambda sl, buf: _variance(x, sl, buf), x.workspace)
     else:
-        var = torch.empty(n)
+        var = torch.empty(n, device=x.device)
         _variance(x, slice(0, n), var)
         k = _count(int(torch.count_nonzero(var)), select_topk)
         if k == 0:
@@ -92,8 +92,8 @@ def _topk_losers(x: MergeInputs, tied: torch.Tensor, k: int, var: torch.Tensor |
     rare case: about one tensor in 200 of a SmolLM2-size model at ``select_topk`` 0.3). ``var``: the
     variances when the caller has them all (computed here otherwise)."""
     if var is None:
-        var = torch.empty(x.numel)
-        for sl in chunks(x.numel):
+        var = torch.empty(x.numel, device=x.device)
+        for sl in chunks(x.numel, x.chunk):
             _variance(x, sl, var[sl])
     kept = torch.topk(var, k=k, largest=True).indices  # mergekit's call: the same tie-break
     return tied[~torch.isin(tied, kept)]
@@ -114,7 +114,7 @@ def sce(x: MergeInputs, select_topk: float, int8_mask: bool) -> torch.Tensor:
     n = x.numel
     thr, drop = _threshold(x, select_topk)
     ws = x.workspace
-    size = min(n, CHUNK)
+    size = min(n, x.chunk)
     vs = [ws.buf(f"sce.v{i}", size) for i in range(k)]
     var_buf, mask = ws.buf("sce.var", size), ws.buf("sce.mask", size)
     # the selection, computed once; shares the byte-mask slot of the random sparsifiers
@@ -127,7 +127,8 @@ def sce(x: MergeInputs, select_topk: float, int8_mask: bool) -> torch.Tensor:
         if first:
             torch.ge(_variance(x, sl, var_buf[:m]), thr, out=mask[:m])
             if drop is not None:
-                a, b = torch.searchsorted(drop, torch.tensor([sl.start, sl.stop])).tolist()
+                bounds = torch.tensor([sl.start, sl.stop], device=drop.device)
+                a, b = torch.searchsorted(drop, bounds).tolist()
                 mask[:m].index_fill_(0, drop[a:b] - sl.start, 0)
             keep[sl].copy_(mask[:m])
         else:
@@ -135,14 +136,16 @@ def sce(x: MergeInputs, select_topk: float, int8_mask: bool) -> torch.Tensor:
         return [torch.mul(x.delta(i)[sl], mask[:m], out=vs[i][:m]) for i in range(k)]
 
     def energy() -> list[float]:
+        dots = []  # read back once: no device sync per chunk
+        for sl in chunks(n, x.chunk):
+            dots.extend(torch.dot(v, v) for v in selected(sl, True))
         e = [0.0] * k
-        for sl in chunks(n):
-            for i, v in enumerate(selected(sl, True)):
-                e[i] += float(torch.dot(v, v))
+        for j, d in enumerate(torch.stack(dots).tolist() if dots else []):
+            e[j % k] += d
         return e
 
     e = x.cached("sce.energy", energy) if thr is None else energy()
-    weights = torch.tensor([v / n for v in e], dtype=torch.float32)
+    weights = torch.tensor([v / n for v in e], dtype=torch.float32, device="cpu")
     total = float(weights.sum())
     coef = [1.0 / k] * k if abs(total) < 1e-6 else [float(w) / total for w in weights]
 
@@ -150,7 +153,7 @@ def sce(x: MergeInputs, select_topk: float, int8_mask: bool) -> torch.Tensor:
     base = x.flat_base()
     s, sign, sel, num, den = (ws.buf(f"gta.{b}", size) for b in ("S", "M", "sel", "num", "den"))
     ones = ws.ones(size)
-    for sl in chunks(n):
+    for sl in chunks(n, x.chunk):
         m = sl.stop - sl.start
         terms = [(v, c, c) for v, c in zip(selected(sl, False), coef, strict=True)]
         sign_consensus(terms, s[:m], sign[:m], sel[:m], num[:m], den[:m], ones[:m])

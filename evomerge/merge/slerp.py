@@ -7,7 +7,7 @@ import math
 import torch
 
 from evomerge.merge.base import MergeInputs, Param, merge_method
-from evomerge.merge.kernels import CHUNK, chunks, weighted_sum
+from evomerge.merge.kernels import chunks, weighted_sum
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -18,13 +18,16 @@ def _stats(x: MergeInputs) -> tuple[float, float, float]:
 
     def compute() -> tuple[float, float, float]:
         b, d = x.flat_base(), x.delta(0)
-        buf = x.workspace.buf("slerp.e", min(b.numel(), CHUNK))
-        aa = bb = ab = 0.0
-        for sl in chunks(b.numel()):
+        buf = x.workspace.buf("slerp.e", min(b.numel(), x.chunk))
+        dots = []  # read back once: no device sync per chunk
+        for sl in chunks(b.numel(), x.chunk):
             e = torch.add(b[sl], d[sl], out=buf[: sl.stop - sl.start])
-            aa += float(torch.dot(b[sl], b[sl]))
-            bb += float(torch.dot(e, e))
-            ab += float(torch.dot(b[sl], e))
+            dots.append(torch.stack([torch.dot(b[sl], b[sl]), torch.dot(e, e), torch.dot(b[sl], e)]))
+        aa = bb = ab = 0.0
+        for a_, b_, ab_ in torch.stack(dots).tolist() if dots else []:
+            aa += a_
+            bb += b_
+            ab += ab_
         return math.sqrt(aa), math.sqrt(bb), ab
 
     return x.cached("slerp", compute)
@@ -36,8 +39,8 @@ def prepare(x: MergeInputs) -> None:
 
 def coefficients(t: float, dot: float) -> tuple[float, float]:
     """mergekit's float32 slerp coefficients for base (a) and expert (b) given cos(theta) = dot."""
-    t_ = torch.tensor(t, dtype=torch.float32)
-    dot_ = torch.tensor(dot, dtype=torch.float32).clamp(-1, 1)
+    t_ = torch.tensor(t, dtype=torch.float32, device="cpu")
+    dot_ = torch.tensor(dot, dtype=torch.float32, device="cpu").clamp(-1, 1)
     linear = dot_.abs() > DOT_THRESHOLD
     theta = torch.acos(torch.where(linear, 0, dot_))
     sin_theta = torch.sin(theta)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from evomerge.merge.base import MergeInputs
-from evomerge.merge.kernels import CHUNK, STORE, chunks
+from evomerge.merge.kernels import STORE, chunks
 from evomerge.merge.orderstats import OrderSketch, Selection, below
 
 EPS = 1e-7  # mergekit's rescaled_masked_tensor tolerance
@@ -80,7 +80,8 @@ class Band(Sparse):
         if self.hi is not None:
             buf.sub_(torch.hardshrink(buf, self.hi, out=tmp))
         if self.drop is not None:
-            a, b = torch.searchsorted(self.drop, torch.tensor([sl.start, sl.stop])).tolist()
+            bounds = torch.tensor([sl.start, sl.stop], device=self.drop.device)
+            a, b = torch.searchsorted(self.drop, bounds).tolist()
             if b > a:
                 buf.index_fill_(0, self.drop[a:b] - sl.start, 0)
         return buf
@@ -122,10 +123,10 @@ def _rescale(x: MergeInputs, i: int, sp: Sparse, after: torch.Tensor | None = No
         n = x.numel
         size = min(n, STORE)
         whole = x.workspace.buf("whole", size)
-        tmp = x.workspace.buf("sparsify.tmp", min(n, CHUNK))
+        tmp = x.workspace.buf("sparsify.tmp", min(n, x.chunk))
         parts = []
         for sl in chunks(n, size):
-            for c in chunks(sl.stop - sl.start):
+            for c in chunks(sl.stop - sl.start, x.chunk):
                 sp.fill(slice(sl.start + c.start, sl.start + c.stop), whole[c], tmp[: c.stop - c.start])
             parts.append(l1(whole[: sl.stop - sl.start]))
         after = _total(parts)
@@ -211,10 +212,10 @@ def bernoulli(x: MergeInputs, i: int, density: float, rescale: bool = False) -> 
     if density >= 1:
         return Dense(d)
     masked_store, mask_store = _store(x, i, "sparsify.masked")
-    u_buf = x.workspace.buf("sparsify.u", min(n, CHUNK))
-    m_buf = x.workspace.buf("sparsify.m", min(n, CHUNK))
+    u_buf = x.workspace.buf("sparsify.u", min(n, x.chunk))
+    m_buf = x.workspace.buf("sparsify.m", min(n, x.chunk))
     parts = []
-    for sl in chunks(n):
+    for sl in chunks(n, x.chunk):
         m = sl.stop - sl.start
         u = x.stream.uniform_(u_buf[:m], (x.name, i), sl.start)
         mask = torch.lt(u, density, out=m_buf[:m])  # float 0/1, U < p in float32 as torch.bernoulli
@@ -254,7 +255,7 @@ def della_magprune(x: MergeInputs, i: int, density: float, epsilon: float, resca
         return _della_nd(x, i, density, epsilon, rescale)
     cols = shape[-1] if len(shape) == 2 else n
     rows = n // cols if cols else 0
-    block = max(1, CHUNK // max(cols, 1))
+    block = max(1, x.chunk // max(cols, 1))
     masked_store, mask_store = _store(x, i, "sparsify.masked")
     u_buf = x.workspace.buf("sparsify.u", min(n, block * cols))
     parts = []
@@ -279,11 +280,14 @@ def _row_ranks(rows: torch.Tensor, starts: range, block: int) -> Iterator[torch.
     and a scatter (mergekit argsorts twice). torch's argsort, as mergekit's, so tied magnitudes get
     the same ranks (numpy's is ~2.5x faster but orders ties differently)."""
     cols = rows.shape[1]
-    arange = torch.arange(cols, dtype=torch.float32).expand(min(block, rows.shape[0]), cols)
+    arange = torch.arange(cols, dtype=torch.float32, device=rows.device).expand(
+        min(block, rows.shape[0]), cols
+    )
     for r0 in starts:
         blk = rows[r0 : r0 + block]
         order = torch.argsort(blk.abs(), dim=1)
-        yield torch.empty(blk.shape, dtype=torch.float32).scatter_(1, order, arange[: blk.shape[0]])
+        ranks = torch.empty(blk.shape, dtype=torch.float32, device=rows.device)
+        yield ranks.scatter_(1, order, arange[: blk.shape[0]])
 
 
 def _della_probs(ranks: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:

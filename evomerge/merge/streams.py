@@ -15,7 +15,8 @@ element when U < p, and drawing nothing where a method returns early (e.g. densi
   adds or removes elements). Experts 2m and 2m + 1 share one 32-bit hash per element, the high and
   the low 16 bits, so U lies on a 2^-16 grid (torch.rand's is 2^-24): an element is kept with
   probability ceil(p * 2^16) / 2^16, within 1.6e-5 of p, and the fused kernels hash once per element
-  for every two experts.
+  for every two experts. The hash is integer arithmetic in int64 (every product fits), exact on any
+  device: a GPU draws the same masks as a CPU.
 """
 
 from __future__ import annotations
@@ -27,15 +28,27 @@ import torch
 
 
 class TorchStream:
-    """Uniforms on [0, 1) from a torch generator (None: torch's global one), consumed in call order."""
+    """Uniforms on [0, 1) from a torch generator (None: torch's global CPU one), consumed in call order.
+
+    A CPU generator draws on the CPU whatever ``out``'s device (the values are copied there), so a
+    merge on a GPU draws the masks a CPU merge (and mergekit on the CPU) draws; a generator on
+    ``out``'s device draws there."""
 
     def __init__(self, generator: torch.Generator | None = None) -> None:
         self.generator = generator
+        self._host: torch.Tensor | None = None  # where draws for another device are made
 
     def uniform_(self, out: torch.Tensor, key: Hashable = None, start: int = 0) -> torch.Tensor:
         """Fill ``out`` with the stream's next ``out.numel()`` uniforms (``torch.rand``'s values);
         ``key`` and ``start`` are ignored: callers draw in mergekit's order."""
-        return out.uniform_(generator=self.generator)
+        g = self.generator
+        if out.device.type == "cpu" or (g is not None and g.device == out.device):
+            return out.uniform_(generator=g)
+        n = out.numel()
+        if self._host is None or self._host.numel() < n or self._host.dtype != out.dtype:
+            self._host = torch.empty(n, dtype=out.dtype, device="cpu")
+        host = self._host[:n].uniform_(generator=g)
+        return out.copy_(host.view(out.shape))
 
     @classmethod
     def seeded(cls, seed: int | torch.Generator | None) -> TorchStream:
@@ -102,16 +115,17 @@ class KeyedStream:
         name, i = key
         return (*self.keys((name, i // 2)), i % 2)
 
-    def pair_keys(self, name: str, n_experts: int) -> torch.Tensor:
-        """(2, ceil(n_experts / 2)) int64: the (k1, k2) of each expert pair's hash on tensor ``name``."""
+    def pair_keys(self, name: str, n_experts: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(2, ceil(n_experts / 2)) int64 on ``device``: the (k1, k2) of each expert pair's hash on
+        tensor ``name``."""
         pairs = [self.lane((name, 2 * m))[:2] for m in range((n_experts + 1) // 2)]
-        return torch.tensor(pairs, dtype=torch.int64).T.contiguous()
+        return torch.tensor(pairs, dtype=torch.int64, device=device).T.contiguous()
 
     def uniform_(self, out: torch.Tensor, key: tuple[str, int], start: int = 0) -> torch.Tensor:
         """Fill ``out`` with the uniforms of elements [start, start + out.numel()) of expert mask
         ``key`` = (tensor name, expert index)."""
         k1, k2, half = self.lane(key)
-        index = torch.arange(start, start + out.numel(), dtype=torch.int64)
+        index = torch.arange(start, start + out.numel(), dtype=torch.int64, device=out.device)
         return out.copy_(hash_uniform(index, k1, k2, half).view(out.shape))
 
 
