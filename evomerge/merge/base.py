@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.kernels import STORE, Workspace, chunk_size
+from evomerge.merge.kernels import STORE, Workspace, as_float32, chunk_size, l1_float32
 from evomerge.merge.orderstats import OrderSketch, Selection, select_direct
 from evomerge.merge.streams import Stream, TorchStream
 from evomerge.registry import Registry
@@ -124,8 +124,9 @@ class MergeInputs:
         def compute() -> torch.Tensor:
             d = self.delta(i)
             if d.numel() > STORE:  # a transient rather than a workspace buffer kept at this size
-                return d.abs().sum()
-            return torch.abs(d, out=self.workspace.buf("whole", d.numel())).sum()
+                return l1_float32(d)
+            whole = self.workspace.buf("whole", d.numel())
+            return torch.abs(as_float32(d, whole), out=whole).sum()
 
         return self.cached(("abs_sum", i), compute)
 
@@ -137,7 +138,7 @@ class MergeInputs:
         if not self.persistent:
             return select_direct(d, rank, ties)
         sketch = self.cached(("order", i), lambda: OrderSketch(d, self.workspace.buf("sort", d.numel())))
-        return sketch.select(rank, lambda sl, _buf: d[sl], self.workspace, ties)
+        return sketch.select(rank, lambda sl, buf: as_float32(d[sl], buf), self.workspace, ties)
 
 
 BasePolicy = Literal["required", "optional", "input"]

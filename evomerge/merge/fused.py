@@ -64,7 +64,8 @@ def _kept_l1(deltas: torch.Tensor, keys: torch.Tensor, density: torch.Tensor) ->
     density (K,)."""
     k, n = deltas.shape
     keep = _keeps(n, keys, density, k)
-    return torch.stack([torch.where(keep[i], deltas[i].abs(), 0.0).sum() for i in range(k)])
+    # 16-bit task vectors are summed in float32 (a no-op for float32 ones)
+    return torch.stack([torch.where(keep[i], deltas[i].abs().to(torch.float32), 0.0).sum() for i in range(k)])
 
 
 def _consensus(

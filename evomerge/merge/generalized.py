@@ -22,7 +22,7 @@ import torch
 
 from evomerge.merge import fused
 from evomerge.merge.base import MergeInputs, Param
-from evomerge.merge.kernels import chunks
+from evomerge.merge.kernels import as_float32, chunks, narrow
 from evomerge.merge.sparsify import Sparse, rescale_factor, sparsify
 
 WEIGHT = Param("weight", "model", low=-10.0, high=10.0)
@@ -129,17 +129,20 @@ def combine(
         ws = x.workspace
         bufs = [ws.buf(f"gta.h{j}", min(n, x.chunk)) for j in range(len(active))]
         tmp = ws.buf("gta.tmp", min(n, x.chunk))
+        acc = ws.buf("gta.acc", min(n, x.chunk)) if narrow(out) else None  # 16-bit: sum in float32
         for sl in chunks(n, x.chunk):
             m = sl.stop - sl.start
-            o = out[sl]
-            if not active:
+            o = out[sl] if acc is None else acc[:m].copy_(base[sl])
+            if not active and acc is None:
                 o.copy_(base[sl])
             for j, (_, sp) in enumerate(active):
                 h = sp.fill(sl, bufs[j][:m], tmp[:m])
-                if j == 0:
+                if j == 0 and acc is None:
                     torch.add(base[sl], h, alpha=coef[0], out=o)
                 else:
                     o.add_(h, alpha=coef[j])
+            if acc is not None:
+                out[sl].copy_(o)
         return x.result()
     ws = x.workspace
     size = min(n, x.chunk)
@@ -157,7 +160,7 @@ def combine(
         terms = []
         for j, (i, sp) in enumerate(active):
             dp = dps[j][:m]
-            h = sp.fill(sl, dp, tmp[:m])
+            h = as_float32(sp.fill(sl, dp, tmp[:m]), dp)  # 16-bit task vectors: weighted in float32
             if sp.scale is not None:  # mergekit: (masked * scale) * weight, two roundings
                 torch.mul(h, sp.scale, out=dp)
                 dp.mul_(weight[i])

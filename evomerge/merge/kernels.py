@@ -133,20 +133,59 @@ def chunks(n: int, size: int = CHUNK) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
+def narrow(t: torch.Tensor) -> bool:
+    """Whether ``t`` is in a 16-bit float dtype: merges then compute in float32 scratch and round to it
+    once per element."""
+    return t.dtype in (torch.bfloat16, torch.float16)
+
+
+def as_float32(src: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """``src`` itself when it is float32, else its values converted (exactly) into ``buf``, a float32
+    buffer of its size: what the float32 arithmetic of a chunk reads."""
+    if src.dtype == torch.float32:
+        return src
+    return buf.view(src.shape).copy_(src)
+
+
+def l1_float32(t: torch.Tensor) -> torch.Tensor:
+    """sum |t| as a float32 scalar (16-bit tensors are summed in float32, not rounded to 16 bits)."""
+    if narrow(t):
+        return t.abs().sum(dtype=torch.float32)
+    return t.abs().sum()
+
+
 def weighted_sum(
     out: torch.Tensor,
     base: torch.Tensor | None,
     base_coef: float,
     terms: Sequence[tuple[torch.Tensor, float]],
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """out = base_coef * base + sum_j coef_j * t_j over flat tensors, chunk by chunk, in place.
 
     The memory-bound kernel behind linear, task arithmetic and every method whose result is an affine
-    combination of the base and the task vectors. ``base`` None means a zero base.
+    combination of the base and the task vectors. ``base`` None means a zero base. A 16-bit ``out``
+    is summed in a float32 chunk (from ``workspace``) and rounded once.
     """
     n = out.numel()
     terms = [(t, c) for t, c in terms if c != 0]
-    for sl in chunks(n, chunk_size(out.device)):
+    chunk = chunk_size(out.device)
+    if narrow(out):
+        space = workspace.on(out.device) if workspace is not None else Workspace(out.device)
+        acc = space.buf("sum.acc", min(n, chunk))
+        for sl in chunks(n, chunk):
+            o = acc[: sl.stop - sl.start]
+            if base is None or base_coef == 0:
+                o.zero_()
+            else:
+                o.copy_(base[sl])
+                if base_coef != 1:
+                    o.mul_(base_coef)
+            for t, c in terms:
+                o.add_(t[sl], alpha=c)
+            out[sl].copy_(o)
+        return out
+    for sl in chunks(n, chunk):
         o = out[sl]
         if base is None or base_coef == 0:
             if terms:

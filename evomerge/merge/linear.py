@@ -30,5 +30,6 @@ def linear(x: MergeInputs, weight: torch.Tensor, base_weight: float, normalize: 
         float(torch.tensor(w + [base_weight], dtype=torch.float32, device="cpu").sum()) if normalize else 1.0
     )
     base_coef = (sum(w) + base_weight) / total
-    weighted_sum(x.output(), x.flat_base(), base_coef, [(x.delta(i), wi / total) for i, wi in enumerate(w)])
+    terms = [(x.delta(i), wi / total) for i, wi in enumerate(w)]
+    weighted_sum(x.output(), x.flat_base(), base_coef, terms, x.workspace)
     return x.result()

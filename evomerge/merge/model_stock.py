@@ -7,7 +7,7 @@ import itertools
 import torch
 
 from evomerge.merge.base import MergeInputs, Param, merge_method
-from evomerge.merge.kernels import weighted_sum
+from evomerge.merge.kernels import narrow, weighted_sum
 
 
 def _ratio(x: MergeInputs, filter_wise: bool) -> torch.Tensor:
@@ -16,10 +16,11 @@ def _ratio(x: MergeInputs, filter_wise: bool) -> torch.Tensor:
     def compute() -> torch.Tensor:
         # mergekit's float32 ops on the same task vectors, so t is bit-identical (one-time cost)
         k = x.n_experts
+        deltas = x.deltas.to(torch.float32)  # 16-bit task vectors: a one-time float32 copy
         ds = (
-            [d.unsqueeze(0) if d.dim() == 1 else d for d in x.deltas]
+            [d.unsqueeze(0) if d.dim() == 1 else d for d in deltas]
             if filter_wise
-            else list(x.deltas.reshape(k, -1))
+            else list(deltas.reshape(k, -1))
         )
         norms = [torch.norm(d, dim=-1) for d in ds]
         cos = [
@@ -54,13 +55,15 @@ def model_stock(x: MergeInputs, filter_wise: bool) -> torch.Tensor:
     k = x.n_experts
     if t.numel() == 1 and not filter_wise:
         c = float(t.reshape(())) / k
-        weighted_sum(x.output(), x.flat_base(), 1.0, [(x.delta(i), c) for i in range(k)])
+        weighted_sum(x.output(), x.flat_base(), 1.0, [(x.delta(i), c) for i in range(k)], x.workspace)
         return x.result()
     x.output()
     res = x.result()
-    view = res.unsqueeze(0) if res.dim() == 1 else res
-    view.copy_(x.base.unsqueeze(0) if x.base.dim() == 1 else x.base)
+    acc = x.base.to(torch.float32, copy=True) if narrow(res) else res.copy_(x.base)  # summed in float32
+    view = acc.unsqueeze(0) if acc.dim() == 1 else acc
     tk = t / k
     for d in x.deltas:
         view.addcmul_(d.unsqueeze(0) if d.dim() == 1 else d, tk)
+    if acc is not res:
+        res.copy_(acc)
     return res

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from evomerge.merge.base import MergeInputs, Param, merge_method
-from evomerge.merge.kernels import chunk_size, chunks, weighted_sum
+from evomerge.merge.kernels import chunk_size, chunks, narrow, weighted_sum
 
 EPS = 1e-8
 
@@ -17,7 +17,7 @@ def _cos(x: MergeInputs, row_wise: bool, flatten: bool) -> torch.Tensor:
     def compute() -> torch.Tensor:
         # mergekit's float32 ops, so the cosine is bit-identical: over the flattened embedding its
         # float32 norm is ~0.2% off, and agreeing with mergekit means agreeing with that.
-        v0, v1 = x.deltas[0], x.deltas[1]
+        v0, v1 = x.deltas[0].to(torch.float32), x.deltas[1].to(torch.float32)  # 16-bit: one-time copies
         if flatten:
             v0, v1 = v0.reshape(-1), v1.reshape(-1)
         elif row_wise:
@@ -73,10 +73,13 @@ def nuslerp(
     c1 = torch.where(colinear, t, torch.sin(t * theta) / sin_theta)
     out = x.output()
     if cos.dim() == 0:
-        weighted_sum(out, x.flat_base(), 1.0, [(x.delta(0), float(c0)), (x.delta(1), float(c1))])
+        terms = [(x.delta(0), float(c0)), (x.delta(1), float(c1))]
+        weighted_sum(out, x.flat_base(), 1.0, terms, x.workspace)
         return x.result()
     res = x.result()
-    res.copy_(x.base)
-    res.addcmul_(x.deltas[0], c0)
-    res.addcmul_(x.deltas[1], c1)
+    acc = x.base.to(torch.float32, copy=True) if narrow(res) else res.copy_(x.base)  # summed in float32
+    acc.addcmul_(x.deltas[0], c0)
+    acc.addcmul_(x.deltas[1], c1)
+    if acc is not res:
+        res.copy_(acc)
     return res

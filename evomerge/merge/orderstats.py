@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from evomerge.merge.kernels import Workspace, chunk_size, chunks
+from evomerge.merge.kernels import Workspace, as_float32, chunk_size, chunks
 
 STEP = 256
 
@@ -75,7 +75,7 @@ class OrderSketch:
         flat = x.detach().reshape(-1)
         n = flat.numel()
         buf = torch.empty(n, device=flat.device) if scratch is None else scratch.reshape(-1)[:n]
-        torch.abs(flat, out=buf)
+        torch.abs(as_float32(flat, buf), out=buf)
         self.n = n
         sketch = _numpy_sketch if flat.device.type == "cpu" else _torch_sketch
         self.values, self.below, self.zeros = sketch(buf)

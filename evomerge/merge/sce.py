@@ -6,7 +6,7 @@ import torch
 
 from evomerge.merge.base import MergeInputs, Param, merge_method
 from evomerge.merge.generalized import INT8_MASK, sign_consensus
-from evomerge.merge.kernels import chunks
+from evomerge.merge.kernels import as_float32, chunks
 from evomerge.merge.orderstats import OrderSketch, select_direct
 from evomerge.merge.sparsify import surplus
 
@@ -122,8 +122,8 @@ def sce(x: MergeInputs, select_topk: float, int8_mask: bool) -> torch.Tensor:
 
     def selected(sl: slice, first: bool) -> list[torch.Tensor]:
         m = sl.stop - sl.start
-        if thr is None:
-            return [x.delta(i)[sl] for i in range(k)]
+        if thr is None:  # (16-bit task vectors: in float32, as the masked ones are)
+            return [as_float32(x.delta(i)[sl], vs[i][:m]) for i in range(k)]
         if first:
             torch.ge(_variance(x, sl, var_buf[:m]), thr, out=mask[:m])
             if drop is not None:

@@ -7,7 +7,7 @@ import math
 import torch
 
 from evomerge.merge.base import MergeInputs, Param, merge_method
-from evomerge.merge.kernels import chunks, weighted_sum
+from evomerge.merge.kernels import as_float32, chunks, narrow, weighted_sum
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -18,11 +18,14 @@ def _stats(x: MergeInputs) -> tuple[float, float, float]:
 
     def compute() -> tuple[float, float, float]:
         b, d = x.flat_base(), x.delta(0)
-        buf = x.workspace.buf("slerp.e", min(b.numel(), x.chunk))
+        size = min(b.numel(), x.chunk)
+        buf, b_buf = x.workspace.buf("slerp.e", size), x.workspace.buf("slerp.b", size if narrow(b) else 0)
         dots = []  # read back once: no device sync per chunk
         for sl in chunks(b.numel(), x.chunk):
-            e = torch.add(b[sl], d[sl], out=buf[: sl.stop - sl.start])
-            dots.append(torch.stack([torch.dot(b[sl], b[sl]), torch.dot(e, e), torch.dot(b[sl], e)]))
+            m = sl.stop - sl.start
+            bs = as_float32(b[sl], b_buf[:m])
+            e = torch.add(bs, d[sl], out=buf[:m])
+            dots.append(torch.stack([torch.dot(bs, bs), torch.dot(e, e), torch.dot(bs, e)]))
         aa = bb = ab = 0.0
         for a_, b_, ab_ in torch.stack(dots).tolist() if dots else []:
             aa += a_
@@ -65,5 +68,5 @@ def slerp(x: MergeInputs, t: float) -> torch.Tensor:
     na, nb = (na if na > EPS else 1.0), (nb if nb > EPS else 1.0)
     ca, cb = coefficients(t, ab / (na * nb))
     # ca base + cb (base + delta) = (ca + cb) base + cb delta
-    weighted_sum(x.output(), x.flat_base(), ca + cb, [(x.delta(0), cb)])
+    weighted_sum(x.output(), x.flat_base(), ca + cb, [(x.delta(0), cb)], x.workspace)
     return x.result()

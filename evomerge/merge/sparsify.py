@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from evomerge.merge.base import MergeInputs
-from evomerge.merge.kernels import STORE, chunks
+from evomerge.merge.kernels import STORE, as_float32, chunks, l1_float32
 from evomerge.merge.orderstats import OrderSketch, Selection, below
 
 EPS = 1e-7  # mergekit's rescaled_masked_tensor tolerance
@@ -76,7 +76,7 @@ class Band(Sparse):
         self.drop = drop if drop is not None and drop.numel() else None
 
     def fill(self, sl: slice, buf: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-        torch.hardshrink(self.d[sl], self.lo, out=buf)
+        torch.hardshrink(as_float32(self.d[sl], buf), self.lo, out=buf)
         if self.hi is not None:
             buf.sub_(torch.hardshrink(buf, self.hi, out=tmp))
         if self.drop is not None:
@@ -305,7 +305,7 @@ def _della_nd(x: MergeInputs, i: int, density: float, epsilon: float, rescale: b
     u = x.stream.uniform_(torch.empty_like(probs), (x.name, i), 0)
     masked = (d * (u < probs)).reshape(-1)
     sp = Stored(x.delta(i), masked.contiguous(), None)
-    return _rescale(x, i, sp, masked.abs().sum()) if rescale else sp
+    return _rescale(x, i, sp, l1_float32(masked)) if rescale else sp
 
 
 def prepare_rescale(x: MergeInputs) -> None:
