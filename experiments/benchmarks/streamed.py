@@ -24,11 +24,15 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from evomerge.merge import Merger
 from evomerge.merge.kernels import limit_heap_fragmentation
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from merge_speed import smollm2_config  # noqa: E402 - the shape the merge benchmarks share
 
 METHODS = {
     "linear": {"weight": [0.5, 0.3, 0.2]},
@@ -40,20 +44,10 @@ EXPERTS = 3
 
 
 def smollm2_state_dict() -> dict[str, torch.Tensor]:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-        tie_word_embeddings=True,
-        max_position_embeddings=2048,
-    )
     torch.manual_seed(0)
-    return {k: v.detach() for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    return {k: v.detach() for k, v in LlamaForCausalLM(smollm2_config()).state_dict().items()}
 
 
 def perturbed(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
