@@ -90,12 +90,15 @@ class Merger:
     on CUDA (``evomerge.merge.staging``); the weights are identical to the resident placement's.
 
     Memory (M: the floating weights in ``dtype``, counting tied tensors once; L: the largest floating
-    tensor in ``dtype``; see ``memory()``): resident, (K + 1) M on the device; streamed, M + 2 K L on
-    a GPU (M + K L on a CPU) and K M in host memory. Besides: the magnitude sketches, 1/85 of M per
-    expert in host memory, for the methods that use them; the workspace's scratch (some tens of MiB on
-    a CPU; on a GPU some chunks of 64 MiB, plus byte masks of K x the largest tensor for dare/della);
-    a float32 copy of one tensor when the output is in another dtype; and, while ``prepare`` runs, a
-    sort of the largest tensor (on a GPU about 6 L with ``torch.sort``'s values, indices and buffers).
+    tensor in ``dtype``, of n elements; see ``memory()``): resident, (K + 1) M on the device;
+    streamed, M + 2 K L on a GPU (M + K L on a CPU) and K M in host memory; the output model is the
+    caller's. Besides: the magnitude sketches of the TIES family in host memory (12 bytes per 256
+    elements and expert: 1/85 of a float32 model per expert); during a merge the workspace's scratch,
+    about (K + 10) float32 chunks (chunks of min(n, 2^18) elements on a CPU, min(n, 2^24) on a GPU:
+    up to 0.8 GiB there), plus K n bytes of masks for eager dare/della over 2^20-element tensors (the
+    fused keyed kernels need none) and one tensor in ``dtype`` when ``out`` has another dtype or
+    device; where a sketch is first built (``prepare`` or first use), a sort of the largest tensor: 4 n
+    bytes on a CPU, about 28 n on a GPU (``torch.sort``'s values, indices and buffers).
 
     ``merge``/``apply`` write into ``out`` (a state dict or module whose tensors are overwritten in
     place) or into fresh tensors. Non-floating tensors (buffers such as position ids) are copied from

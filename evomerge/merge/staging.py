@@ -91,13 +91,6 @@ class Staging:
             if device_type is None or dev.type == device_type
         )
 
-    def release(self) -> None:
-        """Free the buffers (the next merge allocates them again)."""
-        for dev, side in self.side.items():
-            torch.cuda.current_stream(dev).wait_stream(side)
-        self.buffers.clear()
-        self.free.clear()
-
     def _buffer(self, name: str, slot: int) -> torch.Tensor:
         dev = self.devices[name]
         src = self.host[name]
