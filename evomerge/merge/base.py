@@ -47,8 +47,8 @@ class MergeInputs:
     """The inputs to one output tensor: the base and the experts' task vectors (``deltas``, K x shape).
 
     Besides the tensors it carries what a ``Merger`` provides to make a method fast: ``out`` (the
-    preallocated float32 output to write into, or None), a per-tensor ``cache`` of genome-independent
-    statistics that outlives the merge, a ``workspace`` of reusable scratch buffers and the random
+    preallocated output to write into, in the task vectors' dtype, or None), a per-tensor ``cache``
+    of genome-independent statistics that outlives the merge, a ``workspace`` of reusable scratch buffers and the random
     ``stream`` of the stochastic methods, and ``fuse``: whether compiled kernels may run this tensor
     however small, because the model it belongs to is large enough to pay their one-time compile
     (None: decided by this tensor's size alone). Built by hand (``MergeInputs(name, base, deltas)``)
@@ -102,7 +102,8 @@ class MergeInputs:
         return self.deltas[i].reshape(-1)
 
     def output(self) -> torch.Tensor:
-        """The flat float32 output to write into (``out``, or a fresh tensor kept as ``out``)."""
+        """The flat output to write into, in the task vectors' dtype and on their device (``out``, or a
+        fresh tensor kept as ``out``)."""
         if self.out is None:
             self.out = torch.empty(self.base.shape, dtype=self.deltas.dtype, device=self.device)
         return self.out.view(-1)
