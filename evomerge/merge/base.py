@@ -48,10 +48,10 @@ class MergeInputs:
 
     Besides the tensors it carries what a ``Merger`` provides to make a method fast: ``out`` (the
     preallocated output to write into, in the task vectors' dtype, or None), a per-tensor ``cache``
-    of genome-independent statistics that outlives the merge, a ``workspace`` of reusable scratch buffers and the random
-    ``stream`` of the stochastic methods, and ``fuse``: whether compiled kernels may run this tensor
-    however small, because the model it belongs to is large enough to pay their one-time compile
-    (None: decided by this tensor's size alone). Built by hand (``MergeInputs(name, base, deltas)``)
+    of genome-independent statistics that outlives the merge, a ``workspace`` of reusable scratch
+    buffers and the random ``stream`` of the stochastic methods, and ``fuse``: whether compiled
+    kernels may run this tensor however small, because the model it belongs to is large enough to pay
+    their one-time compile (None: decided by this tensor's size alone). Built by hand (``MergeInputs(name, base, deltas)``)
     it works the same, computing everything on the spot.
 
     Everything a method creates lives on ``device``, the task vectors' device (a GPU's, say): the
