@@ -11,10 +11,11 @@ config.json (the model is built on torch's ``meta`` device, which allocates noth
   sizes of host memory;
 - ``host``: everything in host memory, for ``device: cpu``.
 
-Besides the weights a worker holds the merge's scratch space, the order-statistics sketches of the
-TIES family (1/85 of a model per expert, float32) and the fitness's activations, estimated for
-``fitness.batch_size`` sequences of ``fitness.max_length`` tokens (default: the model's context, at
-most 2048).
+Besides the weights a worker holds the order-statistics sketches of the TIES family in host memory
+(1/85 of a float32 model per expert), and on its merging device the larger of two peaks: building
+those sketches once (sorting the largest tensor), or a merge's scratch (chunks of float32) plus the
+fitness's activations, estimated for ``fitness.batch_size`` sequences of ``fitness.max_length`` tokens
+(default: the model's context, at most 2048).
 
 This module needs torch alone (transformers only to size a model from its config), so the GPU
 benchmark can compare a measured peak with the plan's prediction where pydantic is not installed.
@@ -43,9 +44,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FLOAT_STORED = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 QUANTIZED_STORED = {"I8", "U8", "I4", "U4"}
 SKETCH_FRACTION = 1 / 85  # the magnitude sketches per expert, of a float32 model
-# Scratch space of a merge: buffers the size of the largest tensor, in float32 (masks, weights, the
-# output of a tensor merged out of place).
-SCRATCH_TENSORS = 2
+# A merge works through a tensor in chunks of this many elements (evomerge.merge's GPU and CPU loops).
+GPU_CHUNK = 1 << 24
+CPU_CHUNK = 1 << 18
 # Planning margins, not measurements: a CUDA context and the allocator's slack per worker on its GPU,
 # and a worker process's libraries (torch, transformers, lm-eval) in host memory.
 DEVICE_MARGIN = 1 << 30
@@ -98,23 +99,35 @@ def worker_memory(
     experts: int,
     sketch_bytes: int = 0,
     activation_bytes: int = 0,
-    scratch_bytes: int | None = None,
+    scratch_bytes: int = 0,
+    transient_bytes: int = 0,
 ) -> Memory:
     """One worker's memory under ``placement`` for a model of ``model_bytes`` (compute dtype) whose
-    largest tensor has ``largest_bytes`` and ``experts`` task vectors. ``scratch_bytes`` defaults to
-    SCRATCH_TENSORS float32 copies of the largest tensor. Margins (CUDA context, libraries) are not
-    included: this is the arithmetic of what evomerge allocates."""
+    largest tensor has ``largest_bytes`` and ``experts`` task vectors: the weights where the placement
+    puts them, the sketches in host memory, and on the merging device the larger of the one-time
+    ``transient_bytes`` (building the sketches) and a merge's ``scratch_bytes`` plus the fitness's
+    ``activation_bytes``. Margins (CUDA context, libraries) are not included: this is the arithmetic
+    of what evomerge allocates."""
     k = experts
-    scratch = SCRATCH_TENSORS * largest_bytes * 2 if scratch_bytes is None else scratch_bytes
-    # largest_bytes is in the compute dtype; the scratch is float32, at most twice a bf16 tensor
-    work = sketch_bytes + scratch + activation_bytes
+    work = max(transient_bytes, scratch_bytes + activation_bytes)
     if placement == "device":
-        return Memory((k + 2) * model_bytes + work, 0)
+        return Memory((k + 2) * model_bytes + work, sketch_bytes)
     if placement == "streamed":
-        return Memory(2 * model_bytes + 2 * k * largest_bytes + work, k * model_bytes)
+        return Memory(2 * model_bytes + 2 * k * largest_bytes + work, k * model_bytes + sketch_bytes)
     if placement == "host":
-        return Memory(0, (k + 2) * model_bytes + work)
+        return Memory(0, (k + 2) * model_bytes + sketch_bytes + work)
     raise EvomergeError(f"unknown placement {placement!r}; allowed: {', '.join(PLACEMENTS)}")
+
+
+def merge_work(largest: int, experts: int, cuda: bool, sketches: bool) -> tuple[int, int]:
+    """(scratch, transient) bytes of merges whose largest tensor has ``largest`` elements: about K + 10
+    float32 chunks of it while a tensor merges (GPU_CHUNK elements on a GPU, CPU_CHUNK on a CPU), and,
+    for the TIES family's sketches, sorting the largest tensor once (torch.sort on a GPU needs about
+    28 bytes per element; numpy on a CPU 4)."""
+    chunk = GPU_CHUNK if cuda else CPU_CHUNK
+    scratch = (experts + 10) * min(largest, chunk) * 4
+    transient = (28 if cuda else 4) * largest if sketches else 0
+    return scratch, transient
 
 
 # --- sizes of models ------------------------------------------------------------------------------------
@@ -417,7 +430,7 @@ def plan(
     placement: str = "auto",
     batch_size: int = 8,
     max_length: int | None = None,
-    sketches: bool = True,
+    sketches: bool = True,  # the search uses a method with magnitude sketches (the TIES family)
 ) -> Plan:
     """Each placement's memory per worker on ``machine``, and the one the run uses: the fastest that
     fits ``workers`` (None: the most workers that fit, at least one). Raises one line with the numbers
@@ -427,6 +440,7 @@ def plan(
     tokens = min(max_length or DEFAULT_CONTEXT, shape.context or DEFAULT_CONTEXT)
     activations = shape.activations(batch_size, tokens, dtype)
     sketch = int(experts * shape.elements * 4 * SKETCH_FRACTION) if sketches else 0
+    scratch, transient = merge_work(shape.largest, experts, machine.device == "cuda", sketches)
     candidates: tuple[Placement, ...] = ("device", "streamed") if machine.device == "cuda" else ("host",)
     if placement != "auto":
         if placement not in PLACEMENTS:
@@ -446,6 +460,8 @@ def plan(
             experts=experts,
             sketch_bytes=sketch,
             activation_bytes=activations,
+            scratch_bytes=scratch,
+            transient_bytes=transient,
         )
         options.append(Option(p, memory, *_fit(memory, machine, gpus_per_worker, threads)))
     wanted = workers or 1

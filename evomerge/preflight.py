@@ -13,6 +13,7 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from evomerge.config import RunConfig
@@ -187,7 +188,18 @@ def plan_run(config: RunConfig, machine: Machine | None = None, device: str | No
         placement=config.placement,
         batch_size=config.fitness.batch_size,
         max_length=config.fitness.max_length,
+        sketches=uses_sketches(config.search_space.methods),
     )
+
+
+def uses_sketches(methods: Sequence[str]) -> bool:
+    """Whether any of ``methods`` builds order-statistics sketches (ties, breadcrumbs,
+    breadcrumbs_ties, sce): the sort behind them is a worker's largest one-time transient."""
+    from evomerge.merge import sce
+    from evomerge.merge.base import get_method
+    from evomerge.merge.sparsify import prepare_magnitude
+
+    return any(get_method(m).prepare in (prepare_magnitude, sce.prepare) for m in methods)
 
 
 def _existing_parent(path: Path) -> Path:

@@ -17,7 +17,9 @@ from evomerge.errors import EvomergeError
 from evomerge.plan import (
     DEVICE_MARGIN,
     HOST_PROCESS,
+    SKETCH_FRACTION,
     Machine,
+    merge_work,
     model_shape,
     parse_bytes,
     plan,
@@ -73,12 +75,21 @@ def test_sizes_come_from_headers_and_equal_the_config_sizing(seven_b, tmp_path):
 
 def test_placement_arithmetic():
     m, big, k = 10 * GiB, GiB, 3
-    kw = dict(model_bytes=m, largest_bytes=big, experts=k, sketch_bytes=0, scratch_bytes=0)
-    assert worker_memory("device", **kw) == (worker_memory("device", **kw).__class__((k + 2) * m, 0))
+    kw = dict(model_bytes=m, largest_bytes=big, experts=k)
+    device = worker_memory("device", **kw)
+    assert (device.device, device.host) == ((k + 2) * m, 0)
     streamed = worker_memory("streamed", **kw)
     assert (streamed.device, streamed.host) == (2 * m + 2 * k * big, k * m)
     host = worker_memory("host", **kw)
     assert (host.device, host.host) == (0, (k + 2) * m)
+    # sketches are host memory; the device peaks at the larger of the sketch sort and scratch + activations
+    extra = dict(sketch_bytes=5, scratch_bytes=7, activation_bytes=11)
+    assert worker_memory("device", **kw, **extra, transient_bytes=3) == type(device)((k + 2) * m + 18, 5)
+    assert worker_memory("device", **kw, **extra, transient_bytes=100) == type(device)((k + 2) * m + 100, 5)
+    assert worker_memory("host", **kw, **extra).host == (k + 2) * m + 5 + 18
+    scratch, transient = merge_work(2**30, 3, cuda=True, sketches=True)
+    assert (scratch, transient) == (13 * 2**24 * 4, 28 * 2**30)
+    assert merge_work(2**30, 3, cuda=False, sketches=False) == (13 * 2**18 * 4, 0)
     with pytest.raises(EvomergeError, match="unknown placement 'disk'; allowed: device, streamed, host"):
         worker_memory("disk", **kw)
 
@@ -92,7 +103,8 @@ def test_seven_b_on_one_80gb_gpu_takes_the_device_placement_and_on_40gb_streams(
     small = Machine("cuda", (40 * GiB,), host=256 * GiB, cpus=16)
     found = plan(shape, "bfloat16", 3, small, batch_size=8, max_length=1024)
     assert found.chosen.placement == "streamed"
-    assert found.chosen.memory.host == 3 * found.model_bytes
+    sketches = int(3 * shape.elements * 4 * SKETCH_FRACTION)  # TIES's magnitude sketches, host memory
+    assert found.chosen.memory.host == 3 * found.model_bytes + sketches
     assert found.chosen.memory.device < 3 * found.model_bytes + 6 * GiB  # 2 models, buffers, activations
     text = "\n".join(found.lines())
     assert "7.24B parameters" in text and "chosen    streamed, 1 worker(s), 1 GPU(s) each" in text

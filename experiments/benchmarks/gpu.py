@@ -50,7 +50,7 @@ import torch
 
 from evomerge.merge import Merger
 from evomerge.merge.kernels import limit_heap_fragmentation
-from evomerge.plan import worker_memory
+from evomerge.plan import merge_work, worker_memory
 
 GIB = 2**30
 METHODS: dict[str, dict[str, Any]] = {  # per-model values for 3 experts, cut to K
@@ -222,6 +222,21 @@ def params(method: str, k: int) -> dict[str, Any]:
 # --- one placement --------------------------------------------------------------------------------------
 
 
+def planned(placement: str, model_bytes: int, largest: int, k: int, dtype: torch.dtype, where: torch.device):
+    """The memory plan of a worker's merges (no fitness activations): the weights where the placement
+    puts them, the ties sketches' one-time sort or a merge's scratch on the device."""
+    n = largest // torch.empty((), dtype=dtype).element_size()
+    scratch, transient = merge_work(n, k, where.type == "cuda", sketches=True)
+    return worker_memory(
+        placement,
+        model_bytes=model_bytes,
+        largest_bytes=largest,
+        experts=k,
+        scratch_bytes=scratch,
+        transient_bytes=transient,
+    )
+
+
 def run_placement(
     name: str,
     model: torch.nn.Module,
@@ -242,7 +257,7 @@ def run_placement(
     sd = model.state_dict()
     elements, model_bytes, largest = sizes(sd, dtype)
     placement = "streamed" if streamed else "device"
-    plan = worker_memory(placement, model_bytes=model_bytes, largest_bytes=largest, experts=k)
+    plan = planned(placement, model_bytes, largest, k, dtype, where)
     row: dict[str, Any] = {
         "name": name,
         "k": k,
@@ -504,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             _, m_bytes, l_bytes = sizes(sd, bf16)
             for streamed in (False, True):
                 placement = "streamed" if streamed else "device"
-                need = worker_memory(placement, model_bytes=m_bytes, largest_bytes=l_bytes, experts=3).device
+                need = planned(placement, m_bytes, l_bytes, 3, bf16, device).device
                 if device.type == "cuda":
                     free = torch.cuda.mem_get_info(device)[0] + m_bytes  # the model is counted in need
                     if need > free:
