@@ -23,6 +23,7 @@ benchmark can compare a measured peak with the plan's prediction where pydantic 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -176,9 +177,15 @@ def _stored_bytes(dtype: str) -> int:
 
 def shape_from_config(cfg: dict[str, Any]) -> ModelShape:
     """Parameter shapes from config.json: the model built on the ``meta`` device (no memory)."""
+    return _shape_from_config(json.dumps(cfg, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=32)
+def _shape_from_config(text: str) -> ModelShape:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    cfg = json.loads(text)
     data = dict(cfg)
     model_type = data.pop("model_type", None)
     try:

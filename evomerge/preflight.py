@@ -47,10 +47,11 @@ def check_run(
             f"search_space.layer_groups is {config.search_space.layer_groups} but the base model has "
             f"{depth} decoder layers; use at most {depth} groups"
         )
-    found = plan_run(config, machine)
-    if found is not None:
-        check_out(Path(out), estimate_run_bytes(config, found.model_bytes), new)
-    return found
+    base = model_shape(config.models.base)
+    if base is not None:  # room for the best model, before whether it fits in memory
+        dtype = compute_dtype(config, resolve_device(config))
+        check_out(Path(out), estimate_run_bytes(config, base.bytes(dtype)), new)
+    return plan_run(config, machine)
 
 
 # What lm-eval's HF backend imports when a worker first evaluates; lm-eval itself requires none of them.

@@ -30,14 +30,19 @@ def test_the_spec_selects_the_backend() -> None:
             make_fitness(**spec)
         assert str(err.value) == EITHER
     with pytest.raises(
-        EvomergeError, match="unknown field 'tsks'; allowed: batch_size, function, include, tasks"
+        EvomergeError, match="unknown field 'tsks'; allowed: batch_size, function, include, max_length, tasks"
     ):
         make_fitness(tsks=["zoo_addition"])
 
 
 def test_the_spec_of_a_config_names_the_selected_backend_fields(tmp_path) -> None:
     lm = FitnessConfig(tasks=("zoo_addition",), include=(tmp_path,), batch_size=8)
-    assert fitness_spec(lm) == {"tasks": ["zoo_addition"], "include": [str(tmp_path)], "batch_size": 8}
+    assert fitness_spec(lm) == {
+        "tasks": ["zoo_addition"],
+        "include": [str(tmp_path)],
+        "batch_size": 8,
+        "max_length": None,
+    }
     python = FitnessConfig(function="math:fsum", include=(tmp_path,))
     assert fitness_spec(python) == {"function": "math:fsum"}
     assert isinstance(make_fitness(**fitness_spec(lm)), LmEvalFitness)
