@@ -1,8 +1,9 @@
-"""pymoo algorithms by name: the catalogue, option checking, and objective-count checking.
+"""Search algorithms by name: the catalogue, option checking, and objective-count checking.
 
-``algorithm.name`` is a short name below or any pymoo algorithm class as ``module:Class``
-(``pymoo.algorithms.moo.spea2:SPEA2``). Options are the class's keyword arguments; unknown ones are
-refused, since pymoo itself would silently ignore them.
+``algorithm.name`` is a short name below (pymoo's algorithms, and optuna's samplers through
+:mod:`evomerge.bo`) or any pymoo algorithm class as ``module:Class``
+(``pymoo.algorithms.moo.spea2:SPEA2``). Options are the class's (or the sampler's) keyword arguments;
+unknown ones are refused, since pymoo itself would silently ignore them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 from evomerge.errors import EvomergeError, unknown
 
+FAILED_F = 1e6  # what an algorithm sees for a failed candidate: worse than any real objective
+
 
 @dataclass(frozen=True)
 class AlgorithmSpec:
@@ -24,6 +27,9 @@ class AlgorithmSpec:
     seeded: bool = True  # takes its first population as an array (``sampling``), for ``initial: experts``
     # cma (behind pymoo's CMAES) draws its seed from the clock when given 0: seed 0 is given as this
     zero_seed: int | None = None
+    options_from: str | None = None  # "module:Class" whose keyword arguments the options are (else target)
+    max_genes: int | None = None  # the most genes the algorithm models
+    batch_of_workers: bool = False  # pop_size, unless the config sets it, is the number of workers
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {
@@ -41,10 +47,26 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         pop_option="n_points_per_iteration",
         seeded=False,  # draws from `sampling` every generation
     ),
+    # optuna's samplers behind the same ask/tell (evomerge.bo); options are the sampler's
+    # (bo's Gaussian process refits over every gene each generation: beyond 200 it is slow and no better
+    # than the evolutionary algorithms)
+    "bo": AlgorithmSpec(
+        "evomerge.bo:BO",
+        "any",
+        options_from="optuna.samplers:GPSampler",
+        max_genes=200,
+        batch_of_workers=True,
+    ),
+    "tpe": AlgorithmSpec(
+        "evomerge.bo:TPE", "any", options_from="optuna.samplers:TPESampler", batch_of_workers=True
+    ),
+    "optuna_cmaes": AlgorithmSpec(
+        "evomerge.bo:OptunaCmaEs", "single", options_from="optuna.samplers:CmaEsSampler"
+    ),
 }
 
 
-def _load(target: str) -> type:
+def load_target(target: str) -> type:
     module, _, name = target.partition(":")
     try:
         cls = getattr(importlib.import_module(module), name)
@@ -93,9 +115,10 @@ def check_algorithm(name: str, options: dict[str, Any], n_objectives: int) -> No
             f"algorithm {name!r} needs two or more objectives, the config has {n_objectives}; "
             f"single-objective ones: {', '.join(n for n, s in ALGORITHMS.items() if s.objectives != 'multi')}"
         )
-    cls = _load(spec.target)
+    cls = load_target(spec.options_from or spec.target)
     accepted = _accepted(cls)
     if accepted is not None:
+        accepted -= {"seed"} if spec.options_from else set()  # the run's seed seeds the sampler
         bad = sorted(set(options) - accepted)
         if bad:
             raise EvomergeError(
@@ -108,7 +131,7 @@ def check_initial(name: str, initial: str, options: dict[str, Any]) -> None:
     if initial == "random":
         return
     spec = spec_for(name)
-    accepted = _accepted(_load(spec.target))
+    accepted = None if spec.options_from else _accepted(load_target(spec.target))
     if not spec.seeded or (accepted is not None and "sampling" not in accepted):
         seeded = ", ".join(n for n, s in ALGORITHMS.items() if s.seeded)
         raise EvomergeError(
@@ -118,6 +141,16 @@ def check_initial(name: str, initial: str, options: dict[str, Any]) -> None:
     if "sampling" in options:
         raise EvomergeError(
             f"algorithm.initial: {initial} sets the first population; remove algorithm.options.sampling"
+        )
+
+
+def check_genes(name: str, n_var: int, layout: str) -> None:
+    """Refuse a genome larger than the algorithm models (``layout`` says where the genes come from)."""
+    limit = spec_for(name).max_genes
+    if limit is not None and n_var > limit:
+        raise EvomergeError(
+            f"algorithm {name!r} models at most {limit} genes; this search space has {n_var} ({layout}): "
+            "use fewer layer_groups or genes, or ga, cmaes or tpe"
         )
 
 
@@ -151,6 +184,6 @@ def make_algorithm(
     if spec.pop_option is not None:
         kwargs.setdefault(spec.pop_option, pop_size)
     try:
-        return _load(spec.target)(**kwargs)
+        return load_target(spec.target)(**kwargs)
     except (TypeError, ValueError) as e:
         raise EvomergeError(f"algorithm {name!r}: bad options {options}: {e}") from None

@@ -12,12 +12,10 @@ from typing import Any
 import numpy as np
 
 from evomerge import calibration
-from evomerge.algorithms import make_algorithm, setup
+from evomerge.algorithms import FAILED_F, make_algorithm, setup
 from evomerge.errors import EvomergeError
 from evomerge.jobs import Job, Origin
 from evomerge.store import Candidate, Kind, Status, StoreFullError
-
-FAILED_F = 1e6  # what the algorithm sees for a failed candidate: worse than any real objective
 
 
 def choose_items(n_items: dict[str, int], items: int | None, seed: int) -> dict[str, list[int]] | None:
@@ -68,7 +66,26 @@ def _restore(search: Any, problem: Any) -> tuple[Any, int]:
         len(cfg.objectives),
         initial_population(search),
     )
-    return setup(algorithm, cfg.algorithm.name, problem, cfg.algorithm.generations, cfg.seed), 0
+    algorithm = setup(algorithm, cfg.algorithm.name, problem, cfg.algorithm.generations, cfg.seed)
+    if hasattr(algorithm, "warm_start"):  # a surrogate learns from every model already evaluated
+        known = _known_genomes(search)
+        if known is not None:
+            algorithm.warm_start(*known)
+    return algorithm, 0
+
+
+def _known_genomes(search: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """The genomes the store already holds whole-split values of, as (X, F): the calibration's random
+    merges and the base and experts where the genome expresses them (None: none)."""
+    cfg = search.config
+    known = [
+        c
+        for c in search.evals.store.candidates(Kind.CALIBRATION, cfg.fitness.search_split)
+        if c.status == Status.OK and c.genome is not None and len(c.genome) == search.space.n_var
+    ]
+    if not known:
+        return None
+    return np.array([c.genome for c in known]), np.stack([to_F(c, cfg.objectives) for c in known])
 
 
 def _checkpoint(search: Any, generation: int, algorithm: Any) -> None:

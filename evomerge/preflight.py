@@ -47,6 +47,12 @@ def check_run(
             f"search_space.layer_groups is {config.search_space.layer_groups} but the base model has "
             f"{depth} decoder layers; use at most {depth} groups"
         )
+    if depth is not None:
+        from evomerge.algorithms import check_genes
+        from evomerge.searchspace import SearchSpace
+
+        space = SearchSpace(config.search_space, list(config.models.experts), depth)
+        check_genes(config.algorithm.name, space.n_var, space.layout())
     base = model_shape(config.models.base)
     if base is not None:  # room for the best model, before whether it fits in memory
         dtype = compute_dtype(config, resolve_device(config))

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from evomerge import calibration, loop, preflight, report, summary
+from evomerge.algorithms import spec_for
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.evaluations import Evaluations, SystematicFailure
@@ -92,6 +93,11 @@ def resume_search(
         if config.models.dtype is None:  # the run's dtype was resolved when it started
             dtype = stored.get("models", {}).get("dtype")
             config = config.model_copy(update={"models": config.models.model_copy(update={"dtype": dtype})})
+        if "pop_size" not in config.algorithm.model_fields_set:  # and so was a surrogate's batch
+            batch = stored.get("algorithm", {}).get("pop_size", config.algorithm.pop_size)
+            config = config.model_copy(
+                update={"algorithm": config.algorithm.model_copy(update={"pop_size": batch})}
+            )
         given, had = _comparable(stored_config(config)), _comparable(stored)
         changed = sorted(k for k in set(had) | set(given) if had.get(k) != given.get(k))
         if changed:
@@ -144,6 +150,16 @@ class Search:
         if config.models.dtype is None:  # the device's default, recorded with the run
             dtype = preflight.compute_dtype(config, self.device)
             config = config.model_copy(update={"models": config.models.model_copy(update={"dtype": dtype})})
+        if (
+            spec_for(config.algorithm.name).batch_of_workers
+            and "pop_size" not in config.algorithm.model_fields_set
+        ):
+            # a surrogate proposes one candidate per worker at a time, recorded with the run
+            workers = self.plan.workers if self.plan else config.workers
+            batch = workers if isinstance(workers, int) else 2  # auto on a cluster: known only later
+            config = config.model_copy(
+                update={"algorithm": config.algorithm.model_copy(update={"pop_size": batch})}
+            )
         self.config = config
         if console is not None and self.plan is not None:
             for line in self.plan.lines():

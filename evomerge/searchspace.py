@@ -300,5 +300,13 @@ class SearchSpace:
                 )
         return x
 
+    def layout(self) -> str:
+        """Where the genes come from, in words: groups x genes per group."""
+        per_group = self.n_var // max(1, len(self.groups) - len(self.inert))
+        return (
+            f"{len(self.groups) - len(self.inert)} layer groups (search_space.layer_groups + 'other') x "
+            f"{per_group} genes for {len(self.experts)} experts"
+        )
+
     def describe(self) -> list[str]:
         return [f"{g.group}/{g.expert}/{g.param}" if g.expert else f"{g.group}/{g.param}" for g in self.genes]

@@ -457,15 +457,17 @@ def test_resume_refuses_another_config(tmp_path, models):
     assert resume_search(run, moved).config.workers == 2
 
 
-@pytest.mark.parametrize("restart", ["checkpoint", "replay"])
-def test_cmaes_resumes_from_its_checkpoint_or_by_replay(tmp_path, models, ray_env, restart):
+@pytest.mark.parametrize(
+    ("name", "restart"), [("cmaes", "checkpoint"), ("cmaes", "replay"), ("bo", "checkpoint")]
+)
+def test_cmaes_and_bo_resume_from_their_checkpoint_or_by_replay(tmp_path, models, ray_env, name, restart):
     """Drop the last generation's rows and the summary (as a crash there would), and its checkpoint
     (or every checkpoint: the algorithm then replays its generations, answered from the store);
     the resumed run re-evaluates only the dropped rows and ends with the same front."""
     cfg = load_config(
         write_config(tmp_path, models, objectives=[{"name": "m", "of": "mean"}]),
         out=str(tmp_path / "run"),
-        **{"algorithm.name": "cmaes", "algorithm.pop_size": 4, "algorithm.generations": 3},
+        **{"algorithm.name": name, "algorithm.pop_size": 4, "algorithm.generations": 3},
     )
     run = Search(cfg).run()
     store = Store(run / "store.sqlite")
