@@ -29,7 +29,8 @@ def _gene(i: int) -> str:
 class OptunaSearch:
     """A pymoo-style algorithm (``setup``, ``has_next``, ``ask``, ``tell``) whose proposals come from an
     optuna sampler. ``pop_size`` genomes per generation; ``sampling`` (pop_size x n_var), when given,
-    is the first generation; ``options`` go to the sampler's constructor."""
+    are the first genomes proposed (as many batches as they fill); ``options`` go to the sampler's
+    constructor."""
 
     sampler: str = "bo"
 
@@ -64,9 +65,9 @@ class OptunaSearch:
 
         study = self._new_study()
         names = [_gene(i) for i in range(self.n_var)]
-        if self.generation == 0 and self.first is not None:
-            for x in self.first:
-                study.enqueue_trial(dict(zip(names, map(float, x), strict=True)), skip_if_exists=False)
+        given = self.first[self.told : self.told + self.pop_size] if self.first is not None else []
+        for x in given:  # the given first genomes (initial: experts), a batch at a time
+            study.enqueue_trial(dict(zip(names, map(float, x), strict=True)), skip_if_exists=False)
         distributions = self._distributions()
         self._asked = [study.ask(distributions) for _ in range(self.pop_size)]
         X = np.array([[t.params[n] for n in names] for t in self._asked])
@@ -87,6 +88,11 @@ class OptunaSearch:
         self.generation += 1
         self._asked, self._study = [], None
 
+    @property
+    def told(self) -> int:
+        """Genomes proposed and told so far (warm-start trials not included)."""
+        return len(self.trials)
+
     # --- the study ---------------------------------------------------------------------------------------
     def _distributions(self) -> dict[str, Any]:
         from optuna.distributions import FloatDistribution
@@ -99,7 +105,9 @@ class OptunaSearch:
         import optuna
         from optuna.trial import create_trial
 
-        optuna.logging.set_verbosity(logging.ERROR)  # its notes on optional speed-ups are not the user's business
+        optuna.logging.set_verbosity(
+            logging.ERROR
+        )  # its notes on optional speed-ups are not the user's business
         seed = (self.seed * 1_000_003 + len(self.trials)) % 2**32
         sampler = load_target(spec_for(self.sampler).options_from)(seed=seed, **self._sampler_options())
         study = optuna.create_study(directions=["minimize"] * self.n_obj, sampler=sampler)

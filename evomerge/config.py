@@ -226,11 +226,16 @@ class RunConfig(_Frozen):
                 "objective estimators need lm-eval tasks and choose their own items; "
                 "remove fitness.function / fitness.items"
             )
-        from evomerge.algorithms import check_algorithm, check_initial
+        from evomerge.algorithms import check_algorithm, check_initial, spec_for
 
         check_algorithm(self.algorithm.name, self.algorithm.options, len(self.objectives))
         check_initial(self.algorithm.name, self.algorithm.initial, self.algorithm.options)
-        if self.algorithm.initial == "experts" and self.algorithm.pop_size < len(self.models.experts):
+        batched = spec_for(self.algorithm.name).options_from is not None  # experts fill several batches
+        if (
+            self.algorithm.initial == "experts"
+            and not batched
+            and self.algorithm.pop_size < len(self.models.experts)
+        ):
             raise EvomergeError(
                 f"algorithm.initial: experts puts {len(self.models.experts)} experts in the first population; "
                 f"pop_size is {self.algorithm.pop_size}: raise it to at least {len(self.models.experts)}"

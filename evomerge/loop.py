@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from evomerge import calibration
-from evomerge.algorithms import FAILED_F, make_algorithm, setup
+from evomerge.algorithms import FAILED_F, make_algorithm, setup, spec_for
 from evomerge.errors import EvomergeError
 from evomerge.jobs import Job, Origin
 from evomerge.store import Candidate, Kind, Status, StoreFullError
@@ -47,6 +47,8 @@ def initial_population(search: Any) -> np.ndarray | None:
     if cfg.algorithm.initial == "random":
         return None
     experts = np.stack([search.space.expert_genome(e) for e in search.experts])
+    if spec_for(cfg.algorithm.name).options_from:  # an optuna sampler proposes the rest itself
+        return experts
     rng = np.random.default_rng(cfg.seed)
     rest = rng.random((cfg.algorithm.pop_size - len(experts), search.space.n_var))
     return np.concatenate([experts, rest])

@@ -116,3 +116,19 @@ def test_the_batch_is_one_candidate_per_worker_unless_set(tmp_path):
     assert Search(parse_config(data), out=tmp_path / "run").config.algorithm.pop_size == 2
     data["algorithm"]["pop_size"] = 5
     assert Search(parse_config(data), out=tmp_path / "run").config.algorithm.pop_size == 5
+
+
+def test_given_first_genomes_fill_the_first_batches():
+    """initial: experts with more experts than a batch holds: they are proposed first, batch by batch."""
+    first = np.array([[0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    problem = Problem(n_var=4, n_obj=1, xl=0.0, xu=1.0)
+    algorithm = setup(make_algorithm("bo", 2, {}, 1, initial=first), "bo", problem, 3, 0)
+    batches = []
+    while algorithm.has_next():
+        pop = algorithm.ask()
+        Evaluator().eval(StaticProblem(problem, F=sphere(pop.get("X"))), pop)
+        algorithm.tell(infills=pop)
+        batches.append(pop.get("X"))
+    np.testing.assert_array_equal(batches[0], first[:2])
+    np.testing.assert_array_equal(batches[1][0], first[2])
+    assert not any(np.array_equal(batches[1][1], x) for x in first) and len(batches) == 3
