@@ -699,3 +699,163 @@ def estimate_accuracy(
     gmpirt); ``prior`` (mean, variance) of the accuracy for those that need ``"prior"`` (sgpirt). Inputs an
     estimator does not take are ignored."""
     return get_estimator(estimator)(params, idx, y, endpoint_thetas, weights, prior)
+
+
+# --- adaptive testing ------------------------------------------------------------------------------------
+
+
+STOPS = ("precise", "max_items", "raced", "exhausted")
+
+
+@dataclass(frozen=True)
+class AdaptiveResult:
+    """An adaptive test of one subject: the items asked in order, the answers, the estimated accuracy over
+    every item (answered items count as answered, the others at p_i(theta)), its standard error, the
+    ability, and why the test stopped (one of STOPS)."""
+
+    idx: np.ndarray
+    y: np.ndarray
+    estimate: float
+    se: float
+    theta: np.ndarray
+    stopped: str
+
+    @property
+    def mean(self) -> float:
+        """The plain mean of the answered items."""
+        return float(self.y.mean())
+
+
+def ability_covariance(params: IrtParams, idx: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """The posterior covariance of the MAP ability (Laplace): (sum_j p_j q_j a_j a_j^T + I)^-1 over the
+    answered items, I from the N(0, I) prior."""
+    a = params.a[np.asarray(idx)]
+    p = expit(a @ theta - params.b[np.asarray(idx)])
+    info = (a * (p * (1 - p))[:, None]).T @ a + np.eye(params.dims)
+    return np.linalg.inv(info)
+
+
+def accuracy_estimate(
+    params: IrtParams, idx: np.ndarray, y: np.ndarray, theta: np.ndarray
+) -> tuple[float, float]:
+    """(accuracy over every item, its standard error) for answers ``y`` on items ``idx`` at ability
+    ``theta``: answered items count as answered, the others at p_i(theta). The variance adds the
+    ability's uncertainty through the unanswered items (delta method) and their own Bernoulli spread."""
+    n = params.n_items
+    rest = np.ones(n, dtype=bool)
+    rest[np.asarray(idx)] = False
+    p = params.prob(theta)
+    estimate = (float(np.sum(y)) + float(p[rest].sum())) / n
+    grad = (params.a[rest] * (p[rest] * (1 - p[rest]))[:, None]).sum(axis=0) / n
+    var = (
+        float(grad @ ability_covariance(params, idx, theta) @ grad)
+        + float((p[rest] * (1 - p[rest])).sum()) / n**2
+    )
+    return estimate, math.sqrt(max(var, 0.0))
+
+
+def most_informative(params: IrtParams, theta: np.ndarray, asked: Collection[int], k: int) -> list[int]:
+    """The ``k`` unasked items of largest Fisher information ||a_i||^2 p_i q_i at ``theta`` (ties: lower index)."""
+    p = params.prob(theta)
+    info = (params.a**2).sum(axis=1) * p * (1 - p)
+    info[np.asarray(list(asked), dtype=int)] = -np.inf
+    order = np.argsort(-info, kind="stable")
+    return [int(i) for i in order[:k] if np.isfinite(info[i])]
+
+
+def adaptive_test(
+    params: IrtParams,
+    answer: Callable[[list[int]], Sequence[float]],
+    *,
+    target_se: float,
+    max_items: int,
+    batch: int = 4,
+    race: Callable[[float, float], bool] | None = None,
+) -> AdaptiveResult:
+    """Ask ``answer(items)`` for 0/1 answers ``batch`` items at a time, each batch the most informative
+    items at the current MAP ability (Fluid Benchmarking's rule), until the accuracy estimate's standard
+    error is at most ``target_se`` ("precise"), ``max_items`` are answered ("max_items"), every item is
+    ("exhausted"), or ``race(estimate, se)`` says the subject cannot matter any more ("raced")."""
+    if not target_se > 0:
+        raise EvomergeError(f"target_se must be positive; got {target_se}")
+    if not 1 <= max_items <= params.n_items:
+        raise EvomergeError(
+            f"max_items must be in [1, {params.n_items}] (the items there are); got {max_items}"
+        )
+    asked: list[int] = []
+    answers: list[float] = []
+    theta = np.zeros(params.dims)
+    while True:
+        new = most_informative(params, theta, asked, min(batch, max_items - len(asked)))
+        got = [float(v) for v in answer(new)]
+        if len(got) != len(new) or not set(got) <= {0.0, 1.0}:
+            raise EvomergeError(f"answer() must give one 0/1 per item; got {got!r} for {len(new)} items")
+        asked += new
+        answers += got
+        idx, y = np.array(asked), np.array(answers)
+        theta = fit_ability(params, idx, y)
+        estimate, se = accuracy_estimate(params, idx, y, theta)
+        stopped = (
+            "exhausted"
+            if len(asked) == params.n_items
+            else "precise"
+            if se <= target_se
+            else "raced"
+            if race is not None and race(estimate, se)
+            else "max_items"
+            if len(asked) >= max_items
+            else None
+        )
+        if stopped:
+            return AdaptiveResult(idx, y, estimate, se, theta, stopped)
+
+
+@dataclass(frozen=True)
+class AdaptiveCheck:
+    """How adaptive tests did on held-out subjects whose every answer is known: mean absolute error of
+    the IRT estimate, of the plain mean of the same items, and of ``mix`` = lam * mean + (1 - lam) * IRT
+    with the ``lam`` in [0, 1] that fits best; items asked on average."""
+
+    mae_irt: float
+    mae_mean: float
+    mae_mix: float
+    lam: float
+    items: float
+    subjects: int
+
+    def combine(self, result: AdaptiveResult) -> float:
+        """A subject's estimate under the measured mix: never worse on held-out subjects than the plain
+        mean of the same items."""
+        return self.lam * result.mean + (1 - self.lam) * result.estimate
+
+
+def check_adaptive(
+    params: IrtParams, held_out: np.ndarray, *, target_se: float, max_items: int, batch: int = 4
+) -> AdaptiveCheck:
+    """Run the adaptive test on each held-out subject (rows of 0/1 answers to every item, subjects the
+    parameters were not fitted on) and measure its errors against the subject's true accuracy."""
+    held_out = _check_responses(held_out)
+    if held_out.shape[1] != params.n_items:
+        raise EvomergeError(
+            f"held-out answers cover {held_out.shape[1]} items, the parameters {params.n_items}"
+        )
+    results = [
+        adaptive_test(
+            params, lambda items, r=row: r[items], target_se=target_se, max_items=max_items, batch=batch
+        )
+        for row in held_out
+    ]
+    truth = held_out.mean(axis=1)
+    irt_est = np.array([r.estimate for r in results])
+    mean_est = np.array([r.mean for r in results])
+    grid = np.linspace(0.0, 1.0, 21)
+    mix_err = [float(np.abs(lam * mean_est + (1 - lam) * irt_est - truth).mean()) for lam in grid]
+    best = int(np.argmin(mix_err))
+    return AdaptiveCheck(
+        float(np.abs(irt_est - truth).mean()),
+        float(np.abs(mean_est - truth).mean()),
+        mix_err[best],
+        float(grid[best]),
+        float(np.mean([len(r.idx) for r in results])),
+        len(results),
+    )

@@ -1,0 +1,99 @@
+"""Adaptive item selection (Fluid Benchmarking's rule): the most informative items at the current
+ability, a batch at a time, until the accuracy estimate is precise enough; racing; and the held-out
+check that keeps an estimate from being worse than the plain mean of the same items."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evomerge import irt
+from evomerge.errors import EvomergeError
+
+
+@pytest.fixture(scope="module")
+def population():
+    """400 simulated subjects of a known 2PL over 200 items: parameters without fitting noise."""
+    return irt.simulate_2pl(400, 200, seed=3)
+
+
+def _asker(row, log):
+    def answer(items):
+        log.append(list(items))
+        return row[items]
+
+    return answer
+
+
+def test_items_come_in_batches_of_the_most_informative_and_stop_when_precise(population):
+    responses, params = population
+    log: list[list[int]] = []
+    res = irt.adaptive_test(params, _asker(responses[0], log), target_se=0.05, max_items=120, batch=4)
+    assert res.stopped == "precise" and res.se <= 0.05
+    assert all(len(b) == 4 for b in log) and len(res.idx) == 4 * len(log)
+    assert len(set(res.idx.tolist())) == len(res.idx)  # no item asked twice
+    first = irt.most_informative(params, np.zeros(1), [], 4)
+    assert log[0] == first  # the first batch: most informative at the population's mean ability
+    np.testing.assert_array_equal(res.y, responses[0, res.idx])
+
+
+def test_adaptive_items_beat_random_items_at_the_same_count(population):
+    responses, params = population
+    truth = responses.mean(axis=1)
+    rng = np.random.default_rng(0)
+    adaptive, random, counts = [], [], []
+    for s in range(60):
+        res = irt.adaptive_test(params, lambda items, r=responses[s]: r[items], target_se=0.05, max_items=200)
+        counts.append(len(res.idx))
+        adaptive.append(abs(res.estimate - truth[s]))
+        idx = np.sort(rng.choice(200, len(res.idx), replace=False))
+        random.append(abs(irt.estimate_pirt(params, idx, responses[s, idx]) - truth[s]))
+    assert np.mean(counts) < 40
+    assert np.mean(adaptive) < 0.9 * np.mean(random)
+
+
+def test_limits_and_racing(population):
+    responses, params = population
+    res = irt.adaptive_test(params, lambda items: responses[1][items], target_se=1e-4, max_items=10, batch=4)
+    assert res.stopped == "max_items" and len(res.idx) == 10  # the last batch is cut to the limit
+    raced = irt.adaptive_test(
+        params,
+        lambda items: responses[1][items],
+        target_se=1e-4,
+        max_items=200,
+        race=lambda e, se: e + 3 * se < 0.99,
+    )
+    assert raced.stopped == "raced" and len(raced.idx) == 4
+    all_items = irt.adaptive_test(
+        params, lambda items: responses[1][items], target_se=1e-9, max_items=200, batch=50
+    )
+    assert all_items.stopped == "exhausted" and all_items.estimate == pytest.approx(responses[1].mean())
+
+
+def test_the_held_out_check_mixes_towards_the_mean_where_irt_is_worse(population):
+    responses, params = population
+    good = irt.check_adaptive(params, responses[:40], target_se=0.06, max_items=60)
+    assert good.mae_mix <= min(good.mae_irt, good.mae_mean) + 1e-12 and good.subjects == 40
+    assert good.mae_irt < good.mae_mean  # true parameters: IRT beats the mean of the same items
+    # parameters whose items barely depend on ability (another test's, say): the IRT estimate is mostly
+    # their fixed prediction, the check measures that and leans on the mean of the items answered
+    wrong = irt.IrtParams("2pl", np.full(params.n_items, 0.01), params.b)
+    bad = irt.check_adaptive(wrong, responses[:40], target_se=0.06, max_items=60)
+    assert bad.mae_irt > 2 * good.mae_irt and bad.lam > 0
+    assert bad.mae_mix <= min(bad.mae_irt, bad.mae_mean) + 1e-12
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"target_se": 0.0, "max_items": 10}, "target_se must be positive; got 0.0"),
+        (
+            {"target_se": 0.05, "max_items": 201},
+            r"max_items must be in \[1, 200\] \(the items there are\); got 201",
+        ),
+    ],
+)
+def test_bad_limits_are_one_line(population, kw, message):
+    _, params = population
+    with pytest.raises(EvomergeError, match=message):
+        irt.adaptive_test(params, lambda items: [0.0] * len(items), **kw)
