@@ -17,6 +17,7 @@ from the stored calibration on every start.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,9 +145,12 @@ def select(objective: str, scope: Scope, n: int, method: str, estimator: str, se
     return Subset(objective, scope, np.asarray(idx), estimator, weights)
 
 
-def union_items(subsets: list[Subset]) -> dict[str, list[int]]:
-    """Per task, the sorted item ids any objective needs: what each candidate is evaluated on."""
+def union_items(subsets: list[Subset | AdaptiveObjective]) -> dict[str, list[int]] | None:
+    """Per task, the sorted item ids any objective needs: what each candidate is evaluated on (None:
+    adaptive tests choose them per candidate)."""
     out: dict[str, set[int]] = {}
+    if any(isinstance(s, AdaptiveObjective) for s in subsets):
+        return None
     for s in subsets:
         for t, i in s.items:
             out.setdefault(t, set()).add(int(i))
@@ -215,12 +219,18 @@ def calibrate(evals: Any, space: Any, experts: list[str], config: Any) -> list[A
 
 def prepare_estimators(
     evals: Any, space: Any, experts: list[str], config: Any, n_items: dict[str, int], folder: Path
-) -> dict[str, Subset]:
+) -> dict[str, Subset | AdaptiveObjective]:
     """Each estimated objective's item subset, from saved IRT parameters (``calibration.params`` or the
     run's ``irt/`` folder) or a calibration, with sgpirt's surrogate refitted from the stored
     calibration (which re-evaluates nothing) on every start."""
     cal = config.fitness.calibration
     objectives = config.objectives
+    for o in objectives:  # before anything is evaluated
+        n = len(columns(n_items, o.of))
+        if o.items == "adaptive" and (o.max_items or 0) > n:
+            raise EvomergeError(
+                f"objective {o.name!r}: max_items={o.max_items} exceeds the {n} items of {o.of!r}"
+            )
     scopes: dict[str, Scope | None] = {}
     for o in objectives:
         if o.estimator and o.of not in scopes:
@@ -246,11 +256,93 @@ def prepare_estimators(
         genomes = [c.genome for c in known]
         for name in surrogate:
             fit_surrogate(scopes[name], genomes, [c.responses for c in known], config.seed)
-    return {
-        o.name: select(o.name, scopes[o.of], o.items, o.selection, o.estimator, config.seed)
-        for o in objectives
-        if o.estimator
+    out: dict[str, Subset | AdaptiveObjective] = {}
+    for o in objectives:
+        if not o.estimator:
+            continue
+        if o.items != "adaptive":
+            out[o.name] = select(o.name, scopes[o.of], o.items, o.selection, o.estimator, config.seed)
+            continue
+        scope = scopes[o.of]
+        max_items = o.max_items or min(DEFAULT_MAX_ITEMS, len(scope.cols))
+        target = o.target_se or DEFAULT_TARGET_SE
+        check = None
+        if cal.params is None:  # held-out subjects exist only where this run calibrated
+            subjects = subjects or calibrate(evals, space, experts, config)
+            check = check_held_out(
+                scope, [c.responses for c in subjects], target, max_items, cal.model, config.seed, folder
+            )
+        out[o.name] = AdaptiveObjective(o.name, scope, o.estimator, target, max_items, check)
+    return out
+
+
+@dataclass
+class AdaptiveObjective:
+    """An objective scored by adaptive tests (``items: adaptive``): its scope, the tests' limits, and
+    the held-out check whose mix with the plain mean its estimates use (None: no held-out subjects,
+    the IRT estimate as it is)."""
+
+    objective: str
+    scope: Scope
+    estimator: str
+    target_se: float
+    max_items: int
+    check: irt.AdaptiveCheck | None = None
+
+    def spec(self, genome: Sequence[float] | None = None) -> AdaptiveSpec:
+        prior = None
+        if irt.get_estimator(self.estimator).needs_prior:
+            if self.scope.surrogate is None or genome is None:
+                raise EvomergeError(
+                    f"objective {self.objective!r}: {self.estimator} needs a fitted surrogate and the genome"
+                )
+            prior = self.scope.surrogate.predict(genome)
+        lam, scale = (self.check.lam, self.check.se_scale) if self.check is not None else (0.0, 1.0)
+        return AdaptiveSpec(
+            self.objective,
+            tuple(self.scope.cols),
+            self.scope.params,
+            self.target_se,
+            self.max_items,
+            lam,
+            prior,
+            se_scale=scale,
+        )
+
+
+def check_held_out(
+    scope: Scope,
+    responses: list[dict[str, dict[str, float]]],
+    target_se: float,
+    max_items: int,
+    model: str,
+    seed: int,
+    folder: Path,
+) -> irt.AdaptiveCheck:
+    """The adaptive test checked on held-out calibration models: two folds, each scored with parameters
+    fitted on the other (``irt.check_adaptive``); saved as ``<scope>.adaptive.json`` for the same
+    settings, so a resumed run does not fit again."""
+    import json
+
+    path = folder / f"{scope.name}.adaptive.json"
+    settings = {
+        "target_se": target_se,
+        "max_items": max_items,
+        "model": model,
+        "seed": seed,
+        "subjects": len(responses),
     }
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            return irt.AdaptiveCheck(**saved["check"])
+    y = response_matrix(responses, scope.cols)
+    folds = [np.arange(len(y)) % 2 == k for k in (0, 1)]
+    pairs = [(irt.fit_irt(y[~held], model=model, seed=seed), y[held]) for held in folds]
+    check = irt.check_adaptive(pairs, target_se=target_se, max_items=max_items, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"settings": settings, "check": check.__dict__}, indent=1))
+    return check
 
 
 def estimation_report(
@@ -284,3 +376,141 @@ def estimation_report(
     searched = [c for c in store.candidates(kind=Kind.SEARCH) if c.status == Status.OK]
     cost = describe_cost(store.candidates(kind=Kind.CALIBRATION), searched, n_full)
     return {"errors": errors, "cost": cost}, {c.id: full[("full", c.id)] for c in front}
+
+
+# --- adaptive items ----------------------------------------------------------------------------------------
+
+DEFAULT_MAX_ITEMS = 50
+DEFAULT_TARGET_SE = 0.05
+ADAPTIVE_BATCH = 4  # items per step of an adaptive test: one fitness call each
+
+
+@dataclass(frozen=True)
+class Race:
+    """What a raced candidate must be able to beat: the objectives' directions, the best values so far
+    (one objective) or the front's points (several), as of the previous generation, and the z of the
+    configured confidence."""
+
+    directions: tuple[str, ...]
+    front: tuple[tuple[float, ...], ...]
+    z: float
+
+    def hopeless(self, optimistic: Sequence[float]) -> bool:
+        """Whether a candidate whose every objective is at most ``optimistic`` (its estimates pushed z
+        standard errors the good way) is still dominated by a point of the front."""
+        sign = [1.0 if d == "max" else -1.0 for d in self.directions]
+        mine = [s * v for s, v in zip(sign, optimistic, strict=True)]
+        for point in self.front:
+            theirs = [s * v for s, v in zip(sign, point, strict=True)]
+            if all(t >= m for t, m in zip(theirs, mine, strict=True)) and any(
+                t > m for t, m in zip(theirs, mine, strict=True)
+            ):
+                return True
+        return False
+
+
+@dataclass(frozen=True)
+class AdaptiveSpec:
+    """What a worker needs to score one objective by an adaptive test: the scope's items and IRT
+    parameters, the limits, the held-out check's mix with the plain mean, and (sgpirt) the prior."""
+
+    objective: str
+    cols: tuple[Column, ...]
+    params: irt.IrtParams
+    target_se: float
+    max_items: int
+    lam: float = 0.0
+    prior: tuple[float, float] | None = None
+    batch: int = ADAPTIVE_BATCH
+    se_scale: float = 1.0
+
+    def key(self) -> str:
+        import hashlib
+
+        parts = (
+            self.objective,
+            self.cols[:3],
+            len(self.cols),
+            self.target_se,
+            self.max_items,
+            self.lam,
+            self.se_scale,
+        )
+        digest = hashlib.sha1(repr(parts).encode() + self.params.a.tobytes() + self.params.b.tobytes())
+        return digest.hexdigest()[:12]
+
+
+def adaptive_evaluate(
+    specs: Sequence[AdaptiveSpec],
+    ask: Callable[[dict[str, list[int]]], dict[str, dict[str, float]]],
+    race: Race | None = None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, float]]]:
+    """Score each objective by an adaptive test, asking ``ask({task: [item ids]})`` for 0/1 answers of
+    the items not answered yet (objectives over the same items share answers). Returns per objective
+    {estimate, se, stopped, items} and every answer given. With ``race``, the last objective's test also
+    stops once the candidate, at its optimistic bounds, stays dominated (or below the best)."""
+    answered: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, Any]] = {}
+
+    def answer_cols(cols: Sequence[Column]) -> list[float]:
+        missing: dict[str, list[int]] = {}
+        for t, i in cols:
+            if i not in answered.get(t, {}):
+                missing.setdefault(t, []).append(int(i))
+        if missing:
+            got = ask(missing)
+            for t, ids in missing.items():
+                for i in ids:
+                    answered.setdefault(t, {})[str(i)] = float(got[t][str(i)])
+        return [answered[t][i] for t, i in cols]
+
+    for n, spec in enumerate(specs):
+        result = irt.adaptive_test(
+            spec.params,
+            lambda items, spec=spec: answer_cols([spec.cols[i] for i in items]),
+            target_se=spec.target_se,
+            max_items=spec.max_items,
+            batch=spec.batch,
+            se_scale=spec.se_scale,
+            race=_racer(race, specs, out, n) if race is not None and n == len(specs) - 1 else None,
+        )
+        mixed = spec.lam * result.mean + (1 - spec.lam) * result.estimate
+        value, se = _fused(spec, mixed, result.se)
+        out[spec.objective] = {
+            "estimate": value,
+            "se": se,
+            "stopped": result.stopped,
+            "items": len(result.idx),
+        }
+    return out, answered
+
+
+def _racer(
+    race: Race, specs: Sequence[AdaptiveSpec], done: dict[str, dict[str, Any]], n: int
+) -> Callable[[float, float], bool]:
+    """The stop rule of the last objective's test: the objectives scored before it at their optimistic
+    bounds, this one at its running estimate's."""
+
+    def good_way(k: int) -> float:
+        return race.z if race.directions[k] == "max" else -race.z
+
+    before = [
+        done[s.objective]["estimate"] + good_way(k) * done[s.objective]["se"] for k, s in enumerate(specs[:n])
+    ]
+
+    def stop(estimate: float, se: float) -> bool:
+        value, spread = _fused(specs[n], estimate, se)
+        return race.hopeless([*before, value + good_way(n) * spread])
+
+    return stop
+
+
+def _fused(spec: AdaptiveSpec, estimate: float, se: float) -> tuple[float, float]:
+    """The estimate fused with the spec's prior N(mu, s^2) (sgpirt) as two Gaussian measurements."""
+    if spec.prior is None:
+        return estimate, se
+    mu, s2 = spec.prior
+    v = se**2
+    if v + s2 == 0:
+        return mu, 0.0
+    return (s2 * estimate + v * mu) / (s2 + v), float(np.sqrt(s2 * v / (s2 + v)))

@@ -6,7 +6,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -90,8 +90,42 @@ class ObjectiveConfig(_Frozen):
         "a name registered in evomerge.irt.ESTIMATORS; sgpirt also uses a surrogate of accuracy over "
         "genomes fitted on the calibration models",
     )
-    items: int | None = Field(None, ge=1, description="subset size for the estimator")
+    items: Annotated[int, Field(ge=1)] | Literal["adaptive"] | None = Field(
+        None,
+        description="subset size for the estimator, or adaptive: items chosen one batch at a time by "
+        "Fisher information at the candidate's current ability, until the estimate is precise enough",
+    )
     selection: Literal["random", "anchor", "information"] = "random"
+    max_items: int | None = Field(None, ge=1, description="items: adaptive: at most this many (default 50)")
+    target_se: float | None = Field(
+        None,
+        gt=0,
+        description="items: adaptive: stop once the estimate's standard error is this small (default 0.05)",
+    )
+    race: bool = Field(
+        False,
+        description="items: adaptive: also stop a candidate once it cannot, with race_confidence, reach the "
+        "best so far (one objective) or leave the region the front dominates (several)",
+    )
+    race_confidence: float = Field(0.95, gt=0.5, lt=1.0)
+
+    @model_validator(mode="after")
+    def _adaptive_only(self) -> ObjectiveConfig:
+        if self.items != "adaptive":
+            given = [k for k in ("max_items", "target_se") if getattr(self, k) is not None]
+            given += ["race"] if self.race else []
+            if given:
+                raise EvomergeError(f"objective {self.name!r}: {given[0]} applies only with items: adaptive")
+        elif self.estimator is not None:
+            from evomerge.irt import ESTIMATORS, get_estimator
+
+            if not get_estimator(self.estimator).adaptive:
+                able = ", ".join(n for n in ESTIMATORS if ESTIMATORS.get(n).adaptive)
+                raise EvomergeError(
+                    f"objective {self.name!r}: items: adaptive needs an estimator with a standard error "
+                    f"({able}); {self.estimator} has none"
+                )
+        return self
 
     @field_validator("estimator")
     @classmethod
@@ -221,6 +255,24 @@ class RunConfig(_Frozen):
                     f"objective {o.name!r}: estimator {o.estimator!r} learns from the calibration merges; "
                     f"set fitness.calibration.random_merges >= {needed} (got {merges})"
                 )
+        for o in self.objectives:
+            if o.items == "adaptive" and o.estimator is None:
+                raise EvomergeError(
+                    f"objective {o.name!r}: items: adaptive needs an estimator (pirt, irt or sgpirt)"
+                )
+        adaptive = [o.name for o in self.objectives if o.items == "adaptive"]
+        if adaptive and len(adaptive) < len(self.objectives):
+            other = next(o.name for o in self.objectives if o.items != "adaptive")
+            raise EvomergeError(
+                f"objective {adaptive[0]!r} has items: adaptive, objective {other!r} does not; a candidate's "
+                "items are chosen adaptively for every objective or for none"
+            )
+        racing = [o.name for o in self.objectives if o.race]
+        if racing and any(o.items != "adaptive" for o in self.objectives):
+            raise EvomergeError(
+                f"objective {racing[0]!r}: race needs every objective to be items: adaptive "
+                "(a candidate is stopped on all its estimates)"
+            )
         if estimated and (not backend.item_subsets or fitness.items):
             raise EvomergeError(
                 "objective estimators need lm-eval tasks and choose their own items; "

@@ -101,6 +101,7 @@ class Evaluations:
             worker=result.worker,
             error=result.error,
             trace=result.trace,
+            stopped=_stopped(result.adaptive),
         )
 
     def _record(self, job: Job, result: EvalResult, cid: int) -> Candidate:
@@ -163,3 +164,11 @@ class Evaluations:
 def first_line(error: str | None) -> str:
     lines = (error or "").strip().splitlines()
     return lines[0] if lines else "(no error message)"
+
+
+def _stopped(adaptive: dict[str, dict[str, Any]] | None) -> str | None:
+    """Why a candidate's adaptive tests stopped: raced if any was, else their reasons."""
+    if not adaptive:
+        return None
+    reasons = sorted({s["stopped"] for s in adaptive.values()})
+    return "raced" if "raced" in reasons else ",".join(reasons)

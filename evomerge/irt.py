@@ -434,7 +434,8 @@ class Estimator:
     merged models; calibration fits them on the base and the experts) and ``"prior"`` (mean, variance)
     of the accuracy (calibration's :class:`Surrogate` predicts it from the genome). ``weighted``: ``fn``
     takes anchor ``weights`` for its subset mean (read from its signature). ``min_calibration_merges``:
-    random merges calibration must evaluate for it.
+    random merges calibration must evaluate for it. ``adaptive``: it can score an adaptive test
+    (``items: adaptive``), whose estimate comes with a standard error.
     """
 
     name: str
@@ -443,6 +444,7 @@ class Estimator:
     weighted: bool = False
     min_calibration_merges: int = 0
     doc: str = field(default="", repr=False)
+    adaptive: bool = False
 
     @property
     def needs_endpoints(self) -> bool:
@@ -478,7 +480,7 @@ ESTIMATORS: Registry[Estimator] = Registry("estimator", Estimator)
 
 
 def estimator(
-    name: str, *, needs: Collection[str] = (), min_calibration_merges: int = 0
+    name: str, *, needs: Collection[str] = (), min_calibration_merges: int = 0, adaptive: bool = False
 ) -> Callable[[Callable[..., float]], Callable[..., float]]:
     """Register ``fn(params, idx, y, [endpoint_thetas], [prior], [weights]) -> float`` under ``name``.
 
@@ -495,7 +497,13 @@ def estimator(
                 f"estimator {name!r} needs {missing[0]!r} but {fn.__name__} takes no such argument"
             )
         spec = Estimator(
-            name, fn, frozenset(needs), "weights" in signature, min_calibration_merges, fn.__doc__ or ""
+            name,
+            fn,
+            frozenset(needs),
+            "weights" in signature,
+            min_calibration_merges,
+            fn.__doc__ or "",
+            adaptive,
         )
         ESTIMATORS.add(name, spec)
         return fn
@@ -523,7 +531,7 @@ def estimate_mean(
     return float(_check_weights(weights, len(idx)) @ y)
 
 
-@estimator("irt")
+@estimator("irt", adaptive=True)
 def estimate_irt(params: IrtParams, idx: np.ndarray, y: np.ndarray) -> float:
     """irt: (1/N) sum_{i=1..N} p_i(theta_hat), theta_hat = fit_ability(params, idx, y), N = n_items."""
     return float(params.prob(fit_ability(params, idx, y)).mean())
@@ -534,7 +542,7 @@ def _pirt(params: IrtParams, idx: np.ndarray, y: np.ndarray, theta: np.ndarray) 
     return float((y.sum() + p.sum() - p[idx].sum()) / params.n_items)
 
 
-@estimator("pirt")
+@estimator("pirt", adaptive=True)
 def estimate_pirt(params: IrtParams, idx: np.ndarray, y: np.ndarray) -> float:
     """p-IRT (tinyBenchmarks): (sum_{j in S} y_j + sum_{i not in S} p_i(theta_hat)) / N, S = idx."""
     idx, y = _check_subset(params, idx, y)
@@ -664,7 +672,7 @@ def fit_surrogate(genomes: np.ndarray, accuracy: np.ndarray, seed: int = 0) -> S
     return Surrogate(genomes, accuracy, seed)
 
 
-@estimator("sgpirt", needs={"prior"}, min_calibration_merges=MIN_SURROGATE_MERGES)
+@estimator("sgpirt", needs={"prior"}, min_calibration_merges=MIN_SURROGATE_MERGES, adaptive=True)
 def estimate_sgpirt(
     params: IrtParams,
     idx: np.ndarray,
@@ -771,11 +779,14 @@ def adaptive_test(
     max_items: int,
     batch: int = 4,
     race: Callable[[float, float], bool] | None = None,
+    se_scale: float = 1.0,
 ) -> AdaptiveResult:
     """Ask ``answer(items)`` for 0/1 answers ``batch`` items at a time, each batch the most informative
     items at the current MAP ability (Fluid Benchmarking's rule), until the accuracy estimate's standard
     error is at most ``target_se`` ("precise"), ``max_items`` are answered ("max_items"), every item is
-    ("exhausted"), or ``race(estimate, se)`` says the subject cannot matter any more ("raced")."""
+    ("exhausted"), or ``race(estimate, se)`` says the subject cannot matter any more ("raced").
+    ``se_scale`` multiplies the model's standard error (a held-out check's measured error over the
+    error the model claims: the model does not know how uncertain its own item parameters are)."""
     if not target_se > 0:
         raise EvomergeError(f"target_se must be positive; got {target_se}")
     if not 1 <= max_items <= params.n_items:
@@ -795,6 +806,7 @@ def adaptive_test(
         idx, y = np.array(asked), np.array(answers)
         theta = fit_ability(params, idx, y)
         estimate, se = accuracy_estimate(params, idx, y, theta)
+        se *= se_scale
         stopped = (
             "exhausted"
             if len(asked) == params.n_items
@@ -814,7 +826,8 @@ def adaptive_test(
 class AdaptiveCheck:
     """How adaptive tests did on held-out subjects whose every answer is known: mean absolute error of
     the IRT estimate, of the plain mean of the same items, and of ``mix`` = lam * mean + (1 - lam) * IRT
-    with the ``lam`` in [0, 1] that fits best; items asked on average."""
+    with the ``lam`` in [0, 1] that fits best; for comparison, p-IRT on as many random items and on as
+    many anchor items; items asked on average."""
 
     mae_irt: float
     mae_mean: float
@@ -822,6 +835,9 @@ class AdaptiveCheck:
     lam: float
     items: float
     subjects: int
+    mae_random: float = float("nan")
+    mae_anchor: float = float("nan")
+    se_scale: float = 1.0  # root mean squared error over root mean squared claimed standard error (>= 1)
 
     def combine(self, result: AdaptiveResult) -> float:
         """A subject's estimate under the measured mix: never worse on held-out subjects than the plain
@@ -830,32 +846,59 @@ class AdaptiveCheck:
 
 
 def check_adaptive(
-    params: IrtParams, held_out: np.ndarray, *, target_se: float, max_items: int, batch: int = 4
+    params: IrtParams | Sequence[tuple[IrtParams, np.ndarray]],
+    held_out: np.ndarray | None = None,
+    *,
+    target_se: float,
+    max_items: int,
+    batch: int = 4,
+    seed: int = 0,
 ) -> AdaptiveCheck:
-    """Run the adaptive test on each held-out subject (rows of 0/1 answers to every item, subjects the
-    parameters were not fitted on) and measure its errors against the subject's true accuracy."""
-    held_out = _check_responses(held_out)
-    if held_out.shape[1] != params.n_items:
-        raise EvomergeError(
-            f"held-out answers cover {held_out.shape[1]} items, the parameters {params.n_items}"
-        )
-    results = [
-        adaptive_test(
-            params, lambda items, r=row: r[items], target_se=target_se, max_items=max_items, batch=batch
-        )
-        for row in held_out
-    ]
-    truth = held_out.mean(axis=1)
-    irt_est = np.array([r.estimate for r in results])
-    mean_est = np.array([r.mean for r in results])
+    """Run the adaptive test on held-out subjects (rows of 0/1 answers to every item, subjects the
+    parameters were not fitted on) and measure its errors against each subject's true accuracy. Either
+    one ``params`` and its ``held_out`` rows, or folds: (params fitted without them, held-out rows)."""
+    folds = [(params, held_out)] if isinstance(params, IrtParams) else list(params)
+    truth, irt_est, mean_est, counts, random_err, anchor_err, ses = [], [], [], [], [], [], []
+    rng = np.random.default_rng(seed)
+    for fold_params, rows in folds:
+        rows = _check_responses(rows)
+        if rows.shape[1] != fold_params.n_items:
+            raise EvomergeError(
+                f"held-out answers cover {rows.shape[1]} items, the parameters {fold_params.n_items}"
+            )
+        for row in rows:
+            r = adaptive_test(
+                fold_params,
+                lambda items, row=row: row[items],
+                target_se=target_se,
+                max_items=max_items,
+                batch=batch,
+            )
+            truth.append(row.mean())
+            irt_est.append(r.estimate)
+            mean_est.append(r.mean)
+            ses.append(r.se)
+            counts.append(len(r.idx))
+            n = len(r.idx)
+            idx = np.sort(rng.choice(fold_params.n_items, n, replace=False))
+            random_err.append(abs(estimate_pirt(fold_params, idx, row[idx]) - row.mean()))
+            try:
+                anchors = select_items(fold_params, n, "anchor", seed=seed)
+                anchor_err.append(abs(estimate_pirt(fold_params, anchors, row[anchors]) - row.mean()))
+            except EvomergeError:  # fewer distinct anchors than items asked
+                pass
+    truth_a, irt_a, mean_a = np.array(truth), np.array(irt_est), np.array(mean_est)
     grid = np.linspace(0.0, 1.0, 21)
-    mix_err = [float(np.abs(lam * mean_est + (1 - lam) * irt_est - truth).mean()) for lam in grid]
+    mix_err = [float(np.abs(lam * mean_a + (1 - lam) * irt_a - truth_a).mean()) for lam in grid]
     best = int(np.argmin(mix_err))
     return AdaptiveCheck(
-        float(np.abs(irt_est - truth).mean()),
-        float(np.abs(mean_est - truth).mean()),
+        float(np.abs(irt_a - truth_a).mean()),
+        float(np.abs(mean_a - truth_a).mean()),
         mix_err[best],
         float(grid[best]),
-        float(np.mean([len(r.idx) for r in results])),
-        len(results),
+        float(np.mean(counts)),
+        len(truth),
+        float(np.mean(random_err)),
+        float(np.mean(anchor_err)) if anchor_err else float("nan"),
+        max(1.0, float(np.sqrt(np.mean((irt_a - truth_a) ** 2) / max(np.mean(np.square(ses)), 1e-12)))),
     )

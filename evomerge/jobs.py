@@ -25,14 +25,18 @@ class Origin:
 
 @dataclass(frozen=True)
 class Job:
-    """One evaluation: ``recipe`` on ``split``, on ``items`` (None: all of the split). ``tag`` is the
-    caller's name for it (which result answers which job)."""
+    """One evaluation: ``recipe`` on ``split``, on ``items`` (None: all of the split), or, with
+    ``adaptive`` (:class:`evomerge.calibration.AdaptiveSpec` per objective), on the items adaptive tests
+    choose, stopped early against ``race`` where given. ``tag`` is the caller's name for it (which
+    result answers which job)."""
 
     tag: Any
     recipe: Recipe
     split: str
     items: dict[str, list[int]] | None = None
     origin: Origin = field(default_factory=lambda: Origin(Kind.SEARCH))
+    adaptive: tuple[Any, ...] | None = None
+    race: Any = None
 
     @cached_property
     def key(self) -> str:
@@ -42,6 +46,10 @@ class Job:
     @cached_property
     def subset(self) -> str | None:
         """A key of the items (None: the whole split): evaluations are reused only on the same items."""
+        if self.adaptive:  # the tests' settings (not the race: a raced result stands for later ones)
+            return (
+                "adaptive-" + hashlib.sha1("".join(s.key() for s in self.adaptive).encode()).hexdigest()[:12]
+            )
         if self.items is None:
             return None
         return hashlib.sha1(json.dumps(self.items, sort_keys=True).encode()).hexdigest()[:12]
@@ -64,6 +72,7 @@ class EvalResult:
     fatal: bool = False
     timed_out: bool = False
     attempts: int = 1
+    adaptive: dict[str, dict[str, Any]] | None = None  # per objective: estimate, se, stopped, items
 
     @property
     def ok(self) -> bool:

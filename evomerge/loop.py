@@ -54,6 +54,26 @@ def initial_population(search: Any) -> np.ndarray | None:
     return np.concatenate([experts, rest])
 
 
+def race_bound(search: Any, generation: int) -> calibration.Race | None:
+    """What generation ``generation``'s raced candidates must be able to beat: the front of the rated
+    search candidates of the generations before it (None before any), so a resumed run races alike."""
+    from scipy.stats import norm
+
+    from evomerge.summary import front_of
+
+    cfg = search.config
+    earlier = [c for c in search.evals.store.candidates(Kind.SEARCH) if (c.generation or 0) < generation]
+    front = front_of(earlier, cfg.objectives)
+    if not front:
+        return None
+    confidence = max(o.race_confidence for o in cfg.objectives if o.race)
+    return calibration.Race(
+        tuple(o.direction for o in cfg.objectives),
+        tuple(tuple(c.objectives[o.name] for o in cfg.objectives) for c in front),
+        float(norm.ppf(confidence)),
+    )
+
+
 def _restore(search: Any, problem: Any) -> tuple[Any, int]:
     """The algorithm and the generation it finished: from the last checkpoint, or set up afresh."""
     cfg = search.config
@@ -117,12 +137,14 @@ def run_generations(search: Any, seconds_before: float = 0.0) -> float:
                 evals, space, search.experts, cfg, n_items, search.folder.irt
             )
             items = calibration.union_items(list(search.subsets.values()))
+    adaptive = [s for s in search.subsets.values() if isinstance(s, calibration.AdaptiveObjective)]
     problem = Problem(n_var=space.n_var, n_obj=len(cfg.objectives), xl=0.0, xu=1.0)
     algorithm, generation = _restore(search, problem)
     while algorithm.has_next():
         generation += 1
         pop = algorithm.ask()
         X = pop.get("X")
+        race = race_bound(search, generation) if any(o.race for o in cfg.objectives) else None
         jobs = [
             Job(
                 i,
@@ -130,6 +152,8 @@ def run_generations(search: Any, seconds_before: float = 0.0) -> float:
                 cfg.fitness.search_split,
                 items,
                 Origin(Kind.SEARCH, generation=generation, genome=[float(v) for v in x]),
+                adaptive=tuple(a.spec([float(v) for v in x]) for a in adaptive) or None,
+                race=race,
             )
             for i, x in enumerate(X)
         ]

@@ -26,6 +26,7 @@ _TAIL_COLUMNS = (
     "recipe_key",
     "metrics",
     "n_items",
+    "stopped",
     "n_tokens",
     "wall_s",
     "worker",
@@ -57,7 +58,8 @@ class Run:
 
     ``candidates`` has one row per stored candidate (index: candidate id): kind (search, test or
     reference), generation, label, split, status, one column per objective, ``test_<objective>``, genome,
-    recipe, recipe_key, metrics (every value the fitness returned), n_items, n_tokens, wall_s (seconds
+    recipe, recipe_key, metrics (every value the fitness returned), n_items, stopped (why an adaptive
+    test stopped: precise, max_items, exhausted, raced; None otherwise), n_tokens, wall_s (seconds
     the evaluation took), worker and error. ``test_<objective>`` is set on successful search rows whose
     weights were also scored on the test split (the run does this for its Pareto front) and is NaN on
     every other row. ``objectives`` are the run's objective configs (name, of, direction); ``config`` is
@@ -134,19 +136,26 @@ class Run:
 
     @property
     def history(self) -> pd.DataFrame:
-        """One row per generation: candidates evaluated and failed, best and mean of each objective, the
-        best so far, and the evaluation seconds (summed over workers) of the generation and so far.
+        """One row per generation: candidates evaluated, failed and stopped by racing, items per candidate
+        (mean), best and mean of each objective, the best so far, and the evaluation seconds (summed
+        over workers) of the generation and so far.
         Genomes whose recipe the run had already scored are not re-evaluated, so are not counted."""
         df = self.candidates[self.candidates.kind == "search"]
         aggregations: dict[str, tuple[str, str]] = {
             "evaluated": ("status", "size"),
             "failed": ("failed", "sum"),
+            "items_per_candidate": ("n_items", "mean"),
+            "raced": ("raced", "sum"),
         }
         for o in self.objectives:
             aggregations[f"best_{o.name}"] = (o.name, o.direction)
             aggregations[f"mean_{o.name}"] = (o.name, "mean")
         aggregations["wall_s"] = ("wall_s", "sum")
-        h = df.assign(failed=df.status != "ok").groupby("generation").agg(**aggregations)
+        h = (
+            df.assign(failed=df.status != "ok", raced=df.stopped == "raced")
+            .groupby("generation")
+            .agg(**aggregations)
+        )
         for o in self.objectives:
             h[f"cum_best_{o.name}"] = getattr(h[f"best_{o.name}"], f"cum{o.direction}")().ffill()
         h["cum_wall_s"] = h["wall_s"].cumsum()

@@ -221,9 +221,12 @@ class Search:
             out = {}
             for o in self.objectives:
                 sub = self.subsets.get(o.name)
-                out[o.name] = (
-                    sub.estimate(result.responses, job.origin.genome)[0] if sub else _value(o, values)
-                )
+                if result.adaptive and o.name in result.adaptive:  # the worker's adaptive test
+                    out[o.name] = float(result.adaptive[o.name]["estimate"])
+                elif sub is not None:
+                    out[o.name] = sub.estimate(result.responses, job.origin.genome)[0]
+                else:
+                    out[o.name] = _value(o, values)
             return out
         return {o.name: _value(o, values) for o in self.objectives}
 

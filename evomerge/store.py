@@ -75,7 +75,8 @@ CREATE TABLE IF NOT EXISTS candidates (
     worker TEXT,
     error TEXT,
     created REAL NOT NULL,
-    trace TEXT
+    trace TEXT,
+    stopped TEXT
 );
 CREATE INDEX IF NOT EXISTS candidates_key ON candidates (recipe_key, split, subset);
 CREATE TABLE IF NOT EXISTS checkpoints (generation INTEGER PRIMARY KEY, state BLOB NOT NULL, created REAL NOT NULL);
@@ -108,6 +109,7 @@ class Candidate:
     id: int | None = None
     created: float = field(default_factory=time.time)
     trace: str | None = None  # the whole traceback of a failed evaluation
+    stopped: str | None = None  # why an adaptive test stopped (precise, max_items, raced, exhausted)
 
 
 _JSON = ("genome", "objectives", "metrics", "responses")
@@ -131,7 +133,11 @@ _COLUMNS = [
     "error",
     "created",
     "trace",
+    "stopped",
 ]
+# Columns added after the first stores were written: older stores get them on open (NULL), and read
+# as NULL where they are opened read-only.
+_ADDED = {"trace": "TEXT", "stopped": "TEXT"}
 
 
 class StoreFullError(OSError):
@@ -154,15 +160,18 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
-        if "trace" not in self._columns():  # a store written before failures kept their traceback
-            self.db.execute("ALTER TABLE candidates ADD COLUMN trace TEXT")
+        have = self._columns()
+        for col, kind in _ADDED.items():
+            if col not in have:
+                self.db.execute(f"ALTER TABLE candidates ADD COLUMN {col} {kind}")
 
     def _columns(self) -> set[str]:
         return {row[1] for row in self.db.execute("PRAGMA table_info(candidates)")}
 
     def _select(self) -> str:
-        """The SELECT list of a candidate row (a store from before ``trace`` reads it as NULL)."""
-        cols = [c if c != "trace" or "trace" in self._columns() else "NULL" for c in _COLUMNS]
+        """The SELECT list of a candidate row (a store from before a column was added reads it as NULL)."""
+        have = self._columns()
+        cols = [c if c not in _ADDED or c in have else "NULL" for c in _COLUMNS]
         return "SELECT id, " + ", ".join(cols) + " FROM candidates"
 
     def snapshot(self) -> tuple[dict[str, Any], list[Candidate]]:

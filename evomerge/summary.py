@@ -23,8 +23,11 @@ MEASURED = "the whole search split: the re-scored front and the calibration mode
 
 
 def front_of(records: Sequence[Candidate], objectives: Sequence[Any]) -> list[Candidate]:
-    """The Pareto front of the successful search candidates (empty when there is none)."""
-    searched = [c for c in records if c.kind == Kind.SEARCH and c.status == Status.OK]
+    """The Pareto front of the successful search candidates (empty when there is none); candidates an
+    adaptive test stopped by racing are never on it unrated."""
+    searched = [
+        c for c in records if c.kind == Kind.SEARCH and c.status == Status.OK and c.stopped != "raced"
+    ]
     return report.pareto_front(searched, objectives) if searched else []
 
 

@@ -139,17 +139,40 @@ class Worker:
         try:
             model = self.materialize(job.recipe)
             with torch.no_grad():
-                result = self.fitness.evaluate(model, self.tokenizer, job.split, job.items)
-            bad = [k for k, v in result.values.items() if not math.isfinite(v)]
-            if bad:
-                raise FloatingPointError(f"fitness returned non-finite values for {bad}")
-            out = EvalResult(Status.OK, **asdict(result))
+                if job.adaptive:
+                    out = self._adaptive(model, job)
+                else:
+                    result = self.fitness.evaluate(model, self.tokenizer, job.split, job.items)
+                    bad = [k for k, v in result.values.items() if not math.isfinite(v)]
+                    if bad:
+                        raise FloatingPointError(f"fitness returned non-finite values for {bad}")
+                    out = EvalResult(Status.OK, **asdict(result))
         except FitnessOutputError as e:  # the user's function is wrong: every candidate would fail
             out = EvalResult.failed(str(e), fatal=True)
         except Exception as e:  # a failed candidate is a record with its reason, never a gap
             out = EvalResult.failed(f"{type(e).__name__}: {e}", trace=traceback.format_exc())
         out.wall_s, out.worker = time.perf_counter() - start, self.name
         return out
+
+    def _adaptive(self, model: torch.nn.Module, job: Job) -> EvalResult:
+        """Score the job's objectives by adaptive tests, a batch of items per fitness call."""
+        from evomerge.calibration import adaptive_evaluate
+
+        n_tokens = 0
+
+        def ask(items: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+            nonlocal n_tokens
+            result = self.fitness.evaluate(model, self.tokenizer, job.split, items)
+            n_tokens += result.n_tokens
+            return result.responses or {}
+
+        scores, answered = adaptive_evaluate(job.adaptive, ask, job.race)
+        values = {f"{name}_se": s["se"] for name, s in scores.items()}
+        values |= {name: s["estimate"] for name, s in scores.items()}
+        n = sum(len(v) for v in answered.values())
+        return EvalResult(
+            Status.OK, values=values, responses=answered, n_items=n, n_tokens=n_tokens, adaptive=scores
+        )
 
     def ready(self) -> str:
         """Answers once the worker has loaded its models."""

@@ -97,3 +97,54 @@ def test_bad_limits_are_one_line(population, kw, message):
     _, params = population
     with pytest.raises(EvomergeError, match=message):
         irt.adaptive_test(params, lambda items: [0.0] * len(items), **kw)
+
+
+def _spec(params, name, cols, **kw):
+    from evomerge.calibration import AdaptiveSpec
+
+    return AdaptiveSpec(name, tuple(cols), params, kw.pop("target_se", 0.05), kw.pop("max_items", 60), **kw)
+
+
+def test_a_workers_adaptive_tests_share_answers_and_race(population):
+    """Two objectives over the same items ask each item once; a race against a front the candidate
+    cannot reach stops the last objective's test after its first batch."""
+    from evomerge.calibration import Race, adaptive_evaluate
+
+    responses, params = population
+    cols = [("t", str(i)) for i in range(params.n_items)]
+    asked: list[dict[str, list[int]]] = []
+
+    def ask(items):
+        asked.append(items)
+        return {t: {str(i): float(responses[5, i]) for i in ids} for t, ids in items.items()}
+
+    specs = (_spec(params, "a", cols), _spec(params, "b", cols))
+    scores, answered = adaptive_evaluate(specs, ask)
+    flat = [i for batch in asked for i in batch["t"]]
+    assert len(flat) == len(set(flat)) == len(answered["t"])  # no item asked twice
+    assert scores["a"]["estimate"] == pytest.approx(scores["b"]["estimate"], abs=0.05)
+    assert {s["stopped"] for s in scores.values()} <= {"precise", "max_items"}
+
+    unreachable = Race(("max", "max"), ((0.99, 0.99),), z=1.64)
+    asked.clear()
+    raced, _ = adaptive_evaluate(specs, ask, unreachable)
+    assert raced["b"]["stopped"] == "raced" and raced["b"]["items"] == 4
+    assert raced["a"]["stopped"] != "raced"  # only the last objective's test races: then all are known
+    reachable = Race(("max", "max"), ((0.0, 0.0),), z=1.64)
+    assert adaptive_evaluate(specs, ask, reachable)[0]["b"]["stopped"] != "raced"
+
+
+def test_a_prior_is_fused_with_the_adaptive_estimate(population):
+    from evomerge.calibration import adaptive_evaluate
+
+    responses, params = population
+    cols = [("t", str(i)) for i in range(params.n_items)]
+
+    def ask(items):
+        return {t: {str(i): float(responses[7, i]) for i in ids} for t, ids in items.items()}
+
+    plain = adaptive_evaluate((_spec(params, "a", cols),), ask)[0]["a"]
+    sure = adaptive_evaluate((_spec(params, "a", cols, prior=(0.9, 1e-8)),), ask)[0]["a"]
+    vague = adaptive_evaluate((_spec(params, "a", cols, prior=(0.9, 1e6)),), ask)[0]["a"]
+    assert sure["estimate"] == pytest.approx(0.9, abs=1e-4) and sure["se"] < plain["se"]
+    assert vague["estimate"] == pytest.approx(plain["estimate"], abs=1e-6)
