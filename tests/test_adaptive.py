@@ -148,3 +148,50 @@ def test_a_prior_is_fused_with_the_adaptive_estimate(population):
     vague = adaptive_evaluate((_spec(params, "a", cols, prior=(0.9, 1e6)),), ask)[0]["a"]
     assert sure["estimate"] == pytest.approx(0.9, abs=1e-4) and sure["se"] < plain["se"]
     assert vague["estimate"] == pytest.approx(plain["estimate"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("objectives", "message"),
+    [
+        (
+            [{"name": "m", "estimator": "gpirt", "items": "adaptive"}],
+            "objective 'm': items: adaptive needs an estimator with a standard error (irt, pirt, sgpirt); "
+            "gpirt has none",
+        ),
+        (
+            [{"name": "m", "estimator": "pirt", "items": "adaptive", "target_se": 0}],
+            "target_se: Input should be greater than 0",
+        ),
+        (
+            [{"name": "m", "estimator": "pirt", "items": 12, "race": True}],
+            "objective 'm': race applies only with items: adaptive",
+        ),
+        (
+            [{"name": "m", "estimator": "pirt", "items": 12, "max_items": 30}],
+            "max_items applies only with items: adaptive",
+        ),
+        (
+            [{"name": "m", "items": "adaptive"}],
+            "objective 'm': items: adaptive needs an estimator (pirt, irt or sgpirt)",
+        ),
+        (
+            [
+                {"name": "m", "estimator": "pirt", "items": "adaptive"},
+                {"name": "s", "of": "zoo_script", "estimator": "pirt", "items": 6},
+            ],
+            "objective 'm' has items: adaptive, objective 's' does not",
+        ),
+    ],
+)
+def test_bad_adaptive_configs_are_one_line(objectives, message):
+    from evomerge.config import parse_config
+
+    data = {
+        "models": {"base": "zoo:base", "experts": {"a": "zoo:addition"}},
+        "fitness": {"tasks": ["zoo_addition", "zoo_script"], "calibration": {"random_merges": 8}},
+        "objectives": objectives,
+        "algorithm": {"name": "nsga2"} if len(objectives) > 1 else {"name": "ga"},
+    }
+    with pytest.raises(EvomergeError) as e:
+        parse_config(data)
+    assert message in str(e.value) and "\n" not in str(e.value)
