@@ -68,7 +68,7 @@ def run_cli(*args):
         ),
         (
             {"algorithm__name": "smsemo"},
-            "unknown algorithm 'smsemo' (did you mean 'smsemoa'?); available: cmaes, de,",
+            "unknown algorithm 'smsemo' (did you mean 'smsemoa'?); available: bo, cmaes, de,",
         ),
         ({"algorithm__name": "nsga2"}, "algorithm 'nsga2' needs two or more objectives, the config has 1"),
         (

@@ -52,6 +52,7 @@ def test_candidates_match_the_store(run, run_dir):
         "recipe_key",
         "metrics",
         "n_items",
+        "stopped",
         "n_tokens",
         "wall_s",
         "worker",
