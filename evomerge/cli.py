@@ -98,14 +98,14 @@ def check(config: Path, out: Path | None) -> None:
     and print the memory plan."""
     from evomerge.config import load_config
     from evomerge.preflight import check_run
+    from evomerge.report import print_lines
 
     try:
         cfg = load_config(config, out=str(out) if out else None)
         found = check_run(cfg, cfg.out)
     except EvomergeError as e:
         fail(str(e))
-    for line in found.lines() if found is not None else ():
-        console.print(line, markup=False, highlight=False)
+    print_lines(console, found.lines() if found is not None else [])
     console.print(f"{config}: ok (run folder {cfg.out})")
 
 
@@ -132,6 +132,7 @@ def plan(
     from evomerge.config import load_config
     from evomerge.plan import Machine, parse_bytes
     from evomerge.preflight import plan_run, resolve_device
+    from evomerge.report import print_lines
 
     try:
         cfg = load_config(config)
@@ -155,8 +156,7 @@ def plan(
     if found is None:
         console.print(f"{config}: the base model's size cannot be read offline; no plan", markup=False)
         return
-    for line in found.lines():
-        console.print(line, markup=False, highlight=False)
+    print_lines(console, found.lines())
 
 
 @app.command()

@@ -839,11 +839,6 @@ class AdaptiveCheck:
     mae_anchor: float = float("nan")
     se_scale: float = 1.0  # root mean squared error over root mean squared claimed standard error (>= 1)
 
-    def combine(self, result: AdaptiveResult) -> float:
-        """A subject's estimate under the measured mix: never worse on held-out subjects than the plain
-        mean of the same items."""
-        return self.lam * result.mean + (1 - self.lam) * result.estimate
-
 
 def check_adaptive(
     params: IrtParams | Sequence[tuple[IrtParams, np.ndarray]],

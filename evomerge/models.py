@@ -222,16 +222,20 @@ class ModelSet:
 
 class SafetensorsDict(Mapping):
     """The tensors of a model's safetensors files, each read from disk when looked up (memory-mapped,
-    in the stored dtype, on the CPU): a checkpoint is never held whole in memory."""
+    in the stored dtype, on the CPU): a checkpoint is never held whole in memory. Each file is opened
+    (and its header parsed) once, on its first lookup."""
 
     def __init__(self, files: Sequence[Path]):
         self.where = {key: f for f in files for key in safetensors_header(f)}
+        self._open: dict[Path, Any] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        with safe_open(self.where[name], "pt") as handle:
-            return handle.get_tensor(name)
+        f = self.where[name]
+        if f not in self._open:
+            self._open[f] = safe_open(f, "pt")
+        return self._open[f].get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.where)

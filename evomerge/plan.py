@@ -29,7 +29,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,6 +70,7 @@ class ModelShape:
     kv_dim: int  # key/value width per layer (kv heads x head dim)
     context: int
     source: str  # "safetensors headers" or "config.json"
+    quantization: str | None = None  # config.json's quantization method, for a quantized checkpoint
 
     def bytes(self, dtype: str) -> int:
         return self.elements * DTYPE_BYTES[dtype] + self.other_bytes
@@ -134,8 +135,13 @@ def merge_work(largest: int, experts: int, cuda: bool, sketches: bool) -> tuple[
 # --- sizes of models ------------------------------------------------------------------------------------
 
 
-def _dims(cfg: dict[str, Any]) -> dict[str, int]:
+def _dims(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ModelShape fields config.json gives: sizes for the activations, and a quantization."""
     text = cfg.get("text_config") or {}
+    quant = cfg.get("quantization_config")
+    quantization = None
+    if quant:
+        quantization = quant.get("quant_method", "quantized") if isinstance(quant, dict) else "quantized"
 
     def get(key: str, default: int = 0) -> int:
         value = cfg.get(key, text.get(key))
@@ -150,6 +156,7 @@ def _dims(cfg: dict[str, Any]) -> dict[str, int]:
         "vocab": get("vocab_size", 32000),
         "kv_dim": get("num_key_value_heads", heads) * head_dim,
         "context": get("max_position_embeddings", DEFAULT_CONTEXT),
+        "quantization": quantization,
     }
 
 
@@ -260,15 +267,13 @@ def _cached_hub_config(ref: str) -> dict[str, Any] | None:
     return None
 
 
-def check_loadable(role: str, ref: str, shape: ModelShape, cfg: dict[str, Any] | None) -> None:
+def check_loadable(role: str, ref: str, shape: ModelShape) -> None:
     """Refuse a checkpoint whose weights are not floats (quantized): it cannot be loaded in a float
     compute dtype and merged."""
-    quant = (cfg or {}).get("quantization_config")
-    if quant:
-        method = quant.get("quant_method", "quantized") if isinstance(quant, dict) else "quantized"
+    if shape.quantization:
         raise EvomergeError(
-            f"{role} {ref!r} is a {method} checkpoint; evomerge merges float weights (float32, bfloat16, "
-            "float16): use the unquantized model"
+            f"{role} {ref!r} is a {shape.quantization} checkpoint; evomerge merges float weights (float32, "
+            "bfloat16, float16): use the unquantized model"
         )
     odd = sorted(shape.stored - set(FLOAT_STORED))
     if odd:
@@ -392,7 +397,6 @@ class Plan:
     chosen: Option
     workers: int
     activations: int
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def model_bytes(self) -> int:
@@ -422,7 +426,7 @@ class Plan:
             f", {self.gpus_per_worker:g} GPU(s) each" if m.device == "cuda" and self.gpus_per_worker else ""
         )
         out.append(f"chosen    {self.chosen.placement}, {self.workers} worker(s){gpus}")
-        return out + list(self.notes)
+        return out
 
 
 def plan(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError, unknown
-from evomerge.plan import Machine, Plan, check_loadable, local_config, model_shape, plan
+from evomerge.plan import Machine, ModelShape, Plan, check_loadable, local_config, model_shape, plan
 
 # Bytes the store takes per stored evaluation (genome, recipe, per-item responses, SQLite overhead), a
 # generous figure: the demo's store holds about 4 KiB per candidate.
@@ -36,11 +36,7 @@ def check_run(
     if config.fitness.tasks:
         check_importable(LMEVAL_NEEDS, "lm-eval fitness (fitness.tasks)")
         check_tasks(config.fitness.tasks, [str(p) for p in config.fitness.include])
-    refs = {"base": config.models.base, **{f"expert {k}": v for k, v in config.models.experts.items()}}
-    if config.models.tokenizer:
-        refs["tokenizer"] = config.models.tokenizer
-    for role, ref in refs.items():
-        check_reference(role, ref)
+    shapes = model_shapes(config)
     depth = model_depth(config.models.base)
     if depth is not None and config.search_space.layer_groups > depth:
         raise EvomergeError(
@@ -53,11 +49,11 @@ def check_run(
 
         space = SearchSpace(config.search_space, list(config.models.experts), depth)
         check_genes(config.algorithm.name, space.n_var, space.layout())
-    base = model_shape(config.models.base)
+    base = shapes["base"]
     if base is not None:  # room for the best model, before whether it fits in memory
         dtype = compute_dtype(config, resolve_device(config))
         check_out(Path(out), estimate_run_bytes(config, base.bytes(dtype)), new)
-    return plan_run(config, machine)
+    return plan_for(config, shapes, machine)
 
 
 # What lm-eval's HF backend imports when a worker first evaluates; lm-eval itself requires none of them.
@@ -156,21 +152,39 @@ def gpus_per_worker(config: RunConfig, device: str) -> float:
     return 0.0
 
 
+def model_shapes(config: RunConfig) -> dict[str, ModelShape | None]:
+    """Each model reference checked (``check_reference``) and, for the base and the experts, its shape
+    from safetensors headers or config.json (None where neither can be read offline); a quantized
+    checkpoint is refused."""
+    refs = {"base": config.models.base, **{f"expert {k}": v for k, v in config.models.experts.items()}}
+    if config.models.tokenizer:
+        check_reference("tokenizer", config.models.tokenizer)
+    shapes = {}
+    for role, ref in refs.items():
+        check_reference(role, ref)
+        shape = shapes[role] = model_shape(ref)
+        if shape is not None:
+            check_loadable(role, ref, shape)
+    return shapes
+
+
 def plan_run(config: RunConfig, machine: Machine | None = None, device: str | None = None) -> Plan | None:
     """The run's memory plan on ``machine`` (None: this one), from config.json and safetensors headers
     alone; refuses a quantized checkpoint and, in one line with the numbers, models that fit no
     placement. None when the base's size cannot be known offline (a hub id not in the local cache).
     ``device`` (with ``machine``) plans for another machine's device than this one's."""
+    return plan_for(config, model_shapes(config), machine, device)
+
+
+def plan_for(
+    config: RunConfig,
+    shapes: dict[str, ModelShape | None],
+    machine: Machine | None = None,
+    device: str | None = None,
+) -> Plan | None:
+    """:func:`plan_run` with the models' shapes already read."""
     device = device or resolve_device(config)
     dtype = compute_dtype(config, device)
-    refs = {"base": config.models.base, **{f"expert {k}": v for k, v in config.models.experts.items()}}
-    shapes = {}
-    for role, ref in refs.items():
-        check_reference(role, ref)
-        shape = model_shape(ref)
-        if shape is not None:
-            check_loadable(role, ref, shape, local_config(ref))
-        shapes[role] = shape
     base = shapes["base"]
     if base is None:
         return None

@@ -227,3 +227,9 @@ def progress(console: Any, description: str, total: int) -> Iterator[Callable[[]
     ) as bar:
         task = bar.add_task(description, total=total)
         yield lambda: bar.advance(task)
+
+
+def print_lines(console: Any, lines: list[str]) -> None:
+    """Print lines as they are (no rich markup or highlighting): a memory plan, say."""
+    for line in lines:
+        console.print(line, markup=False, highlight=False)

@@ -162,8 +162,7 @@ class Search:
             )
         self.config = config
         if console is not None and self.plan is not None:
-            for line in self.plan.lines():
-                console.print(line, markup=False, highlight=False)
+            report.print_lines(console, self.plan.lines())
         if models is not None:
             self.models = ModelSet(**models)
         else:

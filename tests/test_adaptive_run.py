@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
+from tiny import demo_irt_config
 
 from evomerge.config import parse_config
 from evomerge.errors import EvomergeError
@@ -19,18 +19,8 @@ pytestmark = pytest.mark.slow  # a calibration and a search with lm-eval: over a
 
 
 def adaptive_config(zoo_dir: Path, out: Path, **objective) -> dict:
-    data = yaml.safe_load(Path("experiments/demo.yaml").read_text())
-    del data["fitness"]["items"]
-    data.update(
-        objectives=[
-            {"name": "mean_accuracy", "of": "mean", "estimator": "pirt", "items": "adaptive", **objective}
-        ],
-        out=str(out),
-        algorithm={"name": "ga", "pop_size": 4, "generations": 3},
-        zoo={"cache_dir": str(zoo_dir.parent)},
-    )
-    data["fitness"]["calibration"] = {"random_merges": 8}
-    return data
+    adaptive = {"name": "mean_accuracy", "of": "mean", "estimator": "pirt", "items": "adaptive", **objective}
+    return demo_irt_config(zoo_dir, out, [adaptive], {"name": "ga", "pop_size": 4, "generations": 3})
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import save_model_set
 
 from evomerge.errors import EvomergeError
 from evomerge.models import ModelSet, SafetensorsDict
 from evomerge.recipe import Recipe
 from evomerge.workers import Where, Worker, WorkerPool, gpu_slots
-from tiny import save_model_set
 
 TESTS = Path(__file__).resolve().parent
 FITNESS = {"function": "fitness_fns:closeness"}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import demo_irt_config
 
 from evomerge import irt
 from evomerge.calibration import Scope, columns
@@ -23,16 +24,7 @@ OBJECTIVES = [
 
 
 def irt_config(zoo_dir: Path, out: Path) -> dict:
-    data = yaml.safe_load(Path("experiments/demo.yaml").read_text())
-    del data["fitness"]["items"]  # the estimators choose the items
-    data.update(
-        objectives=OBJECTIVES,
-        out=str(out),
-        algorithm={"name": "nsga2", "pop_size": 4, "generations": 2},
-        zoo={"cache_dir": str(zoo_dir.parent)},
-    )
-    data["fitness"]["calibration"] = {"random_merges": 8}
-    return data
+    return demo_irt_config(zoo_dir, out, OBJECTIVES, {"name": "nsga2", "pop_size": 4, "generations": 2})
 
 
 @pytest.fixture(scope="module")

@@ -39,3 +39,18 @@ def save_model_set(root: Path, names: list[str], hidden: int = 32, seed: int = 0
         tok.save_pretrained(path)
         out[name] = path
     return out
+
+
+def demo_irt_config(zoo_dir: Path, out: Path, objectives: list[dict], algorithm: dict) -> dict:
+    """The demo config (experiments/demo.yaml) with estimated ``objectives``, which choose their items,
+    8 calibration merges and ``algorithm``, on the zoo built in ``zoo_dir``."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    data = yaml.safe_load((root / "experiments" / "demo.yaml").read_text())
+    del data["fitness"]["items"]  # the estimators choose the items
+    data.update(
+        objectives=objectives, out=str(out), algorithm=algorithm, zoo={"cache_dir": str(zoo_dir.parent)}
+    )
+    data["fitness"]["calibration"] = {"random_merges": 8}
+    return data
