@@ -1,13 +1,17 @@
-"""Search efficiency on the tiny zoo: the peers' recipes and evomerge's, as evomerge configurations of
-the demo's search space, side by side over seeds: the best candidate's test accuracy against model
-evaluations and against item evaluations (calibration included), and the item evaluations each needs
-to reach the final test accuracy of the GA with full-split fitness.
+"""Search efficiency: the peers' recipes and evomerge's, as evomerge configurations of one search space,
+side by side over seeds: the best candidate's test accuracy against model evaluations and against item
+evaluations (calibration included), and the item evaluations each needs to reach the final test
+accuracy of the GA with full-split fitness.
 
     python experiments/benchmarks/search_efficiency.py [--seeds 5] [--recipes ga_full,bo_adaptive]
-        [--out runs/efficiency] [--quick]
+        [--zoo tiny|real] [--out runs/efficiency] [--quick]
 
-Runs are kept in ``--out/<recipe>-<seed>`` and resumed or reused when the script runs again. ``--quick``
-shrinks every budget 4x (a smoke run of the harness, not a measurement).
+``--zoo tiny`` (default) is the demo's search space on the tiny zoo with the demo's budget (128
+candidates); ``--zoo real`` is ``experiments/real_smollm2.yaml``'s on the SmolLM2-135M zoo (`evomerge zoo
+build --real`) at a reduced budget (16 candidates), GA + full fitness against BO + adaptive items, where
+wall time is the figure. Runs are kept in ``--out/<recipe>-<seed>`` (with the wall time of a run made
+start to finish in one go) and resumed or reused when the script runs again. ``--quick`` shrinks every
+budget 4x (a smoke run of the harness, not a measurement).
 """
 
 from __future__ import annotations
@@ -24,16 +28,40 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from evomerge.runfolder import RunFolder
+
 ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's progress bars, for the test-split scoring here
-TASKS = ["zoo_addition", "zoo_script", "zoo_reversal"]
+# each zoo: the config the recipes change, and the calibration of its IRT recipes
+ZOOS = {
+    "tiny": {"config": "demo.yaml", "calibration": {"random_merges": 20}},
+    "real": {"config": "real_smollm2.yaml", "calibration": {"random_merges": 6}},
+}
 
 
-def recipes(quick: bool) -> dict[str, dict[str, Any]]:
-    """Each recipe's config changes to the demo: algorithm, budget, fitness items, objective."""
+def recipes(zoo: str, quick: bool) -> dict[str, dict[str, Any]]:
+    """Each recipe's config changes: algorithm, budget, fitness items, objective."""
     shrink = 4 if quick else 1
-    pop, gens = 16 // shrink, 8 // shrink
     plain = {"name": "mean_accuracy", "of": "mean"}
+    if zoo == "real":  # one worker of two threads: BO proposes one candidate at a time
+        adaptive = {**plain, "estimator": "sgpirt", "items": "adaptive", "max_items": 12, "race": True}
+        return {
+            "ga_full": {
+                "algorithm": {
+                    "name": "ga",
+                    "pop_size": 8,
+                    "generations": 2 // min(shrink, 2),
+                    "initial": "experts",
+                },
+                "items": None,
+                "objective": plain,
+            },
+            "bo_adaptive": {
+                "algorithm": {"name": "bo", "pop_size": 1, "generations": 16 // shrink, "initial": "experts"},
+                "objective": adaptive,
+            },
+        }
+    pop, gens = 16 // shrink, 8 // shrink
 
     def irt(**o: Any) -> dict[str, Any]:
         return {**plain, **o}
@@ -57,39 +85,46 @@ def recipes(quick: bool) -> dict[str, dict[str, Any]]:
             "objective": irt(estimator="sgpirt", items=12, selection="information"),
         },
         "bo_full": {"algorithm": bo, "items": None, "objective": plain},
+        # BO on a fixed random subset, plain accuracy: no calibration to pay for
+        "bo_subset": {"algorithm": bo, "items": 40, "objective": plain},
         "bo_sgpirt": {
             "algorithm": bo,
             "objective": irt(estimator="sgpirt", items=12, selection="information"),
         },
         "bo_adaptive": {
             "algorithm": bo,
-            "objective": irt(estimator="sgpirt", items="adaptive", max_items=40, target_se=0.05, race=True),
+            "objective": irt(estimator="sgpirt", items="adaptive", max_items=12, target_se=0.05, race=True),
         },
     }
 
 
-def config(recipe: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
-    data = yaml.safe_load((ROOT / "experiments" / "demo.yaml").read_text())
+def config(zoo: str, recipe: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "experiments" / ZOOS[zoo]["config"]).read_text())
     data["fitness"].pop("items", None)
     if recipe.get("items"):
         data["fitness"]["items"] = recipe["items"]
     if "estimator" in recipe["objective"]:
-        data["fitness"]["calibration"] = {"random_merges": 20}
+        data["fitness"]["calibration"] = ZOOS[zoo]["calibration"]
     data.update(objectives=[recipe["objective"]], algorithm=recipe["algorithm"], seed=seed, out=str(out))
     return data
 
 
-def run_one(name: str, recipe: dict[str, Any], seed: int, root: Path) -> Path:
+def run_one(zoo: str, name: str, recipe: dict[str, Any], seed: int, root: Path) -> Path:
+    """Run (or resume, or reuse) one recipe and seed; a run made in one go records its wall time, from
+    the config to the finished folder (loading, calibration, search and final evaluations)."""
     from evomerge.config import parse_config
-    from evomerge.runfolder import RunFolder
     from evomerge.search import Search, resume_search
 
     out = root / f"{name}-{seed}"
     if RunFolder(out).finished():
         return out
     if (out / "store.sqlite").exists():
+        (out / "efficiency_wall.json").unlink(missing_ok=True)  # no longer one go
         return resume_search(out).resume()
-    return Search(parse_config(config(recipe, seed, out))).run()
+    start = time.time()
+    Search(parse_config(config(zoo, recipe, seed, out))).run()
+    (out / "efficiency_wall.json").write_text(json.dumps({"seconds": time.time() - start}))
+    return out
 
 
 def test_accuracy(run_dir: Path, ids: list[int], cache: dict[int, float]) -> dict[int, float]:
@@ -105,7 +140,7 @@ def test_accuracy(run_dir: Path, ids: list[int], cache: dict[int, float]) -> dic
     todo = [i for i in ids if i not in cache]
     if todo:
         run = load_run(run_dir)
-        fitness = LmEvalFitness(TASKS)
+        fitness = LmEvalFitness(list(run.config.fitness.tasks))
         for i in todo:
             model, tok = run.load_model(i)
             with torch.no_grad():
@@ -136,6 +171,10 @@ def anytime(run_dir: Path) -> pd.DataFrame:
                 best, best_id = c.objectives["mean_accuracy"], c.id
         points.append({"generation": g, "models": models, "items": items, "best_id": best_id})
     df = pd.DataFrame(points)
+    df.attrs["items per candidate"] = float(np.mean([c.n_items for c in searched]))
+    df.attrs["kinds"] = sorted({c.kind for c in rows})
+    wall = run_dir / "efficiency_wall.json"
+    df.attrs["wall s"] = json.loads(wall.read_text())["seconds"] if wall.is_file() else np.nan
     tests = test_accuracy(run_dir, sorted({int(i) for i in df.best_id.dropna()}), {})
     df["test"] = df.best_id.map(lambda i: tests.get(int(i), np.nan) if i == i else np.nan)
     return df
@@ -145,63 +184,105 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--recipes", default="all", help="comma-separated names, or all")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "efficiency")
+    ap.add_argument("--zoo", choices=list(ZOOS), default="tiny")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="default: runs/efficiency (tiny), runs/efficiency-real"
+    )
     ap.add_argument("--quick", action="store_true", help="every budget 4x smaller (a smoke run)")
+    ap.add_argument(
+        "--report", action="store_true", help="table and plot of the finished runs only, run nothing"
+    )
     args = ap.parse_args()
-    catalogue = recipes(args.quick)
+    out = args.out or ROOT / "runs" / ("efficiency" if args.zoo == "tiny" else "efficiency-real")
+    catalogue = recipes(args.zoo, args.quick)
     names = list(catalogue) if args.recipes == "all" else args.recipes.split(",")
     unknown = [n for n in names if n not in catalogue]
     if unknown:
         sys.exit(f"error: unknown recipe {unknown[0]!r}; allowed: {', '.join(catalogue)}")
     start = time.time()
     curves: dict[str, list[pd.DataFrame]] = {}
-    for name in names:
-        for seed in range(args.seeds):
-            curves.setdefault(name, []).append(anytime(run_one(name, catalogue[name], seed, args.out)))
+    for seed in range(args.seeds):  # seed by seed, so that a partial sweep covers every recipe
+        for name in names:
+            if args.report and not RunFolder(out / f"{name}-{seed}").finished():
+                continue
+            curves.setdefault(name, []).append(anytime(run_one(args.zoo, name, catalogue[name], seed, out)))
+    print(f"Command: `python {' '.join(sys.argv)}`\n")
     target_runs = curves.get("ga_full")
     target = float(np.median([c.test.iloc[-1] for c in target_runs])) if target_runs else np.nan
-    table = []
+    budget = float(np.median([c["items"].iloc[-1] for c in target_runs])) if target_runs else np.nan
+    print(
+        f"{'Tiny zoo, the demo' if args.zoo == 'tiny' else 'SmolLM2-135M zoo, real_smollm2.yaml'}'s search "
+        f"space, at most {args.seeds} seed(s){' (quick budgets)' if args.quick else ''}; target: GA-full's median "
+        f"final test accuracy {target:.4f}, GA-full's item evaluations {budget:.0f}; "
+        f"{time.time() - start:.0f} s.\n"
+    )
+    print(table(curves, target, budget).to_markdown(index=False, floatfmt=".3g"))
+    _plot(curves, target, out / "efficiency.png")
+    print(f"\nanytime curves (median, min-max over seeds): {out / 'efficiency.png'}")
+
+
+def table(curves: dict[str, list[pd.DataFrame]], target: float, budget: float) -> pd.DataFrame:
+    """Medians over seeds per recipe; "items to target" is inf for a seed that never reached it."""
+    rows = []
     for name, runs in curves.items():
         reach = [c[c.test >= target] for c in runs]
-        table.append(
+        to_target = float(np.median([r["items"].iloc[0] if len(r) else np.inf for r in reach]))
+        rows.append(
             {
                 "recipe": name,
-                "final test (median)": np.median([c.test.iloc[-1] for c in runs]),
+                "seeds": len(runs),
+                "final test": np.median([c.test.iloc[-1] for c in runs]),
+                "test min-max": f"{min(c.test.iloc[-1] for c in runs):.3f}-{max(c.test.iloc[-1] for c in runs):.3f}",
                 "models": np.median([c.models.iloc[-1] for c in runs]),
+                "items / candidate": np.median([c.attrs["items per candidate"] for c in runs]),
                 "item evaluations": np.median([c["items"].iloc[-1] for c in runs]),
-                "items to GA-full's final test": np.median(
-                    [r["items"].iloc[0] if len(r) else np.inf for r in reach]
-                ),
-                "models to it": np.median([r.models.iloc[0] if len(r) else np.inf for r in reach]),
-                "reached (seeds)": sum(len(r) > 0 for r in reach),
+                "reached target (seeds)": f"{sum(len(r) > 0 for r in reach)}/{len(runs)}",
+                "models to target": np.median([r.models.iloc[0] if len(r) else np.inf for r in reach]),
+                "items to target": to_target,
+                "GA-full's items / these": budget / to_target,
+                "wall s": np.median([c.attrs["wall s"] for c in runs]),
             }
         )
-    print(f"Command: `python {' '.join(sys.argv)}`\n")
-    print(
-        f"Tiny zoo, the demo's search space, {args.seeds} seed(s){' (quick budgets)' if args.quick else ''}; "
-        f"target: GA-full's median final test accuracy {target:.4f}; {time.time() - start:.0f} s.\n"
-    )
-    print(pd.DataFrame(table).to_markdown(index=False, floatfmt=".4g"))
-    _plot(curves, args.out / "efficiency.png")
-    print(f"\nanytime curves: {args.out / 'efficiency.png'}")
+    df = pd.DataFrame(rows)
+    for column in ["models", "item evaluations", "models to target", "items to target"]:
+        df[column] = [f"{v:,.0f}" if np.isfinite(v) else "never" for v in df[column]]
+    return df.dropna(axis=1, how="all")  # wall s: only runs made in one go have it
 
 
-def _plot(curves: dict[str, list[pd.DataFrame]], path: Path) -> None:
+def _steps(c: pd.DataFrame, axis: str, grid: np.ndarray) -> np.ndarray:
+    """The best-so-far test accuracy at each grid point (a step function: the last value at or before)."""
+    at = np.searchsorted(c[axis].to_numpy(), grid, side="right") - 1
+    values = c["test"].ffill().to_numpy()
+    return np.where(at >= 0, values[np.clip(at, 0, None)], np.nan)
+
+
+def _plot(curves: dict[str, list[pd.DataFrame]], target: float, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
-    for name, runs in curves.items():
-        grid = np.unique(np.concatenate([c["items"].to_numpy() for c in runs]))
-        values = np.array([np.interp(grid, c["items"], c["test"].ffill(), left=np.nan) for c in runs])
-        ax.plot(grid, np.nanmedian(values, axis=0), label=name)
-        ax.fill_between(grid, np.nanmin(values, axis=0), np.nanmax(values, axis=0), alpha=0.15)
-    ax.set_xscale("log")
-    ax.set_xlabel("item evaluations (calibration included)")
-    ax.set_ylabel("test accuracy of the best so far")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained", sharey=True)
+    for ax, axis, label in zip(
+        axes, ["models", "items"], ["model evaluations", "item evaluations"], strict=True
+    ):
+        for name, runs in curves.items():
+            grid = np.unique(np.concatenate([c[axis].to_numpy() for c in runs]))
+            values = np.array([_steps(c, axis, grid) for c in runs])
+            (line,) = ax.step(grid, np.nanmedian(values, axis=0), where="post", label=name)
+            ax.fill_between(
+                grid,
+                np.nanmin(values, axis=0),
+                np.nanmax(values, axis=0),
+                step="post",
+                alpha=0.12,
+                color=line.get_color(),
+            )
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{label} (calibration included)")
+    axes[0].set_ylabel("test accuracy of the best so far")
+    axes[1].legend(fontsize=8, loc="lower right")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
 
