@@ -255,18 +255,19 @@ def show(run_dir: Path, candidate_id: int) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["mergekit"]),
+    type=click.Choice(["mergekit", "hf"]),
     default="mergekit",
     show_default=True,
-    help="output format",
+    help="mergekit: the recipe as a mergekit YAML (mergekit's methods only); hf: the merged model as a "
+    "Hugging Face folder (any recipe)",
 )
 @click.option("--out", type=click.Path(path_type=Path), help="file to write (default: RUN_DIR/exports/...)")
 def export(run_dir: Path, candidate_id: int, fmt: str, out: Path | None) -> None:
-    """Write a candidate's recipe as a mergekit YAML (reproduce it with mergekit-yaml)."""
+    """Write a candidate's recipe as a mergekit YAML (reproduce it with mergekit-yaml), or the merged model."""
     from evomerge.export import export_candidate
 
     try:
-        path = export_candidate(run_dir, candidate_id, out)
+        path = export_candidate(run_dir, candidate_id, out, fmt)
     except EvomergeError as e:
         fail(str(e))
     console.print(str(path))

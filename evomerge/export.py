@@ -1,4 +1,5 @@
-"""Export a recipe as a mergekit YAML, so that ``mergekit-yaml`` reproduces evomerge's merge.
+"""Export a candidate: its recipe as a mergekit YAML, so that ``mergekit-yaml`` reproduces evomerge's
+merge, or (``--format hf``, any recipe) the merged model itself as a Hugging Face folder.
 
 A recipe's layer groups become mergekit parameter filters: each per-model or shared parameter is a list
 of ``{filter: "layers.<i>.", value: v}`` entries, one per decoder layer, ending with the ``other``
@@ -6,7 +7,8 @@ group's value without a filter (embeddings, final norm, lm_head). Every paramete
 defaults included, so the file does not depend on either tool's defaults.
 
 mergekit 0.1.5 applies one ``merge_method`` per configuration, so a recipe whose groups use different
-methods cannot be written as one file; ``to_mergekit`` refuses it with the methods it found.
+methods cannot be written as one file; ``to_mergekit`` refuses it with the methods it found, and a
+recipe that uses one of evomerge's own methods (the subspace methods: tsv, iso_c, ...) with that method.
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def to_mergekit(
     ``recipe`` says. ``base``/``experts`` are what mergekit should load: local paths or hub ids."""
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_dict(recipe)
+    for g in recipe.groups:
+        if not get_method(g.method).mergekit:
+            raise EvomergeError(
+                f"merge method {g.method!r} (group {g.name}) is evomerge's own: mergekit cannot reproduce "
+                "it; write the merged model instead with `evomerge export --format hf`"
+            )
     methods = sorted({g.method for g in recipe.groups})
     if len(methods) > 1:
         groups = ", ".join(f"{g.name}: {g.method}" for g in recipe.groups)
@@ -93,16 +101,72 @@ def to_mergekit(
     return config
 
 
-def export_candidate(run_dir: str | Path, candidate_id: int, out: str | Path | None = None) -> Path:
+def export_candidate(
+    run_dir: str | Path, candidate_id: int, out: str | Path | None = None, fmt: str = "mergekit"
+) -> Path:
     """Write candidate ``candidate_id`` of a run as a mergekit YAML (default
-    ``RUN_DIR/exports/candidate-<id>.mergekit.yaml``) and return its path; existing files are kept."""
-    from evomerge.runfolder import RunFolder
+    ``RUN_DIR/exports/candidate-<id>.mergekit.yaml``) or, ``fmt="hf"``, as the merged model (default
+    ``RUN_DIR/exports/candidate-<id>/``), and return its path; existing files are kept."""
+    run_dir = Path(run_dir)
+    if fmt == "hf":
+        return export_model(run_dir, candidate_id, out)
+    if fmt != "mergekit":
+        raise EvomergeError(f"unknown export format {fmt!r}; allowed: mergekit, hf")
+    recipe, models, _ = _candidate(run_dir, candidate_id)
+    config = to_mergekit(
+        recipe,
+        models["base"],
+        models["experts"],
+        dtype=models.get("dtype", "float32"),
+        tokenizer=models.get("tokenizer"),
+    )
+    path = _target(out, run_dir / "exports" / f"candidate-{candidate_id}.mergekit.yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def export_model(run_dir: str | Path, candidate_id: int, out: str | Path | None = None) -> Path:
+    """Re-merge candidate ``candidate_id`` on the CPU as its worker did (``Run.load_model``) and save it
+    with its tokenizer as a Hugging Face folder (safetensors), written whole or not at all."""
+    import shutil
+    import tempfile
+
+    from evomerge.run import remerge
 
     run_dir = Path(run_dir)
+    recipe, models, keyed_stream = _candidate(run_dir, candidate_id)
+    path = _target(out, run_dir / "exports" / f"candidate-{candidate_id}")
+    model, tokenizer = remerge(recipe, models, keyed_stream, run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _target(out: str | Path | None, default: Path) -> Path:
+    path = Path(out) if out is not None else default
+    if path.exists():
+        raise EvomergeError(f"{str(path)!r} already exists; choose another --out")
+    return path
+
+
+def _candidate(run_dir: Path, candidate_id: int) -> tuple[dict[str, Any], dict[str, Any], int | None]:
+    """(recipe, model paths, keyed stream version) of a stored candidate; one line for a missing
+    candidate or model paths."""
+    from evomerge.runfolder import RunFolder
+
     folder = RunFolder(run_dir)
     store = folder.open_store(readonly=True)
     try:
-        models = folder.meta(store).models
+        meta = folder.meta(store)
+        models, keyed_stream = meta.models, meta.keyed_stream
         try:
             candidate = store.get(candidate_id)
         except KeyError:
@@ -119,16 +183,4 @@ def export_candidate(run_dir: str | Path, candidate_id: int, out: str | Path | N
         raise EvomergeError(
             f"run {str(run_dir)!r} does not record its model paths (made by an older evomerge)"
         )
-    config = to_mergekit(
-        candidate.recipe,
-        models["base"],
-        models["experts"],
-        dtype=models.get("dtype", "float32"),
-        tokenizer=models.get("tokenizer"),
-    )
-    path = Path(out) if out is not None else run_dir / "exports" / f"candidate-{candidate_id}.mergekit.yaml"
-    if path.exists():
-        raise EvomergeError(f"{str(path)!r} already exists; choose another --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return candidate.recipe, models, keyed_stream

@@ -12,7 +12,8 @@ config.json (the model is built on torch's ``meta`` device, which allocates noth
 - ``host``: everything in host memory, for ``device: cpu``.
 
 Besides the weights a worker holds the order-statistics sketches of the TIES family in host memory
-(1/85 of a float32 model per expert), and on its merging device the larger of two peaks: building
+(1/85 of a float32 model per expert), the subspace methods' SVD factors where it merges (up to a + b K
+float32 model sizes per method, ``MergeMethod.cache_models``), and on its merging device the larger of two peaks: building
 those sketches once (sorting the largest tensor), or a merge's scratch (chunks of float32) plus the
 fitness's activations, estimated for ``fitness.batch_size`` sequences of ``fitness.max_length`` tokens
 (default: the model's context, at most 2048).
@@ -103,15 +104,16 @@ def worker_memory(
     activation_bytes: int = 0,
     scratch_bytes: int = 0,
     transient_bytes: int = 0,
+    cache_bytes: int = 0,
 ) -> Memory:
     """One worker's memory under ``placement`` for a model of ``model_bytes`` (compute dtype) whose
     largest tensor has ``largest_bytes`` and ``experts`` task vectors: the weights where the placement
     puts them, the sketches in host memory, and on the merging device the larger of the one-time
     ``transient_bytes`` (building the sketches) and a merge's ``scratch_bytes`` plus the fitness's
-    ``activation_bytes``. Margins (CUDA context, libraries) are not included: this is the arithmetic
-    of what evomerge allocates."""
+    ``activation_bytes``, plus the subspace methods' ``cache_bytes`` where the merges run. Margins
+    (CUDA context, libraries) are not included: this is the arithmetic of what evomerge allocates."""
     k = experts
-    work = max(transient_bytes, scratch_bytes + activation_bytes)
+    work = max(transient_bytes, scratch_bytes + activation_bytes) + cache_bytes
     if placement == "device":
         return Memory((k + 2) * model_bytes + work, sketch_bytes)
     if placement == "streamed":
@@ -442,6 +444,7 @@ def plan(
     batch_size: int = 8,
     max_length: int | None = None,
     sketches: bool = True,  # the search uses a method with magnitude sketches (the TIES family)
+    cache_models: float = 0.0,  # float32 model sizes of the subspace methods' SVD factors
 ) -> Plan:
     """Each placement's memory per worker on ``machine``, and the one the run uses: the fastest that
     fits ``workers`` (None: the most workers that fit, at least one). Raises one line with the numbers
@@ -452,6 +455,7 @@ def plan(
     activations = shape.activations(batch_size, tokens, dtype)
     sketch = int(experts * shape.elements * 4 * SKETCH_FRACTION) if sketches else 0
     scratch, transient = merge_work(shape.largest, experts, machine.device == "cuda", sketches)
+    cache = int(cache_models * shape.elements * 4)
     candidates: tuple[Placement, ...] = ("device", "streamed") if machine.device == "cuda" else ("host",)
     if placement != "auto":
         if placement not in PLACEMENTS:
@@ -473,6 +477,7 @@ def plan(
             activation_bytes=activations,
             scratch_bytes=scratch,
             transient_bytes=transient,
+            cache_bytes=cache,
         )
         options.append(Option(p, memory, *_fit(memory, machine, gpus_per_worker, threads)))
     wanted = workers or 1

@@ -210,6 +210,7 @@ def plan_for(
         batch_size=config.fitness.batch_size,
         max_length=config.fitness.max_length,
         sketches=uses_sketches(config.search_space.methods),
+        cache_models=subspace_cache(config.search_space.methods, len(config.models.experts)),
     )
 
 
@@ -221,6 +222,14 @@ def uses_sketches(methods: Sequence[str]) -> bool:
     from evomerge.merge.sparsify import prepare_magnitude
 
     return any(get_method(m).prepare in (prepare_magnitude, sce.prepare) for m in methods)
+
+
+def subspace_cache(methods: Sequence[str], experts: int) -> float:
+    """Float32 model sizes of the SVD factors the subspace methods among ``methods`` cache where a
+    worker merges: sum of a + b K (each group may draw any of them, so every one's may be held)."""
+    from evomerge.merge.base import get_method
+
+    return sum(a + b * experts for a, b in (get_method(m).cache_models for m in dict.fromkeys(methods)))
 
 
 def _existing_parent(path: Path) -> Path:

@@ -245,24 +245,14 @@ class Run:
         the Hugging Face model (eval mode) and tokenizer. ``device``: where to load and merge (cpu, cuda,
         cuda:N, or auto to spread the model over the visible GPUs); the masks of dare_*/della* are the
         same on every device, so the weights equal the worker's up to the device's rounding."""
-        from evomerge.merge.merger import check_masks_reproducible
-        from evomerge.models import ModelSet
-        from evomerge.recipe import Recipe
-        from evomerge.workers import search_merger
-
         if candidate_id not in self.candidates.index:
             ids = self.candidates.index
             known = f"its candidates: {ids.min()}..{ids.max()}" if len(ids) else "it has no candidates yet"
             raise EvomergeError(f"run {str(self.path)!r} has no candidate {candidate_id}; {known}")
         if self.models is None:
             raise EvomergeError(f"run {str(self.path)!r} does not record its model paths")
-        recipe = Recipe.from_dict(self.candidates.at[candidate_id, "recipe"])
-        check_masks_reproducible(self._meta.get("keyed_stream"), [g.method for g in recipe.groups], self.path)
-        models = ModelSet(**self.models)
-        model = models.load_model(device=device)
-        merger = search_merger(model, models)
-        merger.apply(recipe, out=model)
-        return model.eval(), models.load_tokenizer()
+        recipe = self.candidates.at[candidate_id, "recipe"]
+        return remerge(recipe, self.models, self._meta.get("keyed_stream"), self.path, device)
 
     def __repr__(self) -> str:
         kinds = self.candidates.kind.value_counts()
@@ -274,3 +264,25 @@ class Run:
             f"Run({str(self.path)!r}): {len(self.candidates)} candidates ({counts}); "
             f"objectives: {objectives}; best on the search split: {best if len(searched) else 'none yet'}"
         )
+
+
+def remerge(
+    recipe: dict[str, Any],
+    models: dict[str, Any],
+    keyed_stream: int | None,
+    run_dir: Path,
+    device: str = "cpu",
+) -> tuple[Any, Any]:
+    """A stored recipe merged from a run's ``models`` as its worker merged it: the model (eval mode) and
+    tokenizer (``Run.load_model``, ``evomerge export --format hf``)."""
+    from evomerge.merge.merger import check_masks_reproducible
+    from evomerge.models import ModelSet
+    from evomerge.recipe import Recipe
+    from evomerge.workers import search_merger
+
+    parsed = Recipe.from_dict(recipe)
+    check_masks_reproducible(keyed_stream, [g.method for g in parsed.groups], run_dir)
+    model_set = ModelSet(**models)
+    model = model_set.load_model(device=device)
+    search_merger(model, model_set).apply(parsed, out=model)
+    return model.eval(), model_set.load_tokenizer()

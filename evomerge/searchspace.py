@@ -68,9 +68,9 @@ class SearchSpaceConfig(BaseModel):
                 raise EvomergeError(f"search space gene {name!r} bounds [{low}, {high}]: low exceeds high")
             if p.name == "density" and not (low >= 0.0 and high <= 1.0):
                 raise EvomergeError(f"search space gene {name!r} bounds [{low}, {high}] are outside [0, 1]")
-            if low < p.low or high > p.high:
+            if not (p.admits(low) and p.admits(high)):
                 raise EvomergeError(
-                    f"search space gene {name!r} bounds [{low}, {high}] are outside [{p.low}, {p.high}]"
+                    f"search space gene {name!r} bounds [{low}, {high}] are outside {p.bounds}"
                 )
         if not self.genes and len(self.methods) == 1:
             raise EvomergeError(

@@ -3,17 +3,24 @@
 from evomerge.merge import (  # noqa: F401  (registration)
     breadcrumbs,
     breadcrumbs_ties,
+    cart,
     dare_linear,
     dare_ties,
     della,
     della_linear,
+    iso_c,
+    iso_cts,
     linear,
+    lines,
+    magmax,
     model_stock,
     nuslerp,
     sce,
     slerp,
+    star,
     task_arithmetic,
     ties,
+    tsv,
 )
 from evomerge.merge.api import merge_state_dicts
 from evomerge.merge.base import METHODS, MergeInputs, MergeMethod, Param, get_method, merge_method

@@ -28,7 +28,8 @@ class Param:
 
     ``scope="model"`` takes one value per input model (mergekit's per-model parameters such as
     ``weight`` and ``density``); ``scope="shared"`` takes one value for the tensor group.
-    ``low``/``high`` bound the allowed values (inclusive); a search space may only search inside them.
+    ``low``/``high`` bound the allowed values (inclusive, or ``low`` excluded when ``open_low``: a rank
+    fraction in (0, 1]); a search space may only search inside them.
     """
 
     name: str
@@ -37,6 +38,14 @@ class Param:
     kind: type = float
     low: float = -math.inf
     high: float = math.inf
+    open_low: bool = False
+
+    @property
+    def bounds(self) -> str:
+        return f"{'(' if self.open_low else '['}{self.low}, {self.high}]"
+
+    def admits(self, value: float) -> bool:
+        return (self.low < value if self.open_low else self.low <= value) and value <= self.high
 
     @property
     def required(self) -> bool:
@@ -56,6 +65,10 @@ class MergeInputs:
 
     Everything a method creates lives on ``device``, the task vectors' device (a GPU's, say): the
     workspace hands out buffers there and ``chunk`` is that device's loop chunk size.
+
+    ``depth``: the tensor's relative depth in the model, 0 (the embeddings, the first decoder layer)
+    to 1 (the last decoder layer, the final norm and head), which a Merger derives from the tensor
+    names; depth-scaled methods (lines) need it. None: unknown.
     """
 
     def __init__(
@@ -69,9 +82,11 @@ class MergeInputs:
         workspace: Workspace | None = None,
         stream: Stream | None = None,
         fuse: bool | None = None,
+        depth: float | None = None,
     ) -> None:
         self.name = name
         self.fuse = fuse
+        self.depth = depth
         self.base = base
         self.deltas = deltas
         self.out = out
@@ -155,6 +170,10 @@ class MergeMethod:
     ``check(params, experts)`` rejects parameter combinations the ranges cannot express;
     ``prepare(inputs)`` computes a tensor's genome-independent statistics ahead of the first merge.
     ``random_masks``: the merge draws random masks from ``inputs.stream`` (dare_*, della*).
+    ``mergekit``: mergekit has this method, with these semantics (False: evomerge's own; its recipes
+    export as merged weights, not as a mergekit configuration).
+    ``cache_models``: (a, b), the genome-independent cache the method keeps per tensor on the merging
+    device is at most a + b K float32 model sizes (the subspace methods' SVD factors), for the plan.
     """
 
     name: str
@@ -170,6 +189,8 @@ class MergeMethod:
     )
     prepare: Callable[[MergeInputs], None] | None = field(default=None, repr=False)
     random_masks: bool = False
+    cache_models: tuple[float, float] = (0.0, 0.0)
+    mergekit: bool = True
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -256,10 +277,10 @@ class MergeMethod:
             isinstance(value, bool)
             or not isinstance(value, (int, float))
             or math.isnan(value)
-            or not (p.low <= float(value) <= p.high)
+            or not p.admits(float(value))
         ):
             raise EvomergeError(
-                f"merge method {self.name!r} parameter {p.name!r}={value!r} is outside [{p.low}, {p.high}]{of}"
+                f"merge method {self.name!r} parameter {p.name!r}={value!r} is outside {p.bounds}{of}"
             )
 
 
@@ -277,6 +298,8 @@ def merge_method(
     check: Callable[[MergeMethod, dict[str, Any], Sequence[Any]], None] | None = None,
     prepare: Callable[[MergeInputs], None] | None = None,
     random_masks: bool = False,
+    cache_models: tuple[float, float] = (0.0, 0.0),
+    mergekit: bool = True,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn(inputs: MergeInputs, **params) -> Tensor`` under ``name`` with its parameters."""
 
@@ -295,6 +318,8 @@ def merge_method(
                 check,
                 prepare,
                 random_masks,
+                cache_models,
+                mergekit,
             ),
         )
         return fn

@@ -14,6 +14,7 @@ from evomerge.errors import EvomergeError
 from evomerge.merge import fused
 from evomerge.merge.base import MergeInputs, MergeMethod, get_method
 from evomerge.merge.kernels import STORE, Workspace, release_heap
+from evomerge.merge.lines import depths
 from evomerge.merge.staging import HostStore, Staging
 from evomerge.merge.streams import KEYED_VERSION, Stream, make_stream
 from evomerge.recipe import Recipe, layer_of
@@ -52,8 +53,9 @@ def check_masks_reproducible(recorded: int | None, methods: Iterable[str], run_d
 class Footprint:
     """Bytes a Merger holds, by place: ``device`` (accelerator memory) and ``host`` (CPU memory; all of
     a CPU Merger's bytes), and by part: ``base``, ``task_vectors``, ``staging`` (the streamed
-    placement's device buffers), ``statistics`` (cached per-tensor statistics such as the magnitude
-    sketches, which live in host memory) and ``scratch`` (the workspace)."""
+    placement's device buffers), ``statistics`` (cached per-tensor statistics: the magnitude sketches,
+    which live in host memory, and the subspace methods' SVD factors, on the merging device) and
+    ``scratch`` (the workspace)."""
 
     device: int
     host: int
@@ -64,13 +66,15 @@ class Footprint:
         return self.device + self.host
 
 
-def _nbytes(value: Any) -> tuple[int, bool]:
-    """(bytes, on the host) of one cached statistic."""
+def _nbytes(value: Any) -> list[tuple[int, bool]]:
+    """(bytes, on the host) of each tensor in one cached statistic."""
     if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size(), value.device.type == "cpu"
+        return [(value.numel() * value.element_size(), value.device.type == "cpu")]
     if callable(getattr(value, "nbytes", None)):
-        return value.nbytes(), True  # an OrderSketch: CPU tensors
-    return 0, True
+        return [(value.nbytes(), True)]  # an OrderSketch: CPU tensors
+    if isinstance(value, (tuple, list)):  # the subspace methods' SVD factors
+        return [part for v in value for part in _nbytes(v)]
+    return []
 
 
 class Merger:
@@ -93,7 +97,9 @@ class Merger:
     tensor in ``dtype``, of n elements; see ``memory()``): resident, (K + 1) M on the device;
     streamed, M + 2 K L on a GPU (M + K L on a CPU) and K M in host memory; the output model is the
     caller's. Besides: the magnitude sketches of the TIES family in host memory (12 bytes per 256
-    elements and expert: 1/85 of a float32 model per expert); during a merge the workspace's scratch,
+    elements and expert: 1/85 of a float32 model per expert); the subspace methods' SVD factors on the
+    merging device, in float32, at most a + b K float32 copies of each matrix (``MergeMethod.cache_models``:
+    iso_c 1, tsv 2, iso_cts 3, star and cart 2 K; see each method); during a merge the workspace's scratch,
     about (K + 10) float32 chunks (chunks of min(n, 2^18) elements on a CPU, min(n, 2^24) on a GPU:
     up to 0.8 GiB there), plus K n bytes of masks for eager dare/della over 2^20-element tensors (the
     fused keyed kernels need none) and one tensor in ``dtype`` when ``out`` has another dtype or
@@ -177,6 +183,7 @@ class Merger:
             self.host = HostStore(shapes, dtype, pin)
             self.deltas = dict(self.host.views)
             self.staging = Staging(self.deltas, self.devices)
+        self.depths = depths(self.devices)  # the relative depth of each merged tensor (lines)
         self.fuse = fused.worth_compiling(max((t.numel() for t in self.base.values()), default=0))
         # Experts are read one at a time, so a lazy mapping keeps only one expert in memory at once,
         # and each of its tensors is converted to the compute dtype on its device alone.
@@ -250,7 +257,8 @@ class Merger:
             add("staging", self.staging.nbytes() - self.staging.nbytes("cpu"), False)
         for c in self.cache.values():
             for v in c.values():
-                add("statistics", *_nbytes(v))
+                for nbytes, host in _nbytes(v):
+                    add("statistics", nbytes, host)
         cpu = self.workspace.nbytes("cpu")
         add("scratch", cpu, True)
         add("scratch", self.workspace.nbytes() - cpu, False)
@@ -279,6 +287,7 @@ class Merger:
             workspace=self.workspace if workspace is None else workspace,
             stream=stream,
             fuse=self.fuse,
+            depth=self.depths[name],
         )
 
     def _task_vectors(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,0 +1,71 @@
+"""cart: centred arithmetic with reduced rank, CART (Choi et al., 2024)."""
+
+from __future__ import annotations
+
+import torch
+
+from evomerge.merge.base import MergeInputs, merge_method
+from evomerge.merge.subspace import (
+    SCALE,
+    WEIGHT_1,
+    Factors,
+    add_delta,
+    affine,
+    is_matrix,
+    low_rank_sum,
+    rank_fraction,
+    svd,
+)
+
+
+def _centred(x: MergeInputs) -> list[Factors]:
+    """The thin SVD of each centred task matrix delta_i - mean_j delta_j (genome-independent, cached)."""
+
+    def compute() -> list[Factors]:
+        deltas = x.deltas.to(torch.float32)
+        mean = deltas.mean(dim=0)
+        return [svd(x, deltas[i] - mean, f"centred task vector {i}") for i in range(x.n_experts)]
+
+    return x.cached("cart", compute)
+
+
+def prepare(x: MergeInputs) -> None:
+    if is_matrix(x):
+        _centred(x)
+
+
+@merge_method(
+    "cart",
+    params=[WEIGHT_1, rank_fraction(0.1), SCALE],
+    reference="https://arxiv.org/abs/2412.12153",
+    mergekit=False,
+    min_experts=2,
+    prepare=prepare,
+    cache_models=(0.0, 2.0),
+)
+def cart(x: MergeInputs, weight: torch.Tensor, rank_fraction: float, **shared: float) -> torch.Tensor:
+    """CART. Centre on the mean of the fine-tunes, theta_avg = base + mean_i delta_i, and add each
+    centred task matrix's best rank-k approximation (k = max(1, int(rank_fraction min(m, n)))):
+
+        theta_i - theta_avg = delta_i - mean_j delta_j = U_i diag(s_i) V_i^T
+        merged = theta_avg + lambda sum_i w_i U_i[:, :k] diag(s_i[:k]) V_i[:, :k]^T
+
+    At full rank (rank_fraction 1) this is task arithmetic around the mean: theta_avg + lambda
+    sum_i w_i (theta_i - theta_avg) (which is theta_avg itself when all w_i are equal). Tensors that
+    are not matrices take that full-rank form: merged = base + sum_i (1/K + lambda (w_i - W/K)) delta_i,
+    W = sum_j w_j.
+
+    Cached per tensor: the K centred task matrices' thin SVDs (K (m + n) r floats: up to 2 K matrices),
+    so any rank_fraction costs K rank-k products and no SVD.
+    """
+    lam = shared["lambda"]
+    w = [float(v) for v in weight]
+    k_experts = x.n_experts
+    if not is_matrix(x):
+        total = sum(w)
+        return affine(x, [1 / k_experts + lam * (wi - total / k_experts) for wi in w])
+    k = max(1, int(rank_fraction * min(x.base.shape)))
+    centred = _centred(x)
+    delta = low_rank_sum([(centred[i], k, lam * wi) for i, wi in enumerate(w)])
+    mean = x.deltas.to(torch.float32).mean(dim=0)
+    return add_delta(x, delta.add_(mean))

@@ -1,0 +1,37 @@
+"""magmax: per element, the task-vector entry of largest magnitude, MagMax (Marczak et al., 2024)."""
+
+from __future__ import annotations
+
+import torch
+
+from evomerge.merge.base import MergeInputs, merge_method
+from evomerge.merge.kernels import chunks
+from evomerge.merge.subspace import SCALE, WEIGHT_1
+
+
+@merge_method(
+    "magmax",
+    params=[WEIGHT_1, SCALE],
+    reference="https://arxiv.org/abs/2407.06322",
+    mergekit=False,
+    min_experts=2,
+)
+def magmax(x: MergeInputs, weight: torch.Tensor, **shared: float) -> torch.Tensor:
+    """MagMax. Per element j, the weighted task-vector entry of largest magnitude:
+
+        t(j) = argmax_i |w_i delta_i[j]|   (ties: the later expert, as the paper's code and FusionBench)
+        merged = base + lambda w_t(j) delta_t(j)[j]
+
+    The paper's merge has w_i = 1 (and lambda 0.5 for independent fine-tunes). Any tensor shape;
+    nothing is cached; chunk by chunk in float32, rounded once.
+    """
+    lam = shared["lambda"]
+    w = [float(v) for v in weight]
+    base, out = x.flat_base(), x.output()
+    for sl in chunks(out.numel(), x.chunk):
+        best = x.delta(0)[sl].to(torch.float32) * w[0]
+        for i in range(1, x.n_experts):
+            cur = x.delta(i)[sl].to(torch.float32) * w[i]
+            best = torch.where(cur.abs() >= best.abs(), cur, best)
+        out[sl] = torch.add(base[sl].to(torch.float32), best, alpha=lam)
+    return x.result()
