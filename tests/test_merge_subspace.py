@@ -349,3 +349,19 @@ def test_hf_export_writes_the_merged_model(tmp_path):
     assert max((written[n] - t).abs().max().item() for n, t in expected.items()) <= 1e-6
     refused = CliRunner().invoke(app, ["export", str(run), "--candidate", str(cid)])
     assert refused.exit_code == 2 and "merge method 'tsv' (group l0) is evomerge's own" in refused.stderr
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "star", "cart", "magmax", "lines"])
+def test_streamed_and_16_bit_merges_equal_the_resident_float32_ones(models, method):
+    """Streamed task vectors merge what resident ones do; in bfloat16 the arithmetic runs in float32
+    on the same 16-bit inputs and each element is rounded once."""
+    experts = {e: models[e] for e in EXPERTS}
+    resident = Merger(models["base"], experts).merge(method, {})
+    streamed = Merger(models["base"], experts, streamed=True).merge(method, {})
+    assert all(torch.equal(resident[n], streamed[n]) for n in resident)
+    narrow = Merger(models["base"], experts, torch.bfloat16)
+    wide = Merger({n: t.bfloat16().float() for n, t in models["base"].items()}, experts)
+    for name, d in narrow.deltas.items():
+        wide.deltas[name].copy_(d)
+    got, ref = narrow.merge(method, {}), wide.merge(method, {})
+    assert all(got[n].dtype == torch.bfloat16 and torch.equal(got[n], ref[n].bfloat16()) for n in got)
