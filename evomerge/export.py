@@ -8,7 +8,8 @@ defaults included, so the file does not depend on either tool's defaults.
 
 mergekit 0.1.5 applies one ``merge_method`` per configuration, so a recipe whose groups use different
 methods cannot be written as one file; ``to_mergekit`` refuses it with the methods it found, and a
-recipe that uses one of evomerge's own methods (the subspace methods: tsv, iso_c, ...) with that method.
+recipe that uses one of evomerge's own methods (the subspace methods: tsv, iso_c, ...) with that method,
+and one with a ``lines`` modifier naming its group.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ def to_mergekit(
             raise EvomergeError(
                 f"merge method {g.method!r} (group {g.name}) is evomerge's own: mergekit cannot reproduce "
                 "it; write the merged model instead with `evomerge export --format hf`"
+            )
+        if g.lines is not None:
+            raise EvomergeError(
+                f"the lines modifier (group {g.name}) is evomerge's own: mergekit cannot reproduce it; "
+                "write the merged model instead with `evomerge export --format hf`"
             )
     methods = sorted({g.method for g in recipe.groups})
     if len(methods) > 1:

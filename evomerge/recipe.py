@@ -1,7 +1,9 @@
 """A recipe: the plain, serialisable description of one merged model.
 
 Decoder layers are split into contiguous layer groups; tensors outside the layers (embeddings, final
-norm, lm_head) form the group ``other``. Each group has a merge method and that method's parameters.
+norm, lm_head) form the group ``other``. Each group has a merge method and that method's parameters,
+and optionally the LiNeS modifier ``lines: {shallow, deep}``, which scales the method's merged task
+vector by a factor linear in depth (``evomerge.merge.lines``).
 """
 
 from __future__ import annotations
@@ -33,12 +35,15 @@ def split_layers(num_layers: int, num_groups: int) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class GroupRecipe:
-    """One layer group: layers [start, stop) (None for ``other``), its method and parameters."""
+    """One layer group: layers [start, stop) (None for ``other``), its method and parameters, and
+    ``lines`` ({"shallow": s, "deep": d}, or None): the method's merged task vector is scaled by
+    s + (d - s) depth in each tensor (LiNeS on top of any method)."""
 
     name: str
     method: str
     parameters: Mapping[str, Any]
     layers: tuple[int, int] | None = None
+    lines: Mapping[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # a deep copy: the recipe is immutable, so nothing done to the dict may reach it
@@ -49,6 +54,8 @@ class GroupRecipe:
         }
         if self.layers is not None:
             d["layers"] = list(self.layers)
+        if self.lines is not None:  # absent otherwise, so recipes without it keep their keys
+            d["lines"] = dict(self.lines)
         return d
 
 
@@ -70,6 +77,7 @@ class Recipe:
                     g["method"],
                     copy.deepcopy(dict(g["parameters"])),
                     tuple(g["layers"]) if "layers" in g else None,
+                    dict(g["lines"]) if g.get("lines") is not None else None,
                 )
                 for g in d["groups"]
             )

@@ -67,14 +67,21 @@ def pick_best_measured(
 
 def recipe_summary(recipe: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """A recipe as people read it: per layer group, its method and parameters (per expert where the
-    parameter is per expert), values rounded to 4 decimals."""
+    parameter is per expert) and its lines modifier's scales, values rounded to 4 decimals."""
 
     def rounded(v: Any) -> Any:
         if isinstance(v, dict):
             return {k: rounded(x) for k, x in v.items()}
         return round(v, 4) if isinstance(v, float) else v
 
-    return {g["name"]: {"method": g["method"], **rounded(dict(g["parameters"]))} for g in recipe["groups"]}
+    return {
+        g["name"]: {
+            "method": g["method"],
+            **rounded(dict(g["parameters"])),
+            **({"lines": rounded(dict(g["lines"]))} if g.get("lines") is not None else {}),
+        }
+        for g in recipe["groups"]
+    }
 
 
 def recipe_text(recipe: dict[str, Any]) -> str:

@@ -2,9 +2,11 @@
 
 A genome x lives in [0, 1]^n. For each layer group (plus the ``other`` group of tensors outside the
 layers) it holds, in order: a method gene when more than one method is allowed (the method is
-``methods[floor(x * M)]``), one gene per searched shared parameter (slerp's ``t``, ``lambda``, ...), then
-for each expert one gene per searched per-model parameter (``weight``, ``density``, ...), each mapped
-linearly onto its bounds. Parameters the chosen method does not declare are ignored.
+``methods[floor(x * M)]``), one gene per searched shared parameter (slerp's ``t``, ``lambda``, ...), one
+per searched scale of the lines modifier (``lines.shallow``, ``lines.deep``), then for each expert one
+gene per searched per-model parameter (``weight``, ``density``, ...), each mapped linearly onto its
+bounds. Parameters the chosen method does not declare are ignored; the lines modifier applies to
+whichever method a group draws.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from evomerge import catalog
 from evomerge.errors import EvomergeError, read_yaml
 from evomerge.merge import get_method
+from evomerge.merge.lines import MODIFIER
 from evomerge.recipe import OTHER, GroupRecipe, Recipe, split_layers
 
 
@@ -38,6 +41,12 @@ class SearchSpaceConfig(BaseModel):
         description="searched parameters and their [low, high] bounds (one gene per expert for per-model ones)",
     )
     fixed: dict[str, Any] = Field(default_factory=dict, description="shared parameters set for every group")
+    lines: dict[str, float | tuple[float, float]] | None = Field(
+        None,
+        description="the LiNeS modifier on every searched group (its merged task vector scaled linearly "
+        "with depth): shallow and deep each a number (fixed) or [low, high] (a gene per group); a scale "
+        "left out is fixed at its default (shallow 0.5, deep 1); absent: no modifier",
+    )
 
     @field_validator("methods")
     @classmethod
@@ -45,6 +54,31 @@ class SearchSpaceConfig(BaseModel):
         for m in methods:
             get_method(m)
         return methods
+
+    @model_validator(mode="after")
+    def _check_lines(self) -> SearchSpaceConfig:
+        if self.lines is None:
+            return self
+        scales = {p.name: p for p in MODIFIER}
+        for name, value in self.lines.items():
+            if name not in scales:
+                raise EvomergeError(
+                    f"search space lines modifier has no scale {name!r}; its scales: {', '.join(scales)}"
+                )
+            p = scales[name]
+            if isinstance(value, tuple):
+                low, high = value
+                if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+                    raise EvomergeError(
+                        f"search space gene 'lines.{name}' bounds [{low}, {high}] must be finite, low <= high"
+                    )
+                if not (p.admits(low) and p.admits(high)):
+                    raise EvomergeError(
+                        f"search space gene 'lines.{name}' bounds [{low}, {high}] are outside {p.bounds}"
+                    )
+            elif not (math.isfinite(value) and p.admits(value)):
+                raise EvomergeError(f"search space lines modifier {name}={value} is outside {p.bounds}")
+        return self
 
     @model_validator(mode="after")
     def _check_genes(self) -> SearchSpaceConfig:
@@ -195,6 +229,18 @@ class SearchSpace:
                     "no expert differs from the base in any tensor: there is nothing to merge"
                 )
         shared = {p.name for m in config.methods for p in get_method(m).params if p.scope == "shared"}
+        lines = config.lines or {}
+        # the lines modifier: its searched scales are genes, the others fixed (None: no modifier)
+        self.lines_genes = {n: v for n, v in lines.items() if isinstance(v, tuple)}
+        self.lines_fixed: dict[str, float] | None = (
+            None
+            if config.lines is None
+            else {
+                p.name: float(lines.get(p.name, p.default))
+                for p in MODIFIER
+                if p.name not in self.lines_genes
+            }
+        )
         self.genes: list[Gene] = []
         for group, _ in self.groups:
             if group in self.inert:
@@ -204,6 +250,8 @@ class SearchSpace:
             for param, (low, high) in config.genes.items():
                 if param in shared:
                     self.genes.append(Gene(group, None, param, low, high))
+            for scale, (low, high) in self.lines_genes.items():
+                self.genes.append(Gene(group, None, f"lines.{scale}", low, high))
             for expert in self.experts:
                 for param, (low, high) in config.genes.items():
                     if param not in shared:
@@ -243,7 +291,13 @@ class SearchSpace:
             declared = {p.name for p in get_method(methods[group]).params}
             params = {k: v for k, v in values[group].items() if k in declared}
             params.update({k: v for k, v in self.config.fixed.items() if k in declared})
-            groups.append(GroupRecipe(group, methods[group], params, layers))
+            lines = None
+            if self.lines_fixed is not None:
+                searched = {
+                    p.name: values[group][f"lines.{p.name}"] for p in MODIFIER if p.name in self.lines_genes
+                }
+                lines = {p.name: {**self.lines_fixed, **searched}[p.name] for p in MODIFIER}
+            groups.append(GroupRecipe(group, methods[group], params, layers, lines))
         return Recipe(tuple(groups))
 
     def encode(self, recipe: Recipe) -> np.ndarray:
@@ -255,12 +309,18 @@ class SearchSpace:
             if gene.param == "method":
                 m = len(self.config.methods)
                 x[i] = (self.config.methods.index(g.method) + 0.5) / m
-            elif gene.param in g.parameters:
+                continue
+            scale = gene.param.removeprefix("lines.") if gene.param.startswith("lines.") else None
+            if scale is not None and g.lines is not None and scale in g.lines:
+                value = g.lines[scale]
+            elif scale is None and gene.param in g.parameters:
                 value = g.parameters[gene.param]
                 if gene.expert is not None:
                     value = value[gene.expert]
-                span = gene.high - gene.low
-                x[i] = 0.0 if span == 0 else (value - gene.low) / span
+            else:
+                continue
+            span = gene.high - gene.low
+            x[i] = 0.0 if span == 0 else (value - gene.low) / span
         return np.clip(x, 0.0, 1.0)
 
     def expert_genome(self, expert: str) -> np.ndarray:
@@ -288,15 +348,22 @@ class SearchSpace:
     def _exact_genome(self, method: str, weights: dict[str, float], what: str) -> np.ndarray:
         defaults = {p.name: p.default for p in get_method(method).params}
         params: dict[str, Any] = {"weight": weights, **({"lambda": 1.0} if "lambda" in defaults else {})}
-        x = self.encode(Recipe(tuple(GroupRecipe(g, method, params, layers) for g, layers in self.groups)))
+        # a lines modifier scales the task vectors: 1 at every depth keeps them (the base has none)
+        unit = None if self.lines_fixed is None else {p.name: 1.0 for p in MODIFIER}
+        x = self.encode(
+            Recipe(tuple(GroupRecipe(g, method, params, layers, unit) for g, layers in self.groups))
+        )
+        scaled = any(weights.values())
         for g in self.decode(x).groups:
             if g.name in self.inert:  # the base, which equals every expert there
                 continue
             got = {k: g.parameters.get(k, defaults[k]) for k in params}
-            if g.method != method or got != params:
+            if g.method != method or got != params or (scaled and g.lines not in (None, unit)):
+                lines = f" lines {g.lines}" if g.lines is not None else ""
                 raise EvomergeError(
                     f"search space cannot reproduce {what} in group {g.name!r}: it decodes to "
-                    f"{g.method} {got}; weight bounds must include 0 and 1 (lambda's, 1) and neither fixed"
+                    f"{g.method} {got}{lines}; weight bounds must include 0 and 1 (lambda's and the lines "
+                    "scales', 1) and neither fixed"
                 )
         return x
 

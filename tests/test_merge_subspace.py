@@ -332,7 +332,7 @@ def test_hf_export_writes_the_merged_model(tmp_path):
     recipe = Recipe(
         (
             GroupRecipe("l0", "tsv", {"weight": {"a": 0.5, "b": 1.0}}, (0, 2)),
-            GroupRecipe("l1", "task_arithmetic", {"weight": {"a": 0.3, "b": 0.6}}, (2, 4)),
+            GroupRecipe("l1", "task_arithmetic", {"weight": {"a": 0.3, "b": 0.6}}, (2, 4), {"deep": 1.5}),
             GroupRecipe("other", "iso_c", {"lambda": 0.8}),
         )
     )

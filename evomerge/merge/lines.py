@@ -1,18 +1,22 @@
-"""lines: task arithmetic whose scale grows linearly with depth, LiNeS (Wang et al., 2025)."""
+"""lines: task arithmetic whose scale grows linearly with depth, LiNeS (Wang et al., 2025); and the
+same depth scaling as a modifier on top of any method (a layer group's ``lines: {shallow, deep}``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.base import MergeInputs, Param, merge_method
-from evomerge.merge.subspace import WEIGHT_1, affine
+from evomerge.merge.subspace import WEIGHT_1, add_delta, affine
 from evomerge.recipe import layer_of
 
 SHALLOW = Param("shallow", "shared", default=0.5, low=-10.0, high=10.0)
 DEEP = Param("deep", "shared", default=1.0, low=-10.0, high=10.0)
+MODIFIER = (SHALLOW, DEEP)  # the modifier's parameters: the same declaration as the method's
 
 
 def depths(names: Iterable[str]) -> dict[str, float]:
@@ -58,10 +62,45 @@ def lines(x: MergeInputs, weight: torch.Tensor, shallow: float, deep: float) -> 
     its two genes give every layer its own scale.
 
     With other methods: a recipe's layer groups may use lines where other groups use tsv, ties, ...
-    The scale multiplies a merged task vector, so ``depth_scale`` gives the factor that would put the
-    same ramp on top of another method's output (merged' = base + lambda(l) (merged - base)); the
-    Merger does not yet apply it to other methods (no recipe field for it).
+    The scale multiplies a merged task vector, so ``depth_scale`` gives the factor that puts the same
+    ramp on top of another method's output (merged' = base + lambda(l) (merged - base)); the
+    Merger applies it to another method's output where a layer group carries the modifier
+    ``lines: {shallow, deep}`` (``rescale``).
     Nothing is cached.
     """
     lam = depth_scale(x, shallow, deep)
     return affine(x, [lam * float(wi) for wi in weight])
+
+
+def modifier_scales(group: str, values: Any) -> tuple[float, float]:
+    """(shallow, deep) of layer group ``group``'s lines modifier (a mapping; a missing scale takes its
+    default), each checked against the declared range; one line naming the group and the scale."""
+    if not isinstance(values, Mapping):
+        raise EvomergeError(
+            f"group {group!r} lines modifier must be a mapping {{shallow: s, deep: d}}, got {values!r}"
+        )
+    names = [p.name for p in MODIFIER]
+    extra = sorted(map(str, set(values) - set(names)))
+    if extra:
+        raise EvomergeError(
+            f"group {group!r} lines modifier has no scale {extra[0]!r}; its scales: {', '.join(names)}"
+        )
+    scales = []
+    for p in MODIFIER:
+        v = values.get(p.name, p.default)
+        if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v) or not p.admits(float(v)):
+            raise EvomergeError(f"group {group!r} lines modifier {p.name}={v!r} is outside {p.bounds}")
+        scales.append(float(v))
+    return scales[0], scales[1]
+
+
+def rescale(x: MergeInputs, merged: torch.Tensor, shallow: float, deep: float) -> torch.Tensor:
+    """The lines modifier on one tensor a method merged: base + lambda(depth) (merged - base), with
+    lambda(depth) = shallow + (deep - shallow) depth as in ``lines``, computed in float32 and written
+    into the output. In a 16-bit compute dtype the method's result is rounded before the scaling and
+    the scaled one again (twice in all); a float32 temporary of the tensor's size."""
+    lam = depth_scale(x, shallow, deep)
+    if lam == 1.0:
+        return merged
+    delta = merged.to(torch.float32) - x.base.to(torch.float32)  # a new tensor: ``merged`` may be the output
+    return add_delta(x, delta, lam)

@@ -14,7 +14,7 @@ from evomerge.errors import EvomergeError
 from evomerge.merge import fused
 from evomerge.merge.base import MergeInputs, MergeMethod, get_method
 from evomerge.merge.kernels import STORE, Workspace, release_heap
-from evomerge.merge.lines import depths
+from evomerge.merge.lines import depths, modifier_scales, rescale
 from evomerge.merge.staging import HostStore, Staging
 from evomerge.merge.streams import KEYED_VERSION, Stream, make_stream
 from evomerge.recipe import Recipe, layer_of
@@ -355,14 +355,21 @@ class Merger:
         return self.apply(Recipe.uniform(method, parameters), out=out)
 
     def apply(self, recipe: Recipe, out: Any = None) -> dict[str, torch.Tensor]:
-        """Write the recipe's merged weights into ``out`` (state dict or module, in place) and return them."""
+        """Write the recipe's merged weights into ``out`` (state dict or module, in place) and return them.
+        A group with a ``lines`` modifier has its method's merged task vector scaled by the depth factor
+        (``evomerge.merge.lines.rescale``)."""
         target = out.state_dict() if isinstance(out, torch.nn.Module) else out
-        resolved: dict[str, tuple[MergeMethod, dict[str, Any]]] = {}
+        resolved: dict[str, tuple[MergeMethod, dict[str, Any], tuple[float, float] | None]] = {}
         for g in recipe.groups:
             method = get_method(g.method)
             if self.zero_base and method.base == "required":
                 raise EvomergeError(f"merge method {method.name!r} needs a base model")
-            resolved[g.name] = (method, method.resolve(g.parameters, self.experts))
+            scales = None if g.lines is None else modifier_scales(g.name, g.lines)
+            if scales is not None and self.zero_base:
+                raise EvomergeError(
+                    f"group {g.name!r} lines modifier scales task vectors: it needs a base model"
+                )
+            resolved[g.name] = (method, method.resolve(g.parameters, self.experts), scales)
         stream = make_stream(self.random, self.seed)
         result: dict[str, torch.Tensor] = {}
         task_vectors = self._task_vectors([n for n in self.base if n in self.deltas])
@@ -375,7 +382,7 @@ class Merger:
                     else:
                         staged, deltas = next(task_vectors)
                         assert staged == name
-                        method, params = resolved[recipe.group_for(name).name]
+                        method, params, scales = resolved[recipe.group_for(name).name]
                         direct = (
                             dest is not None
                             and dest.dtype == self.dtype
@@ -385,6 +392,8 @@ class Merger:
                         )
                         x = self._inputs(name, deltas, dest if direct else None, stream)
                         merged = method.fn(x, **params)
+                        if scales is not None:  # LiNeS on top of the method (the group's lines modifier)
+                            merged = rescale(x, merged, *scales)
                     if dest is not None:
                         if merged is not dest:
                             dest.copy_(merged)
