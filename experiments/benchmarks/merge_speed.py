@@ -1,8 +1,12 @@
-"""Merge speed: evomerge's Merger vs mergekit's merge_state_dicts vs a fused task-arithmetic loop.
+"""Merge speed: evomerge's Merger vs mergekit's merge_state_dicts vs a fused task-arithmetic loop, and
+the subspace methods vs FusionBench.
 
-Reproduce (a few minutes; needs mergekit: pip install -e '.[parity]'):
+Reproduce (a few minutes; needs mergekit and fusion-bench: pip install -e '.[parity]'):
 
     python experiments/benchmarks/merge_speed.py --threads 2
+
+``--quick`` runs the same steps on a tiny shape (hidden 64, 2 layers, vocab 512), once each: a check
+that the script works, not a measurement.
 
 Inputs: a base and two experts of SmolLM2-135M's shape (LlamaConfig hidden 576, intermediate 1536,
 30 layers, 9 heads, 3 kv heads, vocab 49152, tied embeddings), random init, float32. Each method merges
@@ -11,13 +15,24 @@ preallocated model (after the one-time setup, timed separately), mergekit's ``me
 and, as the memory-bandwidth reference, a plain loop ``out = base + w1*d1 + w2*d2`` over preallocated
 tensors. Random methods run from the same torch seed in both, so their results are compared too.
 
+The subspace methods (``SUBSPACE``: evomerge's own, no mergekit counterpart) keep genome-independent
+SVD factors per tensor. For each, from an empty cache: the one-time preparation (``prepare`` plus the
+first merge, less one cached merge), then the per-merge time with the cache (best of ``--repeat``), its
+ratio to the fused task-arithmetic floor, and where FusionBench has the method (tsv, iso_c, iso_cts,
+magmax) the time of one call of its function for the same merge (it caches nothing, so every call is a
+first one), the speedup over it and the largest difference of the weights. The issue's target: a cached
+tsv/iso_c merge within 10x of the floor, and at least 10x faster than FusionBench's per-call merge.
+
 A second process (``--mode rss``) runs evomerge alone, reading the models lazily from safetensors
-files, and reports its peak RSS against the model size (budget: K + 3 model sizes for K experts).
+files, and reports its peak RSS against the model size (budget: K + 3 model sizes for K experts); it
+merges mergekit's methods only (the subspace caches are extra, counted by the memory plan).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import resource
@@ -25,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -45,31 +60,46 @@ METHODS: dict[str, dict] = {
     "nuslerp": {"weight": [0.6, 0.4]},
     "slerp": {"t": 0.4},
 }
+SUBSPACE: dict[str, dict] = {
+    "tsv": {"lambda": 0.8},
+    "iso_c": {"lambda": 1.2},
+    "iso_cts": {"common_space_fraction": 0.8, "lambda": 1.0},
+    "star": {"weight": [0.6, 0.4], "eta": 0.4},
+    "cart": {"weight": [0.6, 0.4], "rank_fraction": 0.1},
+    "magmax": {"lambda": 0.8},
+    "lines": {"weight": [0.6, 0.4], "shallow": 0.5, "deep": 1.0},
+}
+METHODS.update(SUBSPACE)
 RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}
 EXPERTS = ["a", "b"]
 
 
-def smollm2_config():
+_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
+# SmolLM2-135M's shape, and a tiny one of the same family for --quick: _KEYS, then vocab and context
+SHAPES = {"smollm2": (576, 1536, 30, 9, 3, 49152, 2048), "tiny": (64, 128, 2, 4, 2, 512, 64)}
+
+
+def smollm2_config(quick: bool = False):
+    """SmolLM2-135M's shape (tied embeddings), or (``quick``) the tiny one, for a functional check."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-        tie_word_embeddings=True,
-        max_position_embeddings=2048,
-    )
+    *sizes, vocab, context = SHAPES["tiny" if quick else "smollm2"]
+    dims = dict(zip(_KEYS, sizes, strict=True))
+    return LlamaConfig(**dims, vocab_size=vocab, tie_word_embeddings=True, max_position_embeddings=context)
 
 
-def build_models(folder: Path) -> None:
+def build_models(folder: Path, quick: bool = False) -> None:
     """Random-init base and experts, saved one at a time as safetensors (tied lm_head dropped)."""
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
-    cfg = smollm2_config()
+    cfg = smollm2_config(quick)
     for seed, name in enumerate(["base", *EXPERTS]):
         torch.manual_seed(seed)
         sd = LlamaForCausalLM(cfg).state_dict()
@@ -136,7 +166,8 @@ def run_rss(folder: Path, methods: list[str], tuned: bool = True) -> dict:
     size = sum(base[k].numel() * 4 for k in base)
     start = time.perf_counter()
     merger = Merger(base, {e: LazyStateDict(folder / f"{e}.safetensors") for e in EXPERTS})
-    methods = [m for m in methods if m != "slerp"]  # slerp needs one expert: the same kernel as linear
+    # slerp needs one expert (the same kernel as linear); the subspace caches are outside the budget
+    methods = [m for m in methods if m != "slerp" and m not in SUBSPACE]
     merger.prepare(methods)
     setup = time.perf_counter() - start
     out = {k: torch.empty_like(t) for k, t in merger.base.items()}
@@ -171,6 +202,8 @@ def run_speed(folder: Path, methods: list[str], mergekit: bool, repeat: int) -> 
     sds = {name: load_file(str(folder / f"{name}.safetensors")) for name in ["base", *EXPERTS]}
     base = sds["base"]
     rows: dict[str, dict] = {}
+    subspace = [m for m in methods if m in SUBSPACE]
+    methods = [m for m in methods if m not in SUBSPACE]
     start = time.perf_counter()
     merger = Merger(base, {e: sds[e] for e in EXPERTS}, seed=0)
     construct = time.perf_counter() - start
@@ -239,6 +272,8 @@ def run_speed(folder: Path, methods: list[str], mergekit: bool, repeat: int) -> 
                 rows[f"{m} (keyed)"]["mergekit_s"] = row["mergekit_s"]
     return {
         "rows": rows,
+        "subspace": run_subspace(merger, sds, subspace, out, repeat),
+        "repeat": repeat,
         "fused_s": fused,
         "construct_s": construct,
         "prepare_s": prepare,
@@ -246,17 +281,93 @@ def run_speed(folder: Path, methods: list[str], mergekit: bool, repeat: int) -> 
     }
 
 
-def table(speed: dict, rss: dict | None, threads: int) -> str:
+def fusion_bench_merges() -> dict[str, Callable[..., dict[str, torch.Tensor]]]:
+    """FusionBench's functions for the same merges as ``SUBSPACE`` (tsv, iso_c, iso_cts, magmax), each
+    ``fn(base, experts, deltas, params) -> merged weights``; {} where fusion-bench is not importable."""
+    try:
+        from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
+        from fusion_bench.method.magmax.magmax import magmax_merge
+        from fusion_bench.method.task_singular_vector.utils.TSVM_utils import (
+            compute_and_sum_svd_mem_reduction,
+        )
+    except ImportError:
+        return {}
+
+    def added(base, merged, lam):
+        return {k: base[k] + lam * merged[k] for k in base}
+
+    class Flat(torch.nn.Module):  # magmax_merge takes modules: the same tensors, not copied
+        def __init__(self, sd: Mapping[str, torch.Tensor]) -> None:
+            super().__init__()
+            for i, t in enumerate(sd.values()):
+                self.register_parameter(f"p{i}", torch.nn.Parameter(t, requires_grad=False))
+
+    def magmax(base, experts, deltas, p):
+        merged = magmax_merge(Flat(base), [Flat(e) for e in experts], p["lambda"], inplace=False)
+        return dict(zip(base, merged.state_dict().values(), strict=True))
+
+    return {
+        "tsv": lambda base, experts, deltas, p: added(
+            base, compute_and_sum_svd_mem_reduction(deltas, accelerator="cpu"), p["lambda"]
+        ),
+        "iso_c": lambda base, experts, deltas, p: added(base, iso_c(deltas, accelerator="cpu"), p["lambda"]),
+        "iso_cts": lambda base, experts, deltas, p: added(
+            base, iso_cts(deltas, p["common_space_fraction"], accelerator="cpu"), p["lambda"]
+        ),
+        "magmax": magmax,
+    }
+
+
+def run_subspace(merger, sds: dict, methods: list[str], out: dict, repeat: int) -> dict[str, dict]:
+    """Each subspace method from an empty cache (one method's factors held at a time): prep_s, the
+    one-time preparation (prepare + first merge - one cached merge); evomerge_s, a cached merge (best
+    of ``repeat``); and where FusionBench has it, fusion_bench_s (one call) and the largest difference."""
+    base = sds["base"]
+    experts = [sds[e] for e in EXPERTS]
+    fusion = fusion_bench_merges()
+    deltas = [{k: e[k] - base[k] for k in base} for e in experts] if fusion else []
+    rows: dict[str, dict] = {}
+    for m in methods:
+        params = SUBSPACE[m]
+        for cache in merger.cache.values():  # the mergekit methods' sketches included: they are done
+            cache.clear()
+
+        def ours(params=params, m=m):
+            return merger.merge(m, params, out=out)
+
+        start = time.perf_counter()
+        merger.prepare([m])
+        ours()
+        first = time.perf_counter() - start
+        row = {"evomerge_s": timed(ours, repeat)}
+        row["prep_s"] = max(0.0, first - row["evomerge_s"])
+        if m in fusion:
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per tensor
+                start = time.perf_counter()
+                theirs = fusion[m](base, experts, deltas, params)
+                row["fusion_bench_s"] = time.perf_counter() - start
+            ref = ours()
+            row["max_abs_diff"] = max(float((ref[k] - t).abs().max()) for k, t in theirs.items())
+            del theirs
+        rows[m] = row
+        print(json.dumps({m: row}), file=sys.stderr, flush=True)
+    for cache in merger.cache.values():
+        cache.clear()
+    return rows
+
+
+def table(speed: dict, rss: dict | None, threads: int, quick: bool = False) -> str:
     fused = speed["fused_s"]
+    shape = "a tiny shape (--quick: a functional check, not a measurement)" if quick else "SmolLM2-135M shape"
     lines = [
-        f"Reproduce: `python experiments/benchmarks/merge_speed.py --threads {threads}`",
+        f"Reproduce: `python experiments/benchmarks/merge_speed.py --threads {threads}{' --quick' if quick else ''}`",
         "",
         f"torch {torch.__version__}, {threads} thread(s), {os.cpu_count()} CPU(s); base + 2 experts, "
-        f"SmolLM2-135M shape, float32 ({speed['model_bytes'] / 2**20:.0f} MiB per model).",
+        f"{shape}, float32 ({speed['model_bytes'] / 2**20:.1f} MiB per model).",
         f"evomerge one-time setup: Merger() {speed['construct_s']:.2f} s + prepare() {speed['prepare_s']:.2f} s; "
         f"fused task-arithmetic baseline {fused:.3f} s.",
         "",
-        "Times are the best of 3 runs (one run where it took over 5 s); mergekit runs once.",
+        f"Times are the best of {speed['repeat']} run(s) (one run where it took over 5 s); mergekit runs once.",
         "",
         "| method | mergekit s | evomerge s | speedup | evomerge / fused | max abs diff | elements > 1e-6 |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -273,6 +384,24 @@ def table(speed: dict, rss: dict | None, threads: int) -> str:
             f"| {m} | {mk_s} | {r['evomerge_s']:.3f} | {speedup} | {r['evomerge_s'] / fused:.2f} | {diff} "
             f"| {n_diff} |"
         )
+    if speed["subspace"]:
+        lines += [
+            "",
+            "Subspace methods: one-time preparation from an empty cache, then a cached merge (best of "
+            f"{speed['repeat']}); FusionBench's function once per merge (it keeps nothing between calls). Target: a cached "
+            "tsv/iso_c merge within 10x of the fused floor and at least 10x faster than FusionBench.",
+            "",
+            "| method | prep s | per-merge s | per-merge / fused | FusionBench per-call s | speedup | max abs diff |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for m, r in speed["subspace"].items():
+            fb = r.get("fusion_bench_s")
+            fb_s, speedup = (f"{fb:.2f}", f"{fb / r['evomerge_s']:.0f}x") if fb is not None else ("-", "-")
+            diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "-"
+            lines.append(
+                f"| {m} | {r['prep_s']:.2f} | {r['evomerge_s']:.3f} | {r['evomerge_s'] / fused:.1f} | {fb_s} "
+                f"| {speedup} | {diff} |"
+            )
     if rss is not None:
         size = rss["model_bytes"]
         lines += [
@@ -295,10 +424,17 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-mergekit", action="store_true", help="time evomerge and the fused loop only")
     ap.add_argument("--no-rss", action="store_true", help="skip the evomerge-only memory run")
-    ap.add_argument("--dir", type=Path, help="reuse (or create) the model files here")
+    ap.add_argument("--dir", type=Path, help="reuse (or create) the model files here (one shape per folder)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny shape, each merge once: a functional check, not a measurement",
+    )
     ap.add_argument("--mode", choices=["all", "rss"], default="all", help=argparse.SUPPRESS)
     ap.add_argument("--untuned", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quick:
+        args.repeat = 1
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.dir or Path(tmp)
@@ -307,7 +443,7 @@ def main() -> None:
             print(json.dumps(run_rss(folder, args.methods, tuned=not args.untuned)))
             return
         if not all((folder / f"{n}.safetensors").exists() for n in ["base", *EXPERTS]):
-            build_models(folder)
+            build_models(folder, args.quick)
         rss = None
         if not args.no_rss:
             cmd = [
@@ -326,7 +462,7 @@ def main() -> None:
                 subprocess.run([*cmd, "--untuned"], check=True, capture_output=True, text=True).stdout
             )["peak_rss"]
         speed = run_speed(folder, args.methods, not args.no_mergekit, args.repeat)
-        print(table(speed, rss, args.threads))
+        print(table(speed, rss, args.threads, args.quick))
 
 
 if __name__ == "__main__":
