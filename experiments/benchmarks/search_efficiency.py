@@ -35,7 +35,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's progress bars, for the t
 # each zoo: the config the recipes change, and the calibration of its IRT recipes
 ZOOS = {
     "tiny": {"config": "demo.yaml", "calibration": {"random_merges": 20}},
-    "real": {"config": "real_smollm2.yaml", "calibration": {"random_merges": 6}},
+    "real": {"config": "real_smollm2.yaml", "calibration": {"random_merges": 8}},
 }
 
 
@@ -43,7 +43,7 @@ def recipes(zoo: str, quick: bool) -> dict[str, dict[str, Any]]:
     """Each recipe's config changes: algorithm, budget, fitness items, objective."""
     shrink = 4 if quick else 1
     plain = {"name": "mean_accuracy", "of": "mean"}
-    if zoo == "real":  # one worker of two threads: BO proposes one candidate at a time
+    if zoo == "real":  # one worker of two threads
         adaptive = {**plain, "estimator": "sgpirt", "items": "adaptive", "max_items": 12, "race": True}
         return {
             "ga_full": {
@@ -57,7 +57,7 @@ def recipes(zoo: str, quick: bool) -> dict[str, dict[str, Any]]:
                 "objective": plain,
             },
             "bo_adaptive": {
-                "algorithm": {"name": "bo", "pop_size": 1, "generations": 16 // shrink, "initial": "experts"},
+                "algorithm": {"name": "bo", "pop_size": 2, "generations": 8 // shrink, "initial": "experts"},
                 "objective": adaptive,
             },
         }
