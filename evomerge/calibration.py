@@ -473,6 +473,7 @@ def adaptive_evaluate(
             batch=spec.batch,
             se_scale=spec.se_scale,
             race=_racer(race, specs, out, n) if race is not None and n == len(specs) - 1 else None,
+            posterior=lambda estimate, se, spec=spec: _fused(spec, estimate, se),
         )
         mixed = spec.lam * result.mean + (1 - spec.lam) * result.estimate
         value, se = _fused(spec, mixed, result.se)
@@ -489,7 +490,7 @@ def _racer(
     race: Race, specs: Sequence[AdaptiveSpec], done: dict[str, dict[str, Any]], n: int
 ) -> Callable[[float, float], bool]:
     """The stop rule of the last objective's test: the objectives scored before it at their optimistic
-    bounds, this one at its running estimate's."""
+    bounds, this one at its running (fused) estimate's."""
 
     def good_way(k: int) -> float:
         return race.z if race.directions[k] == "max" else -race.z
@@ -498,8 +499,7 @@ def _racer(
         done[s.objective]["estimate"] + good_way(k) * done[s.objective]["se"] for k, s in enumerate(specs[:n])
     ]
 
-    def stop(estimate: float, se: float) -> bool:
-        value, spread = _fused(specs[n], estimate, se)
+    def stop(value: float, spread: float) -> bool:
         return race.hopeless([*before, value + good_way(n) * spread])
 
     return stop

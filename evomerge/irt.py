@@ -780,13 +780,17 @@ def adaptive_test(
     batch: int = 4,
     race: Callable[[float, float], bool] | None = None,
     se_scale: float = 1.0,
+    posterior: Callable[[float, float], tuple[float, float]] | None = None,
 ) -> AdaptiveResult:
     """Ask ``answer(items)`` for 0/1 answers ``batch`` items at a time, each batch the most informative
     items at the current MAP ability (Fluid Benchmarking's rule), until the accuracy estimate's standard
     error is at most ``target_se`` ("precise"), ``max_items`` are answered ("max_items"), every item is
     ("exhausted"), or ``race(estimate, se)`` says the subject cannot matter any more ("raced").
     ``se_scale`` multiplies the model's standard error (a held-out check's measured error over the
-    error the model claims: the model does not know how uncertain its own item parameters are)."""
+    error the model claims: the model does not know how uncertain its own item parameters are).
+    ``posterior(estimate, se)`` gives the estimate as the caller will use it (sgpirt: fused with the
+    surrogate's prediction for this subject); the precision and race rules then judge that one, so a
+    subject whose prior is already sharp stops early. The result keeps the items' own estimate."""
     if not target_se > 0:
         raise EvomergeError(f"target_se must be positive; got {target_se}")
     if not 1 <= max_items <= params.n_items:
@@ -807,13 +811,14 @@ def adaptive_test(
         theta = fit_ability(params, idx, y)
         estimate, se = accuracy_estimate(params, idx, y, theta)
         se *= se_scale
+        judged = posterior(estimate, se) if posterior is not None else (estimate, se)
         stopped = (
             "exhausted"
             if len(asked) == params.n_items
             else "precise"
-            if se <= target_se
+            if judged[1] <= target_se
             else "raced"
-            if race is not None and race(estimate, se)
+            if race is not None and race(*judged)
             else "max_items"
             if len(asked) >= max_items
             else None

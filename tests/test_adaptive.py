@@ -70,6 +70,34 @@ def test_limits_and_racing(population):
     assert all_items.stopped == "exhausted" and all_items.estimate == pytest.approx(responses[1].mean())
 
 
+def test_a_sharp_prior_stops_the_test_early_and_the_items_estimate_is_kept(population):
+    """sgpirt's case: the caller fuses the items' estimate with the surrogate's prediction, and the
+    precision rule judges the fused one (Gaussian fusion with a prior of SE 0.03 reaches SE <= 0.05 at
+    once), while the result keeps what the items alone say."""
+    responses, params = population
+
+    def fuse(estimate, se, mu=0.6, s2=0.03**2):
+        v = se**2
+        return (s2 * estimate + v * mu) / (s2 + v), float(np.sqrt(s2 * v / (s2 + v)))
+
+    alone = irt.adaptive_test(params, lambda items: responses[2][items], target_se=0.05, max_items=200)
+    fused = irt.adaptive_test(
+        params, lambda items: responses[2][items], target_se=0.05, max_items=200, posterior=fuse
+    )
+    assert fused.stopped == "precise" and len(fused.idx) == 4 < len(alone.idx)
+    assert fused.se > 0.05  # the items' own standard error, not the fused one
+    seen = []
+    irt.adaptive_test(
+        params,
+        lambda items: responses[2][items],
+        target_se=1e-6,
+        max_items=8,
+        posterior=fuse,
+        race=lambda e, se: seen.append((e, se)) or False,
+    )
+    assert all(se < 0.03 for _, se in seen)  # the race rule is given the fused estimate too
+
+
 def test_the_held_out_check_mixes_towards_the_mean_where_irt_is_worse(population):
     responses, params = population
     good = irt.check_adaptive(params, responses[:40], target_se=0.06, max_items=60)
