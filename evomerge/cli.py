@@ -1,5 +1,5 @@
-"""The command line: ``evomerge run``, ``check``, ``resume``, ``front``, ``show``, ``export`` and
-``zoo build``."""
+"""The command line: ``evomerge run``, ``check``, ``resume``, ``front``, ``show``, ``report``, ``compare``,
+``export`` and ``zoo build``."""
 
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ class _Workers(click.ParamType):
 
 
 WORKERS = _Workers()
+QUIET = (
+    "print only the run folder at the end (and errors): no memory plan, progress, lines per generation "
+    "or summary"
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,7 +78,10 @@ def stoppable(run_dir: Path | None) -> Iterator[None]:
 @click.option("--out", type=click.Path(path_type=Path), help="run folder (default: runs/<config name>)")
 @click.option("--workers", type=WORKERS, help="number of Ray workers, or auto")
 @click.option("--ray-address", help="join this Ray cluster")
-def run(config: Path, out: Path | None, workers: int | str | None, ray_address: str | None) -> None:
+@click.option("--quiet", is_flag=True, help=QUIET)
+def run(
+    config: Path, out: Path | None, workers: int | str | None, ray_address: str | None, quiet: bool
+) -> None:
     """Run an evolutionary merge search."""
     from evomerge.config import load_config
     from evomerge.search import Search
@@ -84,7 +91,7 @@ def run(config: Path, out: Path | None, workers: int | str | None, ray_address: 
             config, out=str(out) if out else None, workers=workers, **{"ray.address": ray_address}
         )
         with stoppable(cfg.out):
-            run_dir = Search(cfg, console=console).run()
+            run_dir = Search(cfg, console=None if quiet else console).run()
     except EvomergeError as e:
         fail(str(e))
     console.print(f"run folder: {run_dir}")
@@ -166,7 +173,10 @@ def plan(
 )
 @click.option("--workers", type=WORKERS, help="number of Ray workers, or auto")
 @click.option("--ray-address", help="join this Ray cluster")
-def resume(run_dir: Path, config: Path | None, workers: int | str | None, ray_address: str | None) -> None:
+@click.option("--quiet", is_flag=True, help=QUIET)
+def resume(
+    run_dir: Path, config: Path | None, workers: int | str | None, ray_address: str | None, quiet: bool
+) -> None:
     """Continue a stopped run where it stopped; nothing stored is evaluated again."""
     from evomerge.config import load_config
     from evomerge.runfolder import RunFolder
@@ -178,7 +188,9 @@ def resume(run_dir: Path, config: Path | None, workers: int | str | None, ray_ad
             RunFolder(run_dir).require()
             console.print(f"run {run_dir} already finished; see `evomerge front {run_dir}`")
             return
-        search = resume_search(run_dir, given, console=console, workers=workers, ray_address=ray_address)
+        search = resume_search(
+            run_dir, given, console=None if quiet else console, workers=workers, ray_address=ray_address
+        )
         with stoppable(run_dir):
             search.resume()
     except EvomergeError as e:
@@ -245,6 +257,45 @@ def show(run_dir: Path, candidate_id: int) -> None:
         console.print(f"error: {c.error}", markup=False, highlight=False)
         if c.trace:
             console.print(c.trace.rstrip(), markup=False, highlight=False)
+
+
+@app.command("report")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="HTML file to write (default: RUN_DIR/report.html)"
+)
+def report_cmd(run_dir: Path, out: Path | None) -> None:
+    """Write a run's report: one self-contained HTML page (what ran, the front, progress, recipes, IRT
+    estimates, the test split, failures). A run writes RUN_DIR/report.html itself after each generation."""
+    from evomerge.html_report import write_report
+
+    _page(write_report, run_dir, out)
+
+
+@app.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default="compare.html",
+    show_default=True,
+    help="HTML file to write",
+)
+def compare(run_dirs: tuple[Path, ...], out: Path) -> None:
+    """Write one HTML page comparing runs of the same objectives: their progress against models and items
+    evaluated, and their fronts."""
+    from evomerge.html_report import write_compare
+
+    _page(write_compare, run_dirs, out)
+
+
+def _page(write: Any, *args: Any) -> None:
+    """Write an HTML page and print where; bad input is one line, exit 2."""
+    try:
+        path = write(*args)
+    except EvomergeError as e:
+        fail(str(e))
+    console.print(str(path), markup=False, highlight=False)
 
 
 @app.command()

@@ -140,6 +140,8 @@ def run_generations(search: Any, seconds_before: float = 0.0) -> float:
     adaptive = [s for s in search.subsets.values() if isinstance(s, calibration.AdaptiveObjective)]
     problem = Problem(n_var=space.n_var, n_obj=len(cfg.objectives), xl=0.0, xu=1.0)
     algorithm, generation = _restore(search, problem)
+    search.refresh_report()  # what runs, and calibration's cost, before the first generation
+    session, done = time.time(), 0
     while algorithm.has_next():
         generation += 1
         pop = algorithm.ask()
@@ -163,4 +165,7 @@ def run_generations(search: Any, seconds_before: float = 0.0) -> float:
         algorithm.tell(infills=pop)
         _checkpoint(search, generation, algorithm)
         evals.write_meta(search_seconds=time.time() - start)
+        done += 1
+        left = (time.time() - session) / done * max(cfg.algorithm.generations - generation, 0)
+        search.refresh_report(generation, left)
     return time.time() - start

@@ -236,6 +236,31 @@ def progress(console: Any, description: str, total: int) -> Iterator[Callable[[]
         yield lambda: bar.advance(task)
 
 
+def duration(seconds: float | None) -> str:
+    """Seconds as people read them: ``42 s``, ``3 min 5 s``, ``2 h 10 min``; ``-`` when unknown."""
+    if seconds is None or not np.isfinite(seconds):
+        return "-"
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    return f"{s // 3600} h {s % 3600 // 60} min" if s >= 3600 else f"{s // 60} min {s % 60} s"
+
+
+def generation_line(run: Any, generation: int, total: int, seconds_left: float | None) -> str:
+    """One line after a generation: the best value so far of each objective (rated search candidates),
+    the front's size, the items evaluated so far (calibration included) and the search's time left."""
+    df = run.candidates
+    rated = df[(df.kind == "search") & (df.status == "ok") & (df.stopped != "raced")]
+    best = ", ".join(
+        f"{o.name} {getattr(rated[o.name], o.direction)():.4f}" if len(rated) else f"{o.name} -"
+        for o in run.objectives
+    )
+    return (
+        f"generation {generation}/{total}: best so far {best}; front {len(run.pareto_front())}; "
+        f"{int(df.n_items.sum()):,} items evaluated; about {duration(seconds_left)} left in the search"
+    )
+
+
 def print_lines(console: Any, lines: list[str]) -> None:
     """Print lines as they are (no rich markup or highlighting): a memory plan, say."""
     for line in lines:

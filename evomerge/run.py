@@ -67,9 +67,10 @@ class Run:
     paths the run merged (base, experts, tokenizer, dtype).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, snapshot: tuple[dict[str, Any], list[Candidate]] | None = None):
         self.path = Path(path)
-        meta, self._records = _read_store(self.path)
+        # ``snapshot``: the store's (meta, candidates) as a process already holding it read them
+        meta, self._records = snapshot if snapshot is not None else _read_store(self.path)
         self._meta = meta
         if "config" not in meta:
             raise EvomergeError(f"run {str(self.path)!r} has not recorded its config yet")
@@ -82,6 +83,11 @@ class Run:
         self.objectives = [ObjectiveConfig.model_validate(o) for o in raw["objectives"]]
         self.models: dict[str, Any] | None = meta.get("models")
         self.candidates = self._frame(raw["fitness"]["test_split"])
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The run's meta as stored (:class:`evomerge.runfolder.RunMeta`'s fields), config included."""
+        return dict(self._meta)
 
     @property
     def genes(self) -> list[str] | None:

@@ -7,6 +7,7 @@ RUN_DIR/summary.json   the test-split table, the front and how the best model wa
 RUN_DIR/front.csv      the Pareto front with search and test values and recipes
 RUN_DIR/best_model/    the best merge as an HF folder
 RUN_DIR/irt/           fitted IRT item parameters, one file per objective scope
+RUN_DIR/report.html    the run as a self-contained HTML page, rewritten after each generation
 ```
 
 A store is checked before it is used: a file that is not SQLite (truncated, overwritten), a damaged
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.store import Store
+from evomerge.store import VERSION, Store
 
 
 class RunMeta:
@@ -38,6 +39,7 @@ class RunMeta:
     genes: list[str] | None  # the genome's gene names, in order: Run.genes
     search_seconds: float | None  # wall time of the search so far: resume (the summary's total)
     stopped_on: dict[str, Any] | None  # the failure every first evaluation shared: resume retries them
+    running: dict[str, Any] | None  # the process running the run (host, pid); None once it stopped: report
 
     FIELDS = (
         "config",
@@ -47,6 +49,7 @@ class RunMeta:
         "genes",
         "search_seconds",
         "stopped_on",
+        "running",
     )
 
     def __init__(self, store: Store):
@@ -77,7 +80,16 @@ SUMMARY = "summary.json"
 FRONT = "front.csv"
 BEST_MODEL = "best_model"
 IRT = "irt"
+REPORT = "report.html"
 _TABLES = {"meta", "candidates", "checkpoints"}
+
+
+def _format(value: str) -> int:
+    """A stored store_version; one that is not a number is newer than any this evomerge knows."""
+    try:
+        return int(value)
+    except ValueError:
+        return VERSION + 1
 
 
 class RunFolder:
@@ -146,6 +158,11 @@ class RunFolder:
             try:
                 tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 check = db.execute("PRAGMA quick_check").fetchone()[0]
+                version = (
+                    db.execute("SELECT value FROM meta WHERE key = 'store_version'").fetchone()
+                    if "meta" in tables
+                    else None
+                )
             finally:
                 db.close()
         except sqlite3.DatabaseError as e:
@@ -156,6 +173,12 @@ class RunFolder:
             raise EvomergeError(
                 f"{where!r} is a SQLite database that evomerge did not write (tables: "
                 f"{', '.join(sorted(tables)) or 'none'}); it was left as it is"
+            )
+        written = _format(version[0]) if version is not None else VERSION
+        if written > VERSION:
+            raise EvomergeError(
+                f"{where!r} was written by a newer evomerge (store format {written}; this evomerge "
+                f"reads up to {VERSION}): upgrade evomerge to open it; it was left as it is"
             )
 
     @staticmethod
@@ -171,7 +194,9 @@ class RunFolder:
     def create_store(self) -> Store:
         """The store of a new run (the folder is made)."""
         self.check_new()
-        return Store(self.store_path)
+        store = Store(self.store_path)
+        store.set_meta("store_version", VERSION)
+        return store
 
     def write_text(self, name: str, text: str) -> Path:
         """Write ``name`` in the run folder whole or not at all."""

@@ -7,6 +7,8 @@ and the evaluations between them; the loop (:mod:`evomerge.loop`), the IRT stage
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -245,8 +247,25 @@ class Search:
 
     def _finish(self, search_seconds: float) -> None:
         done = summary.finish(self, search_seconds)
+        self.refresh_report()
         if self.console is not None:
             report.print_summary(self.console, done)
+
+    def refresh_report(self, generation: int | None = None, seconds_left: float | None = None) -> None:
+        """Rewrite RUN_DIR/report.html from the store and, after a generation, print its line (best so
+        far, front, items, time left). A report that cannot be written is a warning line, never a stop."""
+        from evomerge import html_report
+        from evomerge.run import Run
+
+        try:
+            run = Run(self.run_dir, self.evals.store.snapshot())
+            if generation is not None and self.console is not None:
+                total = self.config.algorithm.generations
+                line = report.generation_line(run, generation, total, seconds_left)
+                self.console.print(line, markup=False, highlight=False)
+            html_report.write_report(run)
+        except Exception as e:  # the run matters more than its report
+            html_report.warn(e, self.console)
 
     @contextlib.contextmanager
     def session(self, resume: bool = False) -> Iterator[Search]:
@@ -298,7 +317,15 @@ class Search:
                 )
                 self.folder.write_text("config.yaml", yaml.safe_dump(stored_config(cfg), sort_keys=False))
             self.evals = Evaluations(self.folder, store, self.pool, self.score, self.console)
-            yield self
+            # who runs it, for the report's status (a process killed with -9 leaves it: "stopped" then)
+            self.folder.meta(store).update(running={"host": socket.gethostname(), "pid": os.getpid()})
+            try:
+                yield self
+            finally:
+                with contextlib.suppress(Exception):
+                    self.folder.meta(store).update(running=None)
+                if not self.folder.finished():
+                    self.refresh_report()  # status: stopped
 
 
 def _value(o: Any, values: dict[str, float]) -> float:

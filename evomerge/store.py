@@ -24,6 +24,10 @@ from typing import Any
 
 import cloudpickle
 
+# The store's format. A run folder records the format it was written in (meta ``store_version``; stores
+# from before the key have format 1); an evomerge refuses a store of a format newer than its own.
+VERSION = 1
+
 
 class _Value(str, Enum):
     """An enum whose members print as the strings the store holds."""
@@ -151,9 +155,11 @@ class Store:
     def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
         if readonly:
-            self.db = sqlite3.connect(
-                f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None
-            )
+            # A store without a write-ahead log beside it is not being written (a WAL writer keeps one
+            # while it is open): read it as immutable, which leaves no -wal/-shm files in the run folder.
+            wal = self.path.with_name(self.path.name + "-wal").exists()
+            uri = f"{self.path.resolve().as_uri()}?mode=ro" + ("" if wal else "&immutable=1")
+            self.db = sqlite3.connect(uri, uri=True, isolation_level=None)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, isolation_level=None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -17,6 +18,7 @@ import pytest
 import yaml
 from tiny import save_model_set
 
+from evomerge import html_report
 from evomerge.algorithms import ALGORITHMS, make_algorithm, setup
 from evomerge.config import load_config
 from evomerge.errors import EvomergeError
@@ -367,14 +369,15 @@ def _count(db: Path, where: str) -> int:
         return 0
 
 
-def _kill_when(proc: subprocess.Popen, db: Path, where: str, timeout: float = 240) -> None:
-    """kill -9 the run's whole process group once a finished row matches ``where``."""
+def _kill_when(proc: subprocess.Popen, db: Path, where: str, timeout: float = 240) -> str:
+    """kill -9 the run's whole process group once a finished row matches ``where``; returns its output."""
     deadline = time.time() + timeout
     while time.time() < deadline and not _count(db, where) and proc.poll() is None:
         time.sleep(0.1)
     assert proc.poll() is None, f"the run ended before a row matched {where!r}"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
     proc.wait()
+    return proc.stdout.read()
 
 
 def stored_ids(run: Path) -> list[tuple]:
@@ -425,10 +428,22 @@ def test_kill_9_mid_generation_and_during_the_test_evaluations_then_resume_repro
 
     run_dir = tmp_path / "killed"
     db = run_dir / "store.sqlite"
-    _kill_when(_cli("run", config, "--out", run_dir, env=env), db, "kind = 'search' AND generation >= 3")
+    out = _kill_when(
+        _cli("run", config, "--out", run_dir, env=env), db, "kind = 'search' AND generation >= 3"
+    )
+    assert re.search(
+        r"^generation 2/4: best so far first [-\d.]+, second [-\d.]+; front \d+; 0 items evaluated; about ",
+        out,
+        re.M,
+    ), out
     before = Store(db).candidates()
     assert before and not (run_dir / "summary.json").exists()
-    _kill_when(_cli("resume", run_dir, env=env), db, "kind IN ('test', 'reference')")
+    # the report the run wrote after generation 2, and one built now: a stopped run (nothing else written)
+    assert "running, generation 2 of 4" in (run_dir / "report.html").read_text()
+    html_report.write_report(run_dir, tmp_path / "stopped.html")
+    assert "stopped, generation 3 of 4" in (tmp_path / "stopped.html").read_text()
+    out = _kill_when(_cli("resume", run_dir, "--quiet", env=env), db, "kind IN ('test', 'reference')")
+    assert "generation" not in out and "memory plan" not in out, out
     assert not (run_dir / "summary.json").exists()
     resumed = _cli("resume", run_dir, env=env)
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
@@ -437,6 +452,7 @@ def test_kill_9_mid_generation_and_during_the_test_evaluations_then_resume_repro
     searched = [c for c in after.values() if c.kind == "search"]
     assert len({c.recipe_key for c in searched}) == len(searched)  # nothing evaluated twice
     same_run(run_dir, full)
+    assert "finished, generation 4 of 4" in (run_dir / "report.html").read_text()
 
 
 def test_resume_refuses_another_config(tmp_path, models):
