@@ -30,12 +30,17 @@ class AlgorithmSpec:
     options_from: str | None = None  # "module:Class" whose keyword arguments the options are (else target)
     max_genes: int | None = None  # the most genes the algorithm models
     batch_of_workers: bool = False  # pop_size, unless the config sets it, is the number of workers
+    # its pickled state can be resumed from (pymoo's CMAES pickles without its cma generator and then
+    # ends one generation after the resume): otherwise a resume replays the generations from the store
+    checkpoints: bool = True
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {
     "ga": AlgorithmSpec("pymoo.algorithms.soo.nonconvex.ga:GA", "single"),
     "de": AlgorithmSpec("pymoo.algorithms.soo.nonconvex.de:DE", "single"),
-    "cmaes": AlgorithmSpec("pymoo.algorithms.soo.nonconvex.cmaes:CMAES", "single", zero_seed=2**31 - 1),
+    "cmaes": AlgorithmSpec(
+        "pymoo.algorithms.soo.nonconvex.cmaes:CMAES", "single", zero_seed=2**31 - 1, checkpoints=False
+    ),
     "pso": AlgorithmSpec("pymoo.algorithms.soo.nonconvex.pso:PSO", "single"),
     "nsga2": AlgorithmSpec("pymoo.algorithms.moo.nsga2:NSGA2", "multi"),
     "nsga3": AlgorithmSpec("pymoo.algorithms.moo.nsga3:NSGA3", "multi", ref_dirs=True),

@@ -77,7 +77,7 @@ def race_bound(search: Any, generation: int) -> calibration.Race | None:
 def _restore(search: Any, problem: Any) -> tuple[Any, int]:
     """The algorithm and the generation it finished: from the last checkpoint, or set up afresh."""
     cfg = search.config
-    last = search.evals.store.last_checkpoint()
+    last = search.evals.store.last_checkpoint() if spec_for(cfg.algorithm.name).checkpoints else None
     if last is not None:
         generation, algorithm = last
         return algorithm, generation
@@ -111,10 +111,12 @@ def _known_genomes(search: Any) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _checkpoint(search: Any, generation: int, algorithm: Any) -> None:
+    if not spec_for(search.config.algorithm.name).checkpoints:
+        return
     try:
         search.evals.store.save_checkpoint(generation, algorithm)
     except (TypeError, AttributeError, pickle.PicklingError):
-        pass  # e.g. CMA-ES holds a generator: a resume replays its generations, answered from the store
+        pass  # a state that does not pickle: a resume replays the generations, answered from the store
     except StoreFullError:
         raise EvomergeError(search.evals.disk_full_message()) from None
 
