@@ -223,6 +223,11 @@ def main() -> None:
     print(df.to_markdown(index=False, floatfmt=".3g"))
     _plot(curves, target, out / "efficiency.png")
     print(f"\nanytime curves (median, min-max over seeds): {out / 'efficiency.png'}")
+    firsts = [out / f"{name}-0" for name in curves if RunFolder(out / f"{name}-0").finished()]
+    if len(firsts) > 1:  # `evomerge compare` of each recipe's first seed: fronts and progress, interactive
+        from evomerge.html_report import write_compare
+
+        print(f"seed 0 of each recipe, side by side: {write_compare(firsts, out / 'compare.html')}")
 
 
 def table(curves: dict[str, list[pd.DataFrame]], target: float, budget: float) -> pd.DataFrame:
