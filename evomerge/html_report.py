@@ -312,9 +312,18 @@ def progress_table(run: Run) -> pd.DataFrame:
     rated = _searched(run)
     rated = rated[~rated.raced].groupby("generation")
     for o in run.objectives:
-        out[f"best_{o.name}"] = rated[o.name].agg(o.direction)
+        best = rated[o.name].agg(o.direction)
+        out[f"best_{o.name}"] = best
         out[f"median_{o.name}"] = rated[o.name].median()
-        out[f"best_so_far_{o.name}"] = getattr(out[f"best_{o.name}"], f"cum{o.direction}")().ffill()
+        so_far = getattr(out[f"best_{o.name}"], f"cum{o.direction}")().ffill()
+        out[f"best_so_far_{o.name}"] = so_far
+        # the candidate holding the best so far: the lowest id of the generation that first reached it
+        before = so_far.shift()
+        improved = before.isna() | (best > before if o.direction == "max" else best < before)
+        ids = getattr(rated[o.name], f"idx{o.direction}")()
+        out[f"best_id_so_far_{o.name}"] = (
+            ids.reindex(out.index).where(improved & best.reindex(out.index).notna()).ffill()
+        )
     return out
 
 

@@ -127,19 +127,17 @@ def run_one(zoo: str, name: str, recipe: dict[str, Any], seed: int, root: Path) 
     return out
 
 
-def test_accuracy(run_dir: Path, ids: list[int], cache: dict[int, float]) -> dict[int, float]:
+def test_accuracy(run: Any, ids: list[int]) -> dict[int, float]:
     """The test-split mean accuracy of candidates ``ids`` (re-merged in this process, scored by lm-eval),
-    cached in ``run_dir/efficiency_test.json``."""
+    cached in ``RUN_DIR/efficiency_test.json``."""
     import torch
 
     from evomerge.fitness.lmeval import LmEvalFitness
-    from evomerge.run import load_run
 
-    path = run_dir / "efficiency_test.json"
-    cache.update({int(k): v for k, v in (json.loads(path.read_text()) if path.is_file() else {}).items()})
+    path = run.path / "efficiency_test.json"
+    cache = {int(k): v for k, v in (json.loads(path.read_text()) if path.is_file() else {}).items()}
     todo = [i for i in ids if i not in cache]
     if todo:
-        run = load_run(run_dir)
         fitness = LmEvalFitness(list(run.config.fitness.tasks))
         for i in todo:
             model, tok = run.load_model(i)
@@ -150,33 +148,29 @@ def test_accuracy(run_dir: Path, ids: list[int], cache: dict[int, float]) -> dic
 
 
 def anytime(run_dir: Path) -> pd.DataFrame:
-    """Per generation: model and item evaluations so far (calibration included), the best candidate by
-    its search value so far, and that candidate's test accuracy. Not on the curve: the whole-split
-    re-scoring of an IRT run's final front (``attrs["rescored"]``) and every run's test-split scoring."""
-    from evomerge.store import Store
+    """Per generation (the report's progress table): model and item evaluations so far (calibration
+    included), the best candidate by its search value so far, and that candidate's test accuracy. Not
+    on the curve: the whole-split re-scoring of an IRT run's final front (``attrs["rescored"]``) and
+    every run's test-split scoring."""
+    from evomerge.html_report import progress_table
+    from evomerge.run import load_run
 
-    store = Store(run_dir / "store.sqlite", readonly=True)
-    rows = store.candidates()
-    store.close()
-    calibration = [c for c in rows if c.kind == "calibration"]
-    searched = [c for c in rows if c.kind == "search"]
-    best_id, best, points = None, -np.inf, []
-    items = sum(c.n_items for c in calibration)
-    models = len(calibration)
-    for g in sorted({c.generation for c in searched}):
-        gen = [c for c in searched if c.generation == g]
-        items += sum(c.n_items for c in gen)
-        models += len(gen)
-        for c in gen:
-            if c.status == "ok" and c.stopped != "raced" and c.objectives["mean_accuracy"] > best:
-                best, best_id = c.objectives["mean_accuracy"], c.id
-        points.append({"generation": g, "models": models, "items": items, "best_id": best_id})
-    df = pd.DataFrame(points)
-    df.attrs["items per candidate"] = float(np.mean([c.n_items for c in searched]))
-    df.attrs["rescored"] = sum(c.n_items for c in rows if c.kind == "full")  # an IRT run's front, at the end
+    run = load_run(run_dir)
+    progress = progress_table(run)
+    df = pd.DataFrame(
+        {
+            "generation": progress.index,
+            "models": progress.models_so_far.to_numpy(),
+            "items": progress.items_so_far.to_numpy(),
+            "best_id": progress.best_id_so_far_mean_accuracy.to_numpy(),
+        }
+    )
+    rows = run.candidates
+    df.attrs["items per candidate"] = float(rows[rows.kind == "search"].n_items.mean())
+    df.attrs["rescored"] = int(rows[rows.kind == "full"].n_items.sum())  # an IRT run's front, at the end
     wall = run_dir / "efficiency_wall.json"
     df.attrs["wall s"] = json.loads(wall.read_text())["seconds"] if wall.is_file() else np.nan
-    tests = test_accuracy(run_dir, sorted({int(i) for i in df.best_id.dropna()}), {})
+    tests = test_accuracy(run, sorted({int(i) for i in df.best_id.dropna()}))
     df["test"] = df.best_id.map(lambda i: tests.get(int(i), np.nan) if i == i else np.nan)
     return df
 
