@@ -10,10 +10,26 @@ mergekit 0.1.5 applies one ``merge_method`` per configuration, so a recipe whose
 methods cannot be written as one file; ``to_mergekit`` refuses it with the methods it found, and a
 recipe that uses one of evomerge's own methods (the subspace methods: tsv, iso_c, ...) with that method,
 and one with a ``lines`` modifier naming its group.
+
+A recipe with a data flow (``evomerge.flow``) is two merges, written as the documents of one
+``mergekit-multi`` file (``to_mergekit_stages``): first the parameter-space merge of the recipe's groups,
+named ``evomerge-merge`` (the configuration above, so the same refusals apply), then a ``passthrough``
+merge that stacks the flow's layers as ``slices``, one per maximal run of consecutive layers of one source
+with one cumulative scale C. A run with C != 1 multiplies its residual-output projections
+(``self_attn.o_proj``, ``mlp.down_proj``) by 1/C through passthrough's ``scale`` parameter, filtered on
+those names. The embeddings, final norm and lm_head are the parameter-space merge's, as in the worker's
+flow model: mergekit takes them from the first and the last slice's model, so the passthrough begins and
+ends with a slice of that merge, empty (``layer_range: [0, 0]``) unless the flow begins or ends there.
+mergekit writes the base's config with ``num_hidden_layers`` set to the depth and every other field as
+it was, so where the base is a local folder a flow that its per-layer lists (``layer_types``,
+``no_rope_layers``, ...) would contradict is refused (another depth, or other entries in other places),
+as are a scale on a model type without known residual-output projections and a layer out of range.
 """
 
 from __future__ import annotations
 
+import copy
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,8 +37,19 @@ from typing import Any
 import yaml
 
 from evomerge.errors import EvomergeError
+from evomerge.flow import (
+    MERGE,
+    PER_LAYER,
+    RESIDUAL_OUTPUTS,
+    check_flow,
+    factors,
+    flow_config,
+    residual_outputs,
+)
 from evomerge.merge import get_method
-from evomerge.recipe import Recipe
+from evomerge.recipe import FlowStep, Recipe
+
+MERGE_STAGE = "evomerge-merge"  # the parameter-space merge's name in a mergekit-multi file
 
 
 def _value(v: Any) -> Any:
@@ -60,6 +87,11 @@ def to_mergekit(
     ``recipe`` says. ``base``/``experts`` are what mergekit should load: local paths or hub ids."""
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_dict(recipe)
+    if recipe.flow is not None:
+        raise EvomergeError(
+            "the recipe has a data flow: mergekit makes it in two merges (the parameter-space merge, then "
+            "a passthrough of the flow's layers), written by to_mergekit_stages for mergekit-multi"
+        )
     for g in recipe.groups:
         if not get_method(g.method).mergekit:
             raise EvomergeError(
@@ -107,11 +139,91 @@ def to_mergekit(
     return config
 
 
+def to_mergekit_stages(
+    recipe: Recipe | Mapping[str, Any],
+    base: str,
+    experts: Mapping[str, str],
+    *,
+    dtype: str = "float32",
+    tokenizer: str | None = None,
+) -> list[dict[str, Any]]:
+    """The mergekit-multi documents that make ``recipe``: for a recipe without a data flow, the one
+    configuration of ``to_mergekit``; with one, the parameter-space merge (named ``MERGE_STAGE``) and
+    the passthrough that stacks the flow's layers (unnamed: mergekit-multi writes it to ``--out-path``)."""
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.from_dict(recipe)
+    if recipe.flow is None:
+        return [to_mergekit(recipe, base, experts, dtype=dtype, tokenizer=tokenizer)]
+    flow = recipe.flow
+    paths = {MERGE: MERGE_STAGE, "base": base, **experts}
+    model_type = _check_base_config(base, paths, flow)
+    merge = {
+        "name": MERGE_STAGE,
+        **to_mergekit(Recipe(recipe.groups), base, experts, dtype=dtype, tokenizer=tokenizer),
+    }
+    # without the base's config (a hub id), the names every known type shares
+    projections = RESIDUAL_OUTPUTS.get(model_type or "llama", RESIDUAL_OUTPUTS["llama"])
+    runs: list[list[Any]] = []  # [source, first layer, end layer, factor]
+    for step, factor in zip(flow, factors(flow), strict=True):
+        last = runs[-1] if runs else None
+        if last is not None and last[0] == step.source and last[2] == step.layer and last[3] == factor:
+            last[2] += 1
+        else:
+            runs.append([step.source, step.layer, step.layer + 1, factor])
+    slices = []
+    for source, start, stop, factor in runs:
+        entry: dict[str, Any] = {"model": paths[source], "layer_range": [start, stop]}
+        if factor != 1.0:
+            entry["parameters"] = {"scale": [{"filter": name, "value": factor} for name in projections]}
+        slices.append({"sources": [entry]})
+    empty = {"sources": [{"model": MERGE_STAGE, "layer_range": [0, 0]}]}
+    if runs[0][0] != MERGE:
+        slices.insert(0, empty)
+    if runs[-1][0] != MERGE:
+        slices.append(copy.deepcopy(empty))
+    stack = {
+        "merge_method": "passthrough",
+        "base_model": MERGE_STAGE,
+        "slices": slices,
+        "dtype": dtype,
+        "tokenizer_source": tokenizer or base,
+    }
+    return [merge, stack]
+
+
+def _check_base_config(base: str, sources: Mapping[str, str], flow: tuple[FlowStep, ...]) -> str | None:
+    """Refuse a flow with an unknown source or a bad scale and, where ``base`` is a local folder, what
+    mergekit would write wrongly for it: layers out of range, scales on a model type without known
+    residual-output projections, per-layer config lists the flow contradicts (mergekit copies them as
+    they are). The base's model type, None for a hub id."""
+    path = Path(base) / "config.json"
+    if not path.is_file():
+        check_flow(flow, dict.fromkeys(sources, sys.maxsize))
+        return None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path.parent)
+    kept = config.get_text_config(decoder=True)
+    check_flow(flow, dict.fromkeys(sources, kept.num_hidden_layers))
+    residual_outputs(config.model_type, flow)
+    wanted = flow_config(config, flow).get_text_config(decoder=True)
+    for key in PER_LAYER:
+        old, new = getattr(kept, key, None), getattr(wanted, key, None)
+        if old is not None and list(old) != list(new):
+            raise EvomergeError(
+                f"the base's config lists {key} per layer ({len(old)} layers) and the data flow needs "
+                f"others ({len(flow)} layers); mergekit 0.1.5 copies them as they are, so its model would "
+                "be wrong or not load: write the model instead with `evomerge export --format hf`"
+            )
+    return config.model_type
+
+
 def export_candidate(
     run_dir: str | Path, candidate_id: int, out: str | Path | None = None, fmt: str = "mergekit"
 ) -> Path:
     """Write candidate ``candidate_id`` of a run as a mergekit YAML (default
-    ``RUN_DIR/exports/candidate-<id>.mergekit.yaml``) or, ``fmt="hf"``, as the merged model (default
+    ``RUN_DIR/exports/candidate-<id>.mergekit.yaml``; a recipe with a data flow as a mergekit-multi file,
+    ``candidate-<id>.mergekit-multi.yaml``) or, ``fmt="hf"``, as the merged model (default
     ``RUN_DIR/exports/candidate-<id>/``), and return its path; existing files are kept."""
     run_dir = Path(run_dir)
     if fmt == "hf":
@@ -119,16 +231,17 @@ def export_candidate(
     if fmt != "mergekit":
         raise EvomergeError(f"unknown export format {fmt!r}; allowed: mergekit, hf")
     recipe, models, _ = _candidate(run_dir, candidate_id)
-    config = to_mergekit(
+    docs = to_mergekit_stages(
         recipe,
         models["base"],
         models["experts"],
         dtype=models.get("dtype", "float32"),
         tokenizer=models.get("tokenizer"),
     )
-    path = _target(out, run_dir / "exports" / f"candidate-{candidate_id}.mergekit.yaml")
+    kind = "mergekit" if len(docs) == 1 else "mergekit-multi"
+    path = _target(out, run_dir / "exports" / f"candidate-{candidate_id}.{kind}.yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     return path
 
 
