@@ -197,11 +197,10 @@ def calibrate(evals: Any, space: Any, experts: list[str], config: Any) -> list[A
     """Evaluate the base, the experts and random merges on the whole search split (stored as
     ``kind="calibration"``); the endpoints come first."""
     from evomerge.jobs import Job, Origin
-    from evomerge.recipe import reference_recipes
     from evomerge.store import Kind, Status
 
     fit = config.fitness
-    recipes = [(label, r, _input_genome(space, label)) for label, r in reference_recipes(experts).items()]
+    recipes = [(label, r, _input_genome(space, label)) for label, r in space.reference_recipes().items()]
     recipes += [
         (f"random-{i}", space.decode(g), [float(v) for v in g])
         for i, g in enumerate(calibration_genomes(space, config.seed, fit.calibration.random_merges))

@@ -228,7 +228,7 @@ def front(run_dir: Path) -> None:
 def show(run_dir: Path, candidate_id: int) -> None:
     """Print one candidate of a run: what it is, its values, its recipe and, if it failed, the whole
     error with its traceback."""
-    from evomerge.report import print_frame, recipe_summary, recipe_table
+    from evomerge.report import flow_text, print_frame, recipe_summary, recipe_table
     from evomerge.runfolder import RunFolder
 
     try:
@@ -253,6 +253,8 @@ def show(run_dir: Path, candidate_id: int) -> None:
         f"items {c.n_items}, forward tokens {c.n_tokens}, {c.wall_s:.2f} s on {c.worker}", highlight=False
     )
     print_frame(console, recipe_table(recipe_summary(c.recipe)), "recipe")
+    if c.recipe.get("flow"):
+        console.print(f"data flow ({len(c.recipe['flow'])} layers): {flow_text(c.recipe)}", highlight=False)
     if c.error:
         console.print(f"error: {c.error}", markup=False, highlight=False)
         if c.trace:

@@ -77,11 +77,15 @@ class FitnessConfig(_Frozen):
         return None if v == "none" else v
 
 
+DEPTH = "depth"  # an objective of the data flow's decoder layers, counted by the worker
+
+
 class ObjectiveConfig(_Frozen):
     name: str
     of: str = Field(
         "mean",
-        description="a task name or 'mean' (mean accuracy over tasks); with a fitness function, a key it returns",
+        description="a task name or 'mean' (mean accuracy over tasks); with a fitness function, a key it "
+        "returns; depth: the decoder layers of a data-flow candidate (direction: min)",
     )
     direction: Literal["max", "min"] = "max"
     estimator: str | None = Field(
@@ -237,9 +241,11 @@ class RunConfig(_Frozen):
         fitness = self.fitness
         from evomerge.fitness.base import select_backend
 
+        counted = self._check_depth()
+        scored = [o for o in self.objectives if o not in counted]
         backend = select_backend(dict(fitness))
         if backend.check is not None:
-            backend.check(fitness, self.objectives)
+            backend.check(fitness, scored)
         from evomerge.irt import get_estimator
 
         estimated = [o for o in self.objectives if o.estimator]
@@ -255,20 +261,25 @@ class RunConfig(_Frozen):
                     f"objective {o.name!r}: estimator {o.estimator!r} learns from the calibration merges; "
                     f"set fitness.calibration.random_merges >= {needed} (got {merges})"
                 )
-        for o in self.objectives:
+        for o in scored:
             if o.items == "adaptive" and o.estimator is None:
                 raise EvomergeError(
                     f"objective {o.name!r}: items: adaptive needs an estimator (pirt, irt or sgpirt)"
                 )
-        adaptive = [o.name for o in self.objectives if o.items == "adaptive"]
-        if adaptive and len(adaptive) < len(self.objectives):
-            other = next(o.name for o in self.objectives if o.items != "adaptive")
+        adaptive = [o.name for o in scored if o.items == "adaptive"]
+        if adaptive and len(adaptive) < len(scored):
+            other = next(o.name for o in scored if o.items != "adaptive")
             raise EvomergeError(
                 f"objective {adaptive[0]!r} has items: adaptive, objective {other!r} does not; a candidate's "
                 "items are chosen adaptively for every objective or for none"
             )
-        racing = [o.name for o in self.objectives if o.race]
-        if racing and any(o.items != "adaptive" for o in self.objectives):
+        racing = [o.name for o in scored if o.race]
+        if racing and counted:
+            raise EvomergeError(
+                f"objective {racing[0]!r}: race stops a candidate on its estimates; objective "
+                f"{counted[0].name!r} is of depth, which is counted: remove race or that objective"
+            )
+        if racing and any(o.items != "adaptive" for o in scored):
             raise EvomergeError(
                 f"objective {racing[0]!r}: race needs every objective to be items: adaptive "
                 "(a candidate is stopped on all its estimates)"
@@ -293,6 +304,27 @@ class RunConfig(_Frozen):
                 f"pop_size is {self.algorithm.pop_size}: raise it to at least {len(self.models.experts)}"
             )
         return self
+
+    def _check_depth(self) -> list[ObjectiveConfig]:
+        """The objectives of ``depth`` (the decoder layers of a candidate's data flow), checked: they need
+        a data flow, are counted rather than estimated, and trade against another objective."""
+        counted = [o for o in self.objectives if o.of == DEPTH]
+        for o in counted:
+            if self.search_space.data_flow is None:
+                raise EvomergeError(
+                    f"objective {o.name!r} is of depth, the decoder layers of a candidate, which only a "
+                    "search_space.data_flow varies: add one or remove the objective"
+                )
+            if o.estimator is not None or o.items is not None:
+                raise EvomergeError(
+                    f"objective {o.name!r} is of depth, which is counted, not estimated: remove its "
+                    "estimator and items"
+                )
+        if counted and len(counted) == len(self.objectives):
+            raise EvomergeError(
+                f"objective {counted[0].name!r} is of depth; add an objective of accuracy to trade it against"
+            )
+        return counted
 
 
 def format_validation_error(err: ValidationError) -> str:

@@ -39,9 +39,7 @@ from torch import nn
 
 from evomerge.errors import EvomergeError, unknown
 from evomerge.merge import Merger
-from evomerge.recipe import FlowStep, reference_recipes
-
-MERGE = "merge"  # the source name of the worker's own model (the parameter-space merge)
+from evomerge.recipe import MERGE, FlowStep, reference_recipes
 
 # Residual-output projections by model_type, relative to a decoder layer: pre-norm decoders whose
 # residual stream is written only by these (verified in tests/test_flow_model.py against hidden-state
@@ -94,6 +92,11 @@ def residual_outputs(model_type: str, flow: Sequence[FlowStep]) -> tuple[str, ..
     a model type without a known table refuses scales."""
     if all(step.scale == 1.0 for step in flow):
         return ()
+    return scalable(model_type)
+
+
+def scalable(model_type: str) -> tuple[str, ...]:
+    """The residual-output projections of ``model_type``; one line where evomerge knows none."""
     if model_type not in RESIDUAL_OUTPUTS:
         raise EvomergeError(
             f"data-flow scales need a pre-norm decoder whose residual-output projections evomerge knows; "

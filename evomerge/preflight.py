@@ -18,7 +18,16 @@ from pathlib import Path
 
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError, unknown
-from evomerge.plan import Machine, ModelShape, Plan, check_loadable, local_config, model_shape, plan
+from evomerge.plan import (
+    DTYPE_BYTES,
+    Machine,
+    ModelShape,
+    Plan,
+    check_loadable,
+    local_config,
+    model_shape,
+    plan,
+)
 
 # Bytes the store takes per stored evaluation (genome, recipe, per-item responses, SQLite overhead), a
 # generous figure: the demo's store holds about 4 KiB per candidate.
@@ -210,8 +219,18 @@ def plan_for(
         batch_size=config.fitness.batch_size,
         max_length=config.fitness.max_length,
         sketches=uses_sketches(config.search_space.methods),
-        cache_models=subspace_cache(config.search_space.methods, len(config.models.experts)),
+        cache_models=subspace_cache(config.search_space.methods, len(config.models.experts))
+        + held_models(config) * DTYPE_BYTES[dtype] / 4,
     )
+
+
+def held_models(config: RunConfig) -> int:
+    """Models whose decoder layers a worker holds besides its own for the data flow: each source the
+    slots offer other than the merge (``evomerge.flow.hold_layers``; counted as whole models)."""
+    from evomerge.recipe import MERGE
+    from evomerge.searchspace import flow_sources
+
+    return len([s for s in flow_sources(config.search_space, list(config.models.experts)) if s != MERGE])
 
 
 def uses_sketches(methods: Sequence[str]) -> bool:

@@ -4,6 +4,11 @@ Decoder layers are split into contiguous layer groups; tensors outside the layer
 norm, lm_head) form the group ``other``. Each group has a merge method and that method's parameters,
 and optionally the LiNeS modifier ``lines: {shallow, deep}``, which scales the method's merged task
 vector by a factor linear in depth (``evomerge.merge.lines``).
+
+A recipe may also carry a data flow (``flow``, layer stacking): the sequence of decoder layers a token
+passes through, each step a layer of one of the worker's models (``merge``: the parameter-space merge
+the groups describe, ``base``, or an expert) with the scale of the hidden state entering it
+(``evomerge.flow``). Without one, the model has the base's layers in order.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 OTHER = "other"
+MERGE = "merge"  # the data-flow source that is the candidate's own parameter-space merge
 
 
 def layer_of(tensor_name: str) -> int | None:
@@ -60,8 +66,28 @@ class GroupRecipe:
 
 
 @dataclass(frozen=True)
+class FlowStep:
+    """One step of a data flow: decoder layer ``layer`` of model ``source``, its input hidden state
+    multiplied by ``scale`` (1 where the step continues the previous one: the next layer of the same
+    model)."""
+
+    source: str
+    layer: int
+    scale: float = 1.0
+
+    def to_list(self) -> list[Any]:
+        return [self.source, self.layer, self.scale]
+
+
+@dataclass(frozen=True)
 class Recipe:
     groups: tuple[GroupRecipe, ...]
+    flow: tuple[FlowStep, ...] | None = None
+
+    @property
+    def depth(self) -> int | None:
+        """Decoder layers of the model a data flow makes (None: the base's own)."""
+        return None if self.flow is None else len(self.flow)
 
     @classmethod
     def uniform(cls, method: str, parameters: Mapping[str, Any]) -> Recipe:
@@ -80,11 +106,15 @@ class Recipe:
                     dict(g["lines"]) if g.get("lines") is not None else None,
                 )
                 for g in d["groups"]
-            )
+            ),
+            None if d.get("flow") is None else tuple(FlowStep(s, int(i), float(x)) for s, i, x in d["flow"]),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"groups": [g.to_dict() for g in self.groups]}
+        d: dict[str, Any] = {"groups": [g.to_dict() for g in self.groups]}
+        if self.flow is not None:  # absent otherwise, so recipes without one keep their keys
+            d["flow"] = [step.to_list() for step in self.flow]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from evomerge.config import DEPTH
 from evomerge.store import Candidate
 
 
@@ -35,20 +36,25 @@ def pareto_front(candidates: Sequence[Candidate], objectives: Sequence[Any]) -> 
 
 
 PICK_RULE = (
-    "the front member with the best mean of its objective values (signed so that lower is better), "
-    "the lowest candidate id on ties"
+    "the front member with the best mean of its objective values (signed so that lower is better; "
+    "objectives of depth, a size rather than a score, only break ties), the lowest candidate id on ties"
 )
 
 
 def pick_best(
     front: Sequence[Candidate], objectives: Sequence[Any], measured: dict[int, Candidate] | None = None
 ) -> Candidate:
-    """The candidate with the best mean of its (signed) objective values; earliest on ties.
-    ``measured`` (candidate id -> its evaluation on the whole search split) ranks by those values
+    """The candidate with the best mean of its (signed) objective values, objectives of depth left to
+    break ties (a mean with them would rank by size: layers outnumber accuracy points); earliest on
+    ties. ``measured`` (candidate id -> its evaluation on the whole search split) ranks by those values
     instead of the candidates' own, e.g. when the search's values are IRT estimates."""
+    scored = [o for o in objectives if o.of != DEPTH] or list(objectives)
+    sizes = [o for o in objectives if o not in scored]
 
-    def score(c: Candidate) -> tuple[float, int]:
-        return float(_signed(measured[c.id] if measured else c, objectives).mean()), c.id
+    def score(c: Candidate) -> tuple[float, float, int]:
+        values = measured[c.id] if measured else c
+        size = float(_signed(values, sizes).mean()) if sizes else 0.0
+        return float(_signed(values, scored).mean()), size, c.id
 
     return min(front, key=score)
 
@@ -84,6 +90,22 @@ def recipe_summary(recipe: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
+def flow_text(recipe: dict[str, Any]) -> str | None:
+    """A data flow as people read it: runs of consecutive layers of one model, each transition's scale
+    after ``x`` (``merge 0-2 | a 1 x0.8 | b 2-3``); None for a recipe without one."""
+    if recipe.get("flow") is None:
+        return None
+    runs: list[list[Any]] = []  # [source, first layer, last layer, scale]
+    for source, layer, scale in recipe["flow"]:
+        if runs and scale == 1.0 and runs[-1][0] == source and runs[-1][2] + 1 == layer:
+            runs[-1][2] = layer
+        else:
+            runs.append([source, layer, layer, scale])
+    return " | ".join(
+        f"{s} {a}" + (f"-{b}" if b != a else "") + (f" x{x:g}" if x != 1.0 else "") for s, a, b, x in runs
+    )
+
+
 def recipe_text(recipe: dict[str, Any]) -> str:
     """One line: ``layers_0-1: task_arithmetic weight a=0.5 b=0.3; other: ...``."""
     parts = []
@@ -97,19 +119,23 @@ def recipe_text(recipe: dict[str, Any]) -> str:
             else:
                 words.append(f"{name}={v:g}" if isinstance(v, float) else f"{name}={v}")
         parts.append(f"{group}: " + " ".join(words))
-    return "; ".join(parts)
+    flow = flow_text(recipe)
+    return "; ".join(parts + ([f"flow ({len(recipe['flow'])} layers): {flow}"] if flow else []))
 
 
 def write_front_csv(
     folder: Any, front: Sequence[Candidate], test: dict[int, Candidate], objectives: Sequence[Any]
 ) -> None:
-    """front.csv: candidate, generation, the search values, the test values in the same order, recipe."""
+    """front.csv: candidate, generation, the search values, the test values in the same order, the
+    depth (decoder layers) of a data-flow candidate, recipe."""
     rows = []
     names = [o.name for o in objectives]
     for c in front:
         row: dict[str, Any] = {"candidate": c.id, "generation": c.generation}
         row.update({f"search_{n}": c.objectives[n] for n in names})
         row.update({f"test_{n}": (test[c.id].objectives or {}).get(n) for n in names})
+        if c.recipe.get("flow") is not None:
+            row["depth"] = len(c.recipe["flow"])
         row["recipe"] = json.dumps(c.recipe, sort_keys=True)
         rows.append(row)
     folder.write_text("front.csv", pd.DataFrame(rows).to_csv(index=False))
@@ -150,6 +176,8 @@ def print_summary(console: Any, summary: dict[str, Any]) -> None:
         label = summary.get("best_label")
         who = f"candidate {summary['best_candidate']}" + (f" ({label})" if label else "")
         print_frame(console, recipe_table(summary["best_recipe"]), f"best model: {who}, recipe")
+        if summary.get("best_flow"):
+            console.print(f"best model's data flow: {summary['best_flow']}", highlight=False)
         console.print(
             f"best model picked on {summary.get('best_picked_on', 'search values')}: "
             f"{summary.get('best_picked_how', PICK_RULE)}",

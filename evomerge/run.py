@@ -62,7 +62,8 @@ class Run:
     test stopped: precise, max_items, exhausted, raced; None otherwise), n_tokens, wall_s (seconds
     the evaluation took), worker and error. ``test_<objective>`` is set on successful search rows whose
     weights were also scored on the test split (the run does this for its Pareto front) and is NaN on
-    every other row. ``objectives`` are the run's objective configs (name, of, direction); ``config`` is
+    every other row. A run with a data flow has ``depth`` too (the decoder layers of each candidate's
+    model). ``objectives`` are the run's objective configs (name, of, direction); ``config`` is
     the RunConfig, or the stored dict when this evomerge cannot parse it; ``models`` the resolved model
     paths the run merged (base, experts, tokenizer, dtype).
     """
@@ -113,6 +114,10 @@ class Run:
             )
         columns = [*_HEAD_COLUMNS, *names, *(f"test_{n}" for n in names), *_TAIL_COLUMNS]
         df = pd.DataFrame(rows, columns=columns).set_index("id")
+        flow = self._raw.get("search_space", {}).get("data_flow") is not None
+        if flow and "depth" not in df:  # the decoder layers of each candidate (unless an objective's name)
+            depth = [len(r["flow"]) if isinstance(r, dict) and r.get("flow") else pd.NA for r in df.recipe]
+            df.insert(len(_HEAD_COLUMNS) - 1, "depth", pd.array(depth, dtype="Int64"))
         return df.astype({"generation": "Int64"})
 
     # --- views -------------------------------------------------------------------------------------------
@@ -201,6 +206,7 @@ class Run:
 
     def _plot_per_generation(self, ax: Any, searched: pd.DataFrame, o: ObjectiveConfig) -> None:
         ax.scatter(searched.generation, searched[o.name], c=searched.generation, cmap="viridis", alpha=0.7)
+        self._label_depth(ax, self.pareto_front(), "generation", o.name)
         history = self.history
         ax.plot(history.generation, history[f"cum_best_{o.name}"], color="C3", label="best so far")
         ax.set_xlabel("generation")
@@ -216,9 +222,19 @@ class Run:
         ax.scatter(
             front[x.name], front[y.name], s=150, facecolors="none", edgecolors="C3", label="Pareto front"
         )
+        Run._label_depth(ax, front, x.name, y.name)
         ax.set_xlabel(f"{x.name} ({x.direction})")
         ax.set_ylabel(f"{y.name} ({y.direction})")
         return points
+
+    @staticmethod
+    def _label_depth(ax: Any, points: pd.DataFrame, x: str, y: str) -> None:
+        """Each point's depth (its decoder layers) beside it, in a run with a data flow."""
+        if "depth" not in points:
+            return
+        for depth, px, py in zip(points.depth, points[x], points[y], strict=True):
+            if not pd.isna(depth):
+                ax.annotate(f"{depth}L", (px, py), xytext=(6, 4), textcoords="offset points", fontsize=7)
 
     def _plot_matrix(self) -> Any:
         """Row i, column j: objective j (x) against objective i (y); the diagonal: objective i per
@@ -280,7 +296,8 @@ def remerge(
     device: str = "cpu",
 ) -> tuple[Any, Any]:
     """A stored recipe merged from a run's ``models`` as its worker merged it: the model (eval mode) and
-    tokenizer (``Run.load_model``, ``evomerge export --format hf``)."""
+    tokenizer (``Run.load_model``, ``evomerge export --format hf``); a data flow's model is an ordinary
+    one with ``num_hidden_layers`` its depth, each layer its own copy."""
     from evomerge.merge.merger import check_masks_reproducible
     from evomerge.models import ModelSet
     from evomerge.recipe import Recipe
@@ -290,5 +307,14 @@ def remerge(
     check_masks_reproducible(keyed_stream, [g.method for g in parsed.groups], run_dir)
     model_set = ModelSet(**models)
     model = model_set.load_model(device=device)
-    search_merger(model, model_set).apply(parsed, out=model)
+    merger = search_merger(model, model_set)
+    merger.apply(parsed, out=model)
+    if parsed.flow is not None:  # the data flow's layers, copied into an ordinary model
+        from evomerge.flow import hold_layers, standalone
+        from evomerge.recipe import MERGE
+
+        held = {s.source for s in parsed.flow} - {MERGE}
+        sources = {MERGE: model.get_decoder().layers}
+        sources |= hold_layers(model, merger, sorted(held), list(model_set.experts))
+        model = standalone(model, sources, parsed.flow)
     return model.eval(), model_set.load_tokenizer()

@@ -182,6 +182,10 @@ class Search:
         self.models.check()
         self.experts = list(config.models.experts)
         self.space = SearchSpace(config.search_space, self.experts, self.models.num_layers())
+        if self.space.flow is not None and self.space.flow.scaled:  # refuse what no candidate could merge
+            from evomerge.flow import scalable
+
+            scalable(self.models.config(self.models.base).model_type)
         if config.algorithm.initial == "experts":
             for e in self.experts:  # refuse a space that cannot express them before anything is stored
                 self.space.expert_genome(e)

@@ -7,6 +7,15 @@ per searched scale of the lines modifier (``lines.shallow``, ``lines.deep``), th
 gene per searched per-model parameter (``weight``, ``density``, ...), each mapped linearly onto its
 bounds. Parameters the chosen method does not declare are ignored; the lines modifier applies to
 whichever method a group draws.
+
+A data-flow space (``data_flow:``, Sakana's layer stacking; ``evomerge.flow`` builds the model) adds,
+after those, T = M r slot genes (M decoder layers, r ``repeats``): slot t offers layer t mod M, and its
+gene picks who provides it, ``[skip, *layers_from][floor(x * (S + 1))]`` for S models, as a method gene
+picks a method; then, where the scale is searched, one scale gene per slot: the hidden state entering a
+used slot is multiplied by it where the slot does not simply continue the previous one (the next layer of
+the same model), the paper's transition matrix W read along the path. The used slots, in order and at
+most ``max_layers`` of them, are the candidate's layers. With ``parameter_space: false`` the groups get
+no genes and the merge is the base (data flow alone, over fixed models).
 """
 
 from __future__ import annotations
@@ -23,7 +32,30 @@ from evomerge import catalog
 from evomerge.errors import EvomergeError, read_yaml
 from evomerge.merge import get_method
 from evomerge.merge.lines import MODIFIER
-from evomerge.recipe import OTHER, GroupRecipe, Recipe, split_layers
+from evomerge.recipe import MERGE, OTHER, FlowStep, GroupRecipe, Recipe, reference_recipes, split_layers
+
+
+class DataFlowConfig(BaseModel):
+    """What a search space's ``data_flow:`` block may say (layer stacking)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layers_from: tuple[str, ...] | None = Field(
+        None,
+        min_length=1,
+        description="the models whose layers the slots offer: merge (the candidate's parameter-space "
+        "merge), base, expert names; default merge and the experts, or with parameter_space: false the "
+        "base and the experts",
+    )
+    repeats: int = Field(2, ge=1, description="r: the slots are r passes over the M decoder layers (T = M r)")
+    max_layers: int | None = Field(
+        None, ge=1, description="at most this many layers: the used slots past it are dropped (default T)"
+    )
+    scale: float | tuple[float, float] = Field(
+        (0.5, 1.5),
+        description="the scale of the hidden state at each transition between models: a number (fixed) or "
+        "[low, high] (a gene per slot); positive",
+    )
 
 
 class SearchSpaceConfig(BaseModel):
@@ -47,6 +79,31 @@ class SearchSpaceConfig(BaseModel):
         "with depth): shallow and deep each a number (fixed) or [low, high] (a gene per group); a scale "
         "left out is fixed at its default (shallow 0.5, deep 1); absent: no modifier",
     )
+    parameter_space: bool = Field(
+        True, description="false: no per-group genes, the merge is the base (a data flow alone)"
+    )
+    data_flow: DataFlowConfig | None = Field(None, description="search the layers a token passes through too")
+
+    @model_validator(mode="after")
+    def _check_flow(self) -> SearchSpaceConfig:
+        flow = self.data_flow
+        if flow is None:
+            if not self.parameter_space:
+                raise EvomergeError(
+                    "search space has nothing to search: parameter_space is false and there is no data_flow"
+                )
+            return self
+        scale = flow.scale
+        low, high = scale if isinstance(scale, tuple) else (scale, scale)
+        if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
+            raise EvomergeError(
+                f"search_space.data_flow.scale {list(scale) if isinstance(scale, tuple) else scale} must be "
+                "positive and finite (a number, or [low, high] with 0 < low <= high)"
+            )
+        names = flow.layers_from or ()
+        if len(set(names)) != len(names):
+            raise EvomergeError(f"search_space.data_flow.layers_from names a model twice: {list(names)}")
+        return self
 
     @field_validator("methods")
     @classmethod
@@ -106,14 +163,14 @@ class SearchSpaceConfig(BaseModel):
                 raise EvomergeError(
                     f"search space gene {name!r} bounds [{low}, {high}] are outside {p.bounds}"
                 )
-        if not self.genes and len(self.methods) == 1:
+        if not self.genes and len(self.methods) == 1 and self.parameter_space:
             raise EvomergeError(
                 f"search space has nothing to search: no `genes:` and one method ({self.methods[0]}); "
                 "add genes from its numeric parameters "
                 f"({', '.join(sorted(n for n, p in declared.items() if p.kind is not bool)) or 'none'}) "
                 "or more methods"
             )
-        for m in self.methods:  # else every candidate that draws the method would fail to merge
+        for m in self.methods if self.parameter_space else ():  # else every candidate would fail to merge
             missing = [
                 p.name
                 for p in get_method(m).params
@@ -217,7 +274,9 @@ class SearchSpace:
         for m in config.methods:
             get_method(m).check_count(len(self.experts))
         self.inert: set[str] = set()
-        if changed_layers is not None:
+        if not config.parameter_space:
+            self.inert = {g for g, _ in self.groups}
+        elif changed_layers is not None:
             changed = set(changed_layers)
             self.inert = {
                 g
@@ -256,6 +315,9 @@ class SearchSpace:
                 for param, (low, high) in config.genes.items():
                     if param not in shared:
                         self.genes.append(Gene(group, expert, param, low, high))
+        self.flow = None if config.data_flow is None else FlowSpace(config.data_flow, self, num_layers)
+        if self.flow is not None:
+            self.genes += self.flow.genes
 
     @property
     def n_var(self) -> int:
@@ -269,7 +331,8 @@ class SearchSpace:
             raise EvomergeError("genome values must lie in [0, 1]")
         values: dict[str, dict[str, Any]] = {g: {} for g, _ in self.groups}
         methods = {g: self.config.methods[0] for g, _ in self.groups}
-        for gene, xi in zip(self.genes, x, strict=True):
+        n_flow = 0 if self.flow is None else len(self.flow.genes)
+        for gene, xi in zip(self.genes[: self.n_var - n_flow], x, strict=False):
             if gene.param == "method":
                 m = len(self.config.methods)
                 methods[gene.group] = self.config.methods[min(int(xi * m), m - 1)]
@@ -298,13 +361,18 @@ class SearchSpace:
                 }
                 lines = {p.name: {**self.lines_fixed, **searched}[p.name] for p in MODIFIER}
             groups.append(GroupRecipe(group, methods[group], params, layers, lines))
-        return Recipe(tuple(groups))
+        flow = None if self.flow is None else self.flow.decode(x[len(x) - len(self.flow.genes) :])
+        return Recipe(tuple(groups), flow)
 
     def encode(self, recipe: Recipe) -> np.ndarray:
         """The genome of a recipe (parameters the recipe lacks map to the middle of their bounds)."""
         by_group = {g.name: g for g in recipe.groups}
         x = np.full(self.n_var, 0.5)
+        if self.flow is not None:
+            x[self.n_var - len(self.flow.genes) :] = self.flow.encode(recipe.flow)
         for i, gene in enumerate(self.genes):
+            if gene.group not in by_group:  # a data-flow gene
+                continue
             g = by_group[gene.group]
             if gene.param == "method":
                 m = len(self.config.methods)
@@ -325,25 +393,60 @@ class SearchSpace:
 
     def expert_genome(self, expert: str) -> np.ndarray:
         """The genome whose merge is exactly ``expert``: in every group task_arithmetic or linear
-        (whichever the space allows first) with weight 1 for ``expert``, 0 for the others, lambda 1.
-        Refused, naming what is missing, where the space cannot express it."""
+        (whichever the space allows first) with weight 1 for ``expert``, 0 for the others, lambda 1, and
+        a data flow through one model's layers in order. Refused, naming what is missing, where the space
+        cannot express it."""
+        what = f"expert {expert!r}"
+        if not self.config.parameter_space:
+            return self._with_flow(np.full(self.n_var, 0.5), expert, what)
         method = next((m for m in self.config.methods if m in EXACT_METHODS), None)
         if method is None:
             raise EvomergeError(
                 f"search space cannot reproduce an expert: its methods {list(self.config.methods)} "
                 f"include none of {', '.join(EXACT_METHODS)}"
             )
-        return self._exact_genome(method, {e: float(e == expert) for e in self.experts}, f"expert {expert!r}")
+        x = self._exact_genome(method, {e: float(e == expert) for e in self.experts}, what)
+        return self._with_flow(x, expert, what)
 
     def base_genome(self) -> np.ndarray:
         """The genome whose merge is exactly the base: task_arithmetic with weight 0 on every expert in
-        every group. Refused, naming what is missing, where the space cannot express it."""
+        every group, and a data flow through one model's layers in order. Refused, naming what is
+        missing, where the space cannot express it."""
+        if not self.config.parameter_space:
+            return self._with_flow(np.full(self.n_var, 0.5), "base", "the base")
         if "task_arithmetic" not in self.config.methods:
             raise EvomergeError(
                 f"search space cannot reproduce the base: its methods {list(self.config.methods)} "
                 "do not include task_arithmetic"
             )
-        return self._exact_genome("task_arithmetic", dict.fromkeys(self.experts, 0.0), "the base")
+        x = self._exact_genome("task_arithmetic", dict.fromkeys(self.experts, 0.0), "the base")
+        return self._with_flow(x, "base", "the base")
+
+    def _with_flow(self, x: np.ndarray, model: str, what: str) -> np.ndarray:
+        """``x`` with its data-flow genes set to ``model``'s own layers in order: through the merge where the slots offer it (the merge is then ``model``), else through
+        ``model``'s layers."""
+        if self.flow is None:
+            return x
+        offered = self.flow.sources
+        source = MERGE if MERGE in offered else model
+        if source not in offered:
+            raise EvomergeError(
+                f"search space cannot reproduce {what}: search_space.data_flow.layers_from {list(offered)} "
+                f"offers neither {MERGE} nor {model}"
+            )
+        x = x.copy()
+        x[self.n_var - len(self.flow.genes) :] = self.flow.identity(source, what)
+        return x
+
+    def reference_recipes(self) -> dict[str, Recipe]:
+        """The base's and each expert's recipe (``evomerge.recipe.reference_recipes``), with the data
+        flow through the merge's own layers where the space has one, so that the inputs are scored
+        through the same path as the candidates (and have a depth)."""
+        refs = reference_recipes(self.experts)
+        if self.flow is None:
+            return refs
+        identity = self.flow.identity_flow(MERGE)
+        return {name: Recipe(r.groups, identity) for name, r in refs.items()}
 
     def _exact_genome(self, method: str, weights: dict[str, float], what: str) -> np.ndarray:
         defaults = {p.name: p.default for p in get_method(method).params}
@@ -368,12 +471,135 @@ class SearchSpace:
         return x
 
     def layout(self) -> str:
-        """Where the genes come from, in words: groups x genes per group."""
-        per_group = self.n_var // max(1, len(self.groups) - len(self.inert))
-        return (
-            f"{len(self.groups) - len(self.inert)} layer groups (search_space.layer_groups + 'other') x "
-            f"{per_group} genes for {len(self.experts)} experts"
+        """Where the genes come from, in words: groups x genes per group, and the data-flow slots."""
+        searched = len(self.groups) - len(self.inert)
+        flow = [] if self.flow is None else [self.flow.layout()]
+        if not searched:
+            return "; ".join(["no parameter-space genes (the merge is the base)", *flow])
+        per_group = (self.n_var - len(self.flow.genes if self.flow else ())) // searched
+        return "; ".join(
+            [
+                f"{searched} layer groups (search_space.layer_groups + 'other') x "
+                f"{per_group} genes for {len(self.experts)} experts",
+                *flow,
+            ]
         )
 
     def describe(self) -> list[str]:
         return [f"{g.group}/{g.expert}/{g.param}" if g.expert else f"{g.group}/{g.param}" for g in self.genes]
+
+
+def flow_sources(config: SearchSpaceConfig, experts: list[str]) -> list[str]:
+    """The models whose layers a data flow's slots offer: ``layers_from``, by default the merge and the
+    experts (without a parameter space: the base and the experts); [] without a data flow."""
+    flow = config.data_flow
+    if flow is None:
+        return []
+    return list(flow.layers_from or ([MERGE] if config.parameter_space else ["base"]) + experts)
+
+
+class FlowSpace:
+    """The data-flow genes of a search space (see the module docstring): T = M r slot genes, then, where
+    the scale is searched, T scale genes; ``decode`` gives the used slots as FlowSteps."""
+
+    def __init__(self, config: DataFlowConfig, space: SearchSpace, num_layers: int):
+        self.config = config
+        self.num_layers = num_layers
+        known = ([MERGE] if space.config.parameter_space else []) + ["base", *space.experts]
+        self.sources = flow_sources(space.config, space.experts)
+        for name in self.sources:
+            if name not in known:
+                why = (
+                    f" ({MERGE} is the candidate's parameter-space merge, and parameter_space is false)"
+                    if name == MERGE
+                    else ""
+                )
+                raise EvomergeError(
+                    f"search_space.data_flow.layers_from names unknown model {name!r}{why}; "
+                    f"known: {', '.join(known)}"
+                )
+        self.slots = num_layers * config.repeats
+        if num_layers < 1:
+            raise EvomergeError("search_space.data_flow needs decoder layers; the base model has none")
+        self.max_layers = config.max_layers or self.slots
+        if self.max_layers > self.slots:
+            raise EvomergeError(
+                f"search_space.data_flow.max_layers is {self.max_layers} but {config.repeats} repeats of the "
+                f"{num_layers} decoder layers give {self.slots} slots, which cannot fill it; use max_layers "
+                f"<= {self.slots} or more repeats"
+            )
+        self.scale = config.scale if isinstance(config.scale, tuple) else None
+        self.scaled = config.scale != 1.0  # a transition may scale the hidden state
+        self.genes = [Gene(f"flow_{t}", None, "source", 0.0, 1.0) for t in range(self.slots)]
+        if self.scale is not None:
+            self.genes += [Gene(f"flow_{t}", None, "scale", *self.scale) for t in range(self.slots)]
+
+    def decode(self, x: np.ndarray) -> tuple[FlowStep, ...]:
+        choices = len(self.sources) + 1  # skip, then each source
+        picks = [min(int(v * choices), choices - 1) for v in x[: self.slots]]
+        used = [(t, self.sources[k - 1]) for t, k in enumerate(picks) if k > 0][: self.max_layers]
+        steps: list[FlowStep] = []
+        for t, source in used:
+            layer = t % self.num_layers
+            previous = steps[-1] if steps else None
+            continues = (
+                layer == 0
+                if previous is None
+                else (previous.source, previous.layer + 1)
+                == (
+                    source,
+                    layer,
+                )
+            )
+            if continues:
+                scale = 1.0
+            elif self.scale is None:
+                scale = float(self.config.scale)
+            else:
+                low, high = self.scale
+                scale = round(low + float(x[self.slots + t]) * (high - low), 6)
+            steps.append(FlowStep(source, layer, scale))
+        return tuple(steps)
+
+    def encode(self, flow: tuple[FlowStep, ...] | None) -> np.ndarray:
+        """Genes that decode to ``flow`` where it follows the slots (step i at a slot after step i-1's,
+        offering its layer); a flow that does not, or None, maps to the identity flow of the first
+        source."""
+        x = np.zeros(len(self.genes))
+        if self.scale is not None:
+            low, high = self.scale
+            x[self.slots :] = 0.5 if high == low else np.clip((1.0 - low) / (high - low), 0.0, 1.0)
+        if not flow:
+            return self.encode(self.identity_flow(self.sources[0]))
+        choices = len(self.sources) + 1
+        t = 0
+        for step in flow:
+            while t < self.slots and t % self.num_layers != step.layer:
+                t += 1
+            if t >= self.slots or step.source not in self.sources:
+                return self.encode(self.identity_flow(self.sources[0]))
+            x[t] = (self.sources.index(step.source) + 1.5) / choices
+            if self.scale is not None:
+                low, high = self.scale
+                x[self.slots + t] = 0.5 if high == low else (step.scale - low) / (high - low)
+            t += 1
+        return np.clip(x, 0.0, 1.0)
+
+    def identity_flow(self, source: str) -> tuple[FlowStep, ...]:
+        return tuple(FlowStep(source, i, 1.0) for i in range(self.num_layers))
+
+    def identity(self, source: str, what: str) -> np.ndarray:
+        """The genes of ``source``'s layers in order, once; refused where max_layers cuts them."""
+        if self.max_layers < self.num_layers:
+            raise EvomergeError(
+                f"search space cannot reproduce {what}: search_space.data_flow.max_layers "
+                f"{self.max_layers} is below the {self.num_layers} layers of one model"
+            )
+        return self.encode(self.identity_flow(source))
+
+    def layout(self) -> str:
+        scale = "" if self.scale is None else f" + {self.slots} scale genes"
+        return (
+            f"data flow: {self.config.repeats} x {self.num_layers} slots over {', '.join(self.sources)} "
+            f"(at most {self.max_layers} layers){scale}"
+        )

@@ -16,7 +16,7 @@ from evomerge import calibration, preflight, report
 from evomerge.errors import EvomergeError
 from evomerge.evaluations import first_line
 from evomerge.jobs import Job, Origin
-from evomerge.recipe import Recipe, reference_recipes
+from evomerge.recipe import Recipe
 from evomerge.store import Candidate, Kind, Status
 
 MEASURED = "the whole search split: the re-scored front and the calibration models"
@@ -82,7 +82,7 @@ def finish(search: Any, search_seconds: float) -> dict[str, Any]:
     )
     jobs += [
         Job(("ref", name), r, split, None, Origin(Kind.REFERENCE, label=name))
-        for name, r in reference_recipes(search.experts).items()
+        for name, r in search.space.reference_recipes().items()
     ]
     test = evals.evaluate(jobs, "test split")
     failed = [k for k, c in test.items() if c.status != Status.OK]
@@ -96,6 +96,11 @@ def finish(search: Any, search_seconds: float) -> dict[str, Any]:
         "best_candidate": best.id,
         **({"best_label": best.label} if best.kind == Kind.CALIBRATION else {}),
         "best_recipe": report.recipe_summary(best.recipe),
+        **(
+            {"best_depth": len(best.recipe["flow"]), "best_flow": report.flow_text(best.recipe)}
+            if best.recipe.get("flow")
+            else {}
+        ),
         "base": test[("ref", "base")].objectives,
         "experts": {e: test[("ref", e)].objectives for e in search.experts},
         "front": [
@@ -104,6 +109,7 @@ def finish(search: Any, search_seconds: float) -> dict[str, Any]:
                 "search": {n: c.objectives[n] for n in names},
                 "test": {n: test[("front", c.id)].objectives[n] for n in names},
                 "recipe": report.recipe_summary(c.recipe),
+                **({"flow": report.flow_text(c.recipe)} if c.recipe.get("flow") else {}),
             }
             for c in front
         ],

@@ -21,13 +21,14 @@ import torch
 from evomerge.errors import EvomergeError
 from evomerge.fitness import make_fitness
 from evomerge.fitness.python import FitnessOutputError
+from evomerge.flow import flow_model, hold_layers, standalone
 from evomerge.jobs import EvalResult, Job
 from evomerge.merge import Merger
 from evomerge.merge.kernels import limit_heap_fragmentation
 from evomerge.merge.merger import SEARCH_RANDOM, SEARCH_SEED
 from evomerge.models import ModelSet, save_hf
 from evomerge.plan import size
-from evomerge.recipe import Recipe
+from evomerge.recipe import MERGE, Recipe
 from evomerge.store import Status
 
 
@@ -116,8 +117,26 @@ class Worker:
         self.merger = search_merger(self.model, self.models, streamed=self.where.placement == "streamed")
         self.fitness = make_fitness(**fitness)
         self.name = f"{os.uname().nodename}:{_ray_node()}{os.getpid()}"
+        self.held: dict[str, torch.nn.ModuleList] = {}  # data-flow sources: layers of the base, experts
 
     def materialize(self, recipe: Recipe) -> torch.nn.Module:
+        """The recipe's model: its parameter-space merge written into the worker's model, and for a data
+        flow a model whose layers are references to the layers of the merge and the held models
+        (``evomerge.flow.flow_model``: no weights copied)."""
+        self._merge(recipe)
+        if recipe.flow is None:
+            return self.model
+        return flow_model(self.model, self._sources(recipe), recipe.flow)
+
+    def _sources(self, recipe: Recipe) -> dict[str, Any]:
+        """The layers a data flow names: the merge's (the worker's model) and those of the base and
+        experts, each held from its first use on (one model's decoder layers each)."""
+        wanted = {step.source for step in recipe.flow or ()} - {MERGE} - set(self.held)
+        if wanted:
+            self.held |= hold_layers(self.model, self.merger, sorted(wanted), list(self.models.experts))
+        return {MERGE: self.model.get_decoder().layers, **self.held}
+
+    def _merge(self, recipe: Recipe) -> None:
         """Write the recipe's weights into the worker's model; refuse non-finite results.
 
         The check is one sum per tensor (NaN and inf propagate through it), ~35x cheaper than
@@ -132,7 +151,6 @@ class Worker:
             raise FloatingPointError(
                 f"merge produced NaN/inf in tensor {list(weights)[finite.index(False)]!r}"
             )
-        return self.model
 
     def evaluate(self, job: Job) -> EvalResult:
         start = time.perf_counter()
@@ -147,6 +165,8 @@ class Worker:
                     if bad:
                         raise FloatingPointError(f"fitness returned non-finite values for {bad}")
                     out = EvalResult(Status.OK, **asdict(result))
+            if job.recipe.flow is not None:  # the objective `of: depth`
+                out.values["depth"] = float(len(job.recipe.flow))
         except FitnessOutputError as e:  # the user's function is wrong: every candidate would fail
             out = EvalResult.failed(str(e), fatal=True)
         except Exception as e:  # a failed candidate is a record with its reason, never a gap
@@ -200,8 +220,12 @@ class Worker:
         return self.fitness.n_items(split)
 
     def save(self, recipe: Recipe, path: str) -> str:
-        """Save the merged model and the tokenizer as an HF folder (safetensors)."""
-        save_hf(path, self.materialize(recipe), self.tokenizer)
+        """Save the merged model and the tokenizer as an HF folder (safetensors); a data flow's model
+        with its layers copied (``evomerge.flow.standalone``)."""
+        model = self.materialize(recipe)
+        if recipe.flow is not None:  # copied to host memory: a GPU holds one model per worker
+            model = standalone(self.model, self._sources(recipe), recipe.flow, device="cpu")
+        save_hf(path, model, self.tokenizer)
         return path
 
 

@@ -57,13 +57,13 @@ def config(space: dict[str, Any], seed: int, out: Path, quick: bool) -> dict[str
     return data
 
 
-def run_one(name: str, seed: int, root: Path, quick: bool) -> Path:
+def run_one(space: dict[str, Any], name: str, seed: int, root: Path, quick: bool) -> Path:
     """Run, resume or reuse one space and seed; a folder of another config is refused in one line."""
     from evomerge.config import parse_config
     from evomerge.search import Search, resume_search
 
     out = root / f"{name}-{seed}"
-    cfg = parse_config(config(SPACES[name], seed, out, quick))
+    cfg = parse_config(config(space, seed, out, quick))
     if not (out / "store.sqlite").exists():
         return Search(cfg).run()
     search = resume_search(out, cfg)  # refuses a folder made with another config
@@ -74,9 +74,15 @@ def summary(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def table(runs: dict[str, list[Path]]) -> pd.DataFrame:
-    """Per space: the best model's test mean (median and min-max over seeds, and each seed's), the
-    candidates evaluated and the search time (medians)."""
+def methods(space: dict[str, Any], done: list[dict[str, Any]]) -> dict[str, Any]:
+    """The method study's column: the methods a space draws from."""
+    names = ", ".join(load_space_config(space).methods) + (" + lines" if "lines" in space else "")
+    return {"methods": names}
+
+
+def table(runs: dict[str, list[Path]], spaces: dict[str, dict[str, Any]], describe=methods) -> pd.DataFrame:
+    """Per space: ``describe``'s columns (of the space and its runs' summaries), the best model's test mean (median and min-max over seeds,
+    and each seed's), the candidates evaluated and the search time (medians)."""
     rows = []
     for name, dirs in runs.items():
         done = [summary(d) for d in dirs]
@@ -84,8 +90,7 @@ def table(runs: dict[str, list[Path]]) -> pd.DataFrame:
         rows.append(
             {
                 "space": name,
-                "methods": ", ".join(load_space_config(SPACES[name]).methods)
-                + (" + lines" if "lines" in SPACES[name] else ""),
+                **describe(spaces[name], done),
                 "seeds": len(dirs),
                 "best test mean": float(np.median(test)),
                 "min-max": f"{min(test):.3f}-{max(test):.3f}",
@@ -97,20 +102,21 @@ def table(runs: dict[str, list[Path]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def main() -> None:
+def main(spaces: dict[str, dict[str, Any]] = SPACES, study: str = "method_study", describe=methods) -> None:
+    """Run (or, ``--report``, read) every space of ``spaces`` for each seed, then print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--spaces", default="all", help=f"comma-separated, or all: {', '.join(SPACES)}")
-    ap.add_argument("--out", type=Path, default=None, help="default: runs/method_study (-quick)")
+    ap.add_argument("--spaces", default="all", help=f"comma-separated, or all: {', '.join(spaces)}")
+    ap.add_argument("--out", type=Path, default=None, help=f"default: runs/{study} (-quick)")
     ap.add_argument("--quick", action="store_true", help="pop 4 x 1 generation, one seed (a smoke run)")
     ap.add_argument("--report", action="store_true", help="table of the finished runs only, run nothing")
     args = ap.parse_args()
-    out = args.out or ROOT / "runs" / ("method_study-quick" if args.quick else "method_study")
+    out = args.out or ROOT / "runs" / (f"{study}-quick" if args.quick else study)
     seeds = 1 if args.quick else args.seeds
-    names = list(SPACES) if args.spaces == "all" else args.spaces.split(",")
-    unknown = [n for n in names if n not in SPACES]
+    names = list(spaces) if args.spaces == "all" else args.spaces.split(",")
+    unknown = [n for n in names if n not in spaces]
     if unknown:
-        sys.exit(f"error: unknown space {unknown[0]!r}; allowed: {', '.join(SPACES)}")
+        sys.exit(f"error: unknown space {unknown[0]!r}; allowed: {', '.join(spaces)}")
     start = time.time()
     runs: dict[str, list[Path]] = {}
     for seed in range(seeds):  # seed by seed, so that a partial sweep covers every space
@@ -119,7 +125,7 @@ def main() -> None:
             if args.report and not RunFolder(run_dir).finished():
                 continue
             try:
-                runs.setdefault(name, []).append(run_one(name, seed, out, args.quick))
+                runs.setdefault(name, []).append(run_one(spaces[name], name, seed, out, args.quick))
             except EvomergeError as e:
                 sys.exit(f"error: {e}")
     print(f"Command: `python {' '.join(sys.argv)}`\n")
@@ -136,7 +142,7 @@ def main() -> None:
         + ", ".join(f"{e} {v:.3f}" for e, v in experts.items())
         + ".\n"
     )
-    print(table(runs).to_markdown(index=False, floatfmt=".3f"))
+    print(table(runs, spaces, describe).to_markdown(index=False, floatfmt=".3f"))
 
 
 if __name__ == "__main__":

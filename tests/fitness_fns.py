@@ -76,3 +76,11 @@ def broken_until_fixed(model, tokenizer) -> dict[str, float]:
     if not (Path(model.config.name_or_path).parent / "fixed").exists():
         raise RuntimeError("the fitness data is not there yet")
     return closeness(model, tokenizer)
+
+
+def through_the_layers(model, tokenizer) -> dict[str, float]:
+    """Two objectives from the model's logits on fixed tokens (so a data flow's layers count)."""
+    tokens = torch.arange(1, 9).unsqueeze(0) % model.config.vocab_size
+    with torch.no_grad():
+        logits = model(tokens).logits.double()
+    return {"level": -abs(float(logits.mean())), "spread": float(logits.std())}

@@ -60,7 +60,9 @@ def test_more_gpu_workers_than_gpus_are_refused_with_the_numbers(two_gpu_ray, mo
         "workers: 4 with gpus_per_worker 1 need 4 GPUs; the Ray cluster has 2 on 1 node(s), room for 2 "
         "worker(s): set workers: auto or 2, or a smaller gpus_per_worker"
     )
-    with pytest.raises(EvomergeError, match=r"^gpus_per_worker is 3 but no node of the Ray cluster has more than 2"):
+    with pytest.raises(
+        EvomergeError, match=r"^gpus_per_worker is 3 but no node of the Ray cluster has more than 2"
+    ):
         WorkerPool(model_set, FITNESS, 1, where=Where("cpu", "host", gpus=3.0))
     assert gpu_slots(two_gpu_ray, 0.5, "auto") == 4
     assert gpu_slots(two_gpu_ray, 2.0, "auto") == 1
