@@ -311,12 +311,13 @@ def _page(write: Any, *args: Any) -> None:
     type=click.Choice(["mergekit", "hf"]),
     default="mergekit",
     show_default=True,
-    help="mergekit: the recipe as a mergekit YAML (mergekit's methods only); hf: the merged model as a "
-    "Hugging Face folder (any recipe)",
+    help="mergekit: the recipe as a mergekit YAML (mergekit's methods only; a data flow as a two-stage "
+    "mergekit-multi file); hf: the merged model as a Hugging Face folder (any recipe)",
 )
 @click.option("--out", type=click.Path(path_type=Path), help="file to write (default: RUN_DIR/exports/...)")
 def export(run_dir: Path, candidate_id: int, fmt: str, out: Path | None) -> None:
-    """Write a candidate's recipe as a mergekit YAML (reproduce it with mergekit-yaml), or the merged model."""
+    """Write a candidate's recipe as a mergekit YAML (reproduce it with mergekit-yaml FILE OUT; a data
+    flow's with mergekit-multi FILE --intermediate-dir DIR --out-path OUT), or the merged model."""
     from evomerge.export import export_candidate
 
     try:
