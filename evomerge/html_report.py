@@ -427,7 +427,7 @@ def figure_recipes(run: Run, limit: int = 8) -> Any | None:
     if searched.empty:
         return None
     best = run.best_id
-    ids = [best, *(i for i in run.pareto_front().index if i != best)][:limit]
+    ids = _front_ids(run, limit)
     params = _searched_params(run)
     show_method = len(_config(run)["search_space"]["methods"]) > 1
     mats = [_recipe_matrix(run.candidates.at[i, "recipe"], params, show_method) for i in ids]
@@ -459,6 +459,55 @@ def figure_recipes(run: Run, limit: int = 8) -> Any | None:
     )
     fig.update_yaxes(autorange="reversed")  # rows top to bottom in the order listed
     fig.update_layout(
+        margin={"t": 40},
+    )
+    return fig
+
+
+def _front_ids(run: Run, limit: int) -> list[int]:
+    """The best model, then the rest of the front: at most ``limit`` candidate ids."""
+    best = run.best_id
+    return [best, *(i for i in run.pareto_front().index if i != best)][:limit]
+
+
+def figure_flows(run: Run, limit: int = 8) -> Any | None:
+    """For a run with a data flow, one panel per candidate (the best model, then the front): the model
+    each step's layer comes from (rows) against the step (columns), labelled with the layer, coloured by
+    the scale of the hidden state entering it. None for a run without a data flow."""
+    from plotly.subplots import make_subplots
+
+    if "depth" not in run.candidates or _searched(run).empty:
+        return None
+    ids = [i for i in _front_ids(run, limit) if run.candidates.at[i, "recipe"].get("flow")]
+    if not ids:
+        return None
+    titles = [f"{'best model' if k == 0 else 'front'}: candidate {i}" for k, i in enumerate(ids)]
+    fig = make_subplots(rows=len(ids), cols=1, subplot_titles=titles, vertical_spacing=0.4 / len(ids))
+    for k, i in enumerate(ids, start=1):
+        steps = run.candidates.at[i, "recipe"]["flow"]
+        fig.add_scatter(
+            x=list(range(len(steps))),
+            y=[source for source, _, _ in steps],
+            text=[str(layer) for _, layer, _ in steps],
+            customdata=[scale for _, _, scale in steps],
+            mode="markers+text",
+            marker={
+                "size": 18,
+                "symbol": "square",
+                "color": [s for _, _, s in steps],
+                "coloraxis": "coloraxis",
+            },
+            textfont={"color": "black", "size": 10},
+            hovertemplate="step %{x}: layer %{text} of %{y}, scale %{customdata:.3f}<extra></extra>",
+            row=k,
+            col=1,
+        )
+        fig.update_xaxes(dtick=1 if len(steps) <= 40 else None, row=k, col=1)
+    fig.update_xaxes(title_text="step", row=len(ids), col=1)
+    fig.update_layout(
+        coloraxis={"colorscale": "RdBu", "cmid": 1.0, "colorbar": {"title": {"text": "scale"}}},
+        height=110 + 190 * len(ids),
+        showlegend=False,
         margin={"t": 40},
     )
     return fig
@@ -669,6 +718,10 @@ def build_report(run: Run, status: str | None = None) -> str:
         recipes = figure_recipes(run)
         if recipes is not None:
             sections.append(("recipes", "Recipes", "", [recipes]))
+        flows = figure_flows(run)
+        if flows is not None:
+            note = '<p class="note">Each step: the layer taken there; colour: the scale entering it.</p>'
+            sections.append(("flow", "Data flow", note, [flows]))
     else:
         sections.append(("front", "Front", "<p>No search candidate has finished yet.</p>", []))
     if any(o.estimator for o in run.objectives):

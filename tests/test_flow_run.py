@@ -92,3 +92,5 @@ def test_a_flow_search_with_depth_resumes_and_reloads(tmp_path, models, ray_env)
     assert through_the_layers(model, None)["level"] == pytest.approx(best["level"], rel=1e-5)
     assert r.plot_front() is not None
     assert Path(run / "front.csv").read_text().splitlines()[0].split(",")[-2] == "depth"
+    page = (run / "report.html").read_text()  # written by the run: the flows of the best and the front
+    assert "Data flow" in page and 'id="flow-0"' in page
