@@ -102,7 +102,7 @@ def flow_text(recipe: dict[str, Any]) -> str | None:
         else:
             runs.append([source, layer, layer, scale])
     return " | ".join(
-        f"{s} {a}" + (f"-{b}" if b != a else "") + (f" x{x:g}" if x != 1.0 else "") for s, a, b, x in runs
+        f"{s} {a}" + (f"-{b}" if b != a else "") + (f" x{x:.3g}" if x != 1.0 else "") for s, a, b, x in runs
     )
 
 
