@@ -99,7 +99,7 @@ class Merger:
     caller's. Besides: the magnitude sketches of the TIES family in host memory (12 bytes per 256
     elements and expert: 1/85 of a float32 model per expert); the subspace methods' SVD factors on the
     merging device, in float32, at most a + b K float32 copies of each matrix (``MergeMethod.cache_models``:
-    iso_c 1, tsv 2, iso_cts 3, star and cart 2 K; see each method); during a merge the workspace's scratch,
+    iso_c 1, tsv K, iso_cts 3, star and cart 2 K; see each method); during a merge the workspace's scratch,
     about (K + 10) float32 chunks (chunks of min(n, 2^18) elements on a CPU, min(n, 2^24) on a GPU:
     up to 0.8 GiB there), plus K n bytes of masks for eager dare/della over 2^20-element tensors (the
     fused keyed kernels need none) and one tensor in ``dtype`` when ``out`` has another dtype or

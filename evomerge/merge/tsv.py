@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from evomerge.merge.base import MergeInputs, merge_method
+from evomerge.merge.kernels import weighted_sum
 from evomerge.merge.subspace import (
     SCALE,
     WEIGHT_1,
-    add_delta,
     affine,
     is_matrix,
     keep_latest,
@@ -24,25 +24,26 @@ def _rank(x: MergeInputs, fraction: float) -> int:
     return max(1, int(r * (1 / x.n_experts) * fraction))
 
 
-def _bases(x: MergeInputs, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(polar([U_1k ... U_Kk]), [s_1k ... s_Kk], polar([V_1k ... V_Kk])^T) for the rank k."""
+def _parts(x: MergeInputs, k: int) -> torch.Tensor:
+    """The K task parts U[:, block_i] diag(s_i[:k]) V^T[block_i] of the merge (K x m x n, float32) for
+    the rank k, with U = polar([U_1k ... U_Kk]) and V^T = polar([V_1k ... V_Kk])^T."""
 
-    def compute() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def compute() -> torch.Tensor:
         kept = {i for i in range(x.n_experts) if ("svd", i) in x.cache}  # another method's (star)
         svds = [task_svd(x, i) for i in range(x.n_experts)]
         u = polar(x, torch.cat([u[:, :k] for u, _, _ in svds], dim=1), "the stacked left singular vectors")
         vh = polar(x, torch.cat([vh[:k] for _, _, vh in svds], dim=0), "the stacked right singular vectors")
-        s = torch.cat([s[:k] for _, s, _ in svds])
         for i in set(range(x.n_experts)) - kept:  # the full per-task SVDs are not needed once stacked
             x.cache.pop(("svd", i), None)
-        return u, s, vh
+        blocks = [slice(i * k, (i + 1) * k) for i in range(x.n_experts)]
+        return torch.stack([(u[:, b] * svds[i][1][:k]) @ vh[b] for i, b in enumerate(blocks)])
 
     return keep_latest(x, ("tsv", k), compute)
 
 
 def prepare(x: MergeInputs) -> None:
     if is_matrix(x):
-        _bases(x, _rank(x, 1.0))
+        _parts(x, _rank(x, 1.0))
 
 
 @merge_method(
@@ -52,7 +53,7 @@ def prepare(x: MergeInputs) -> None:
     mergekit=False,
     min_experts=2,
     prepare=prepare,
-    cache_models=(2.0, 0.0),
+    cache_models=(0.0, 1.0),
 )
 def tsv(x: MergeInputs, weight: torch.Tensor, rank_fraction: float, **shared: float) -> torch.Tensor:
     """TSV-M. For a 2-D tensor with task matrices delta_i = U_i diag(s_i) V_i^T (r = min(m, n)):
@@ -68,15 +69,16 @@ def tsv(x: MergeInputs, weight: torch.Tensor, rank_fraction: float, **shared: fl
     bases). Tensors that are not matrices take the task-arithmetic mean the paper and FusionBench use:
     merged = base + lambda / K sum_i w_i delta_i.
 
-    Cached per tensor: the two orthonormal stacked bases and the K k singular values for the latest k
-    ((m + n) K k floats, at most twice the matrix); a new rank_fraction recomputes them (K SVDs of the
-    task matrices and two of the stacked bases). A merge is one m x Kk by Kk x n product.
+    The merge is linear in the weights, base + lambda sum_i w_i P_i with P_i = U[:, block_i]
+    diag(s_i[:k]) V^T[block_i], so what is cached per tensor is the K parts P_i for the latest k (K
+    float32 copies of the matrix); a new rank_fraction recomputes them (K SVDs of the task matrices and
+    two of the stacked bases). A merge is then the task-arithmetic kernel over the parts.
     """
     lam = shared["lambda"]
     w = [float(v) for v in weight]
     if not is_matrix(x):
         return affine(x, [lam * wi / x.n_experts for wi in w])
-    k = _rank(x, rank_fraction)
-    u, s, vh = _bases(x, k)
-    coef = torch.tensor(w, dtype=torch.float32, device=s.device).repeat_interleave(k) * s
-    return add_delta(x, (u * coef) @ vh, lam)
+    parts = _parts(x, _rank(x, rank_fraction))
+    terms = [(parts[i].view(-1), lam * wi) for i, wi in enumerate(w)]
+    weighted_sum(x.output(), x.flat_base(), 1.0, terms, x.workspace)
+    return x.result()

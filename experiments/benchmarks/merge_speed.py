@@ -342,13 +342,17 @@ def run_subspace(merger, sds: dict, methods: list[str], out: dict, repeat: int) 
         row = {"evomerge_s": timed(ours, repeat)}
         row["prep_s"] = max(0.0, first - row["evomerge_s"])
         if m in fusion:
-            with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per tensor
-                start = time.perf_counter()
-                theirs = fusion[m](base, experts, deltas, params)
-                row["fusion_bench_s"] = time.perf_counter() - start
-            ref = ours()
-            row["max_abs_diff"] = max(float((ref[k] - t).abs().max()) for k, t in theirs.items())
-            del theirs
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per tensor
+                    start = time.perf_counter()
+                    theirs = fusion[m](base, experts, deltas, params)
+                    row["fusion_bench_s"] = time.perf_counter() - start
+            except Exception as e:  # FusionBench's own failure is a result too
+                row["fusion_bench_error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            else:
+                ref = ours()
+                row["max_abs_diff"] = max(float((ref[k] - t).abs().max()) for k, t in theirs.items())
+                del theirs
         rows[m] = row
         print(json.dumps({m: row}), file=sys.stderr, flush=True)
     for cache in merger.cache.values():
@@ -397,6 +401,8 @@ def table(speed: dict, rss: dict | None, threads: int, quick: bool = False) -> s
         for m, r in speed["subspace"].items():
             fb = r.get("fusion_bench_s")
             fb_s, speedup = (f"{fb:.2f}", f"{fb / r['evomerge_s']:.0f}x") if fb is not None else ("-", "-")
+            if "fusion_bench_error" in r:
+                fb_s = f"failed ({r['fusion_bench_error']})"
             diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "-"
             lines.append(
                 f"| {m} | {r['prep_s']:.2f} | {r['evomerge_s']:.3f} | {r['evomerge_s'] / fused:.1f} | {fb_s} "
