@@ -163,7 +163,7 @@ class SearchSpaceConfig(BaseModel):
                 raise EvomergeError(
                     f"search space gene {name!r} bounds [{low}, {high}] are outside {p.bounds}"
                 )
-        if not self.genes and len(self.methods) == 1 and self.parameter_space:
+        if not self.genes and len(self.methods) == 1 and self.data_flow is None:
             raise EvomergeError(
                 f"search space has nothing to search: no `genes:` and one method ({self.methods[0]}); "
                 "add genes from its numeric parameters "

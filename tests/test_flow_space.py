@@ -119,6 +119,21 @@ def test_bad_data_flow_is_one_line(flow, message):
     assert message in str(e.value)
 
 
+def test_a_fixed_merge_with_a_searched_flow():
+    """The paper's order: the weights fixed (say, at a merge found before), only the flow searched."""
+    data = {
+        "name": "per_layer",
+        "genes": {},
+        "fixed": {"weight": {"a": 0.7, "b": 0.4}},
+        "data_flow": {"layers_from": ["merge", "a"], "scale": 1.0},
+    }
+    s = SearchSpace(load_space_config(data), EXPERTS, 4)
+    assert s.describe() == [f"flow_{t}/source" for t in range(8)]
+    recipe = s.decode(np.full(s.n_var, 0.4))  # every slot: the merge's layer
+    assert all(g.parameters["weight"] == {"a": 0.7, "b": 0.4} for g in recipe.groups)
+    assert recipe.flow == tuple(FlowStep("merge", i) for i in range(4)) * 2
+
+
 def test_merge_is_not_a_source_without_a_parameter_space():
     with pytest.raises(EvomergeError, match=r"unknown model 'merge' \(merge is the candidate's"):
         alone(layers_from=["merge", "a"])
