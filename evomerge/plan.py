@@ -361,7 +361,10 @@ def parse_bytes(text: str, what: str) -> int:
 
 
 def size(n: float) -> str:
-    """Bytes in GiB, MiB or KiB, whichever reads best."""
+    """Bytes in GiB, MiB or KiB, whichever reads best (a count past any float, from an absurd setting
+    such as batch_size 10^400, as its power of ten)."""
+    if isinstance(n, int) and n >= 2**1000:
+        return f"about 10^{len(str(n)) - 1} bytes"
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"

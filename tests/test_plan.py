@@ -278,3 +278,11 @@ def test_margins_are_in_the_fit():
     short = Machine("cuda", (need - 1,), host=1000 * GiB, cpus=8)
     with pytest.raises(EvomergeError):
         plan(shape, "bfloat16", 1, short, batch_size=1, placement="device")
+
+
+def test_sizes_past_any_float_read_as_a_power_of_ten():
+    """An absurd setting (the config fuzz test drew batch_size 10^400) still gets its one-line refusal."""
+    from evomerge.plan import size
+
+    assert size(10**400) == "about 10^400 bytes"
+    assert size(3 * 2**30) == "3.0 GiB"
