@@ -193,9 +193,8 @@ class FlowLayer(nn.Module):
         self._indexed = [m for m in layer.modules() if isinstance(m.__dict__.get("layer_idx"), int)]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        from transformers.utils.output_capturing import _active_collector
-
-        collecting = _active_collector.get()
+        capturing = _output_capturing()
+        collecting = capturing._active_collector.get() if capturing is not None else None
         if collecting and set(collecting) - {"hidden_states", "_hidden_states_layers"}:
             raise EvomergeError(
                 "a data-flow model records hidden states only: output_attentions is not supported"
@@ -207,12 +206,12 @@ class FlowLayer(nn.Module):
             _set_factor(p, self.factor)
         # the layer's own capture hooks (installed when its source recorded outputs) stay silent: this
         # step records its hidden state itself
-        token = _active_collector.set(None) if collecting else None
+        token = capturing._active_collector.set(None) if collecting else None
         try:
             return self.layer(*args, **kwargs)
         finally:
             if collecting:
-                _active_collector.reset(token)
+                capturing._active_collector.reset(token)
             for p in self._projections:
                 _set_factor(p, 1.0)
             for m, i in zip(self._indexed, saved, strict=True):
@@ -268,14 +267,27 @@ def _shell(module: nn.Module, configs: Mapping[int, Any]) -> nn.Module:
     return new
 
 
+@functools.cache
+def _output_capturing() -> Any:
+    """transformers 5's output-capturing module (hooks that record hidden states per layer class), or
+    None with transformers 4.x, which patches each matching module's forward for the call instead (a
+    shared layer then records once per step by itself)."""
+    try:
+        from transformers.utils import output_capturing
+    except ImportError:
+        return None
+    return output_capturing
+
+
 def _capture_hidden_states(decoder: nn.Module, steps: nn.ModuleList) -> None:
     """Record the decoder's hidden states at the steps (transformers records them with hooks on its
     decoder-layer class, which here are shared with other models), never through the shared layers."""
-    from transformers.utils.output_capturing import (
-        _CAN_RECORD_REGISTRY,
-        OutputRecorder,
-        install_output_capuring_hook,
-    )
+    capturing = _output_capturing()
+    if capturing is None:  # transformers 4.x patches each matching module's forward per call: nothing to do
+        return
+    _CAN_RECORD_REGISTRY = capturing._CAN_RECORD_REGISTRY
+    OutputRecorder = capturing.OutputRecorder
+    install_output_capuring_hook = capturing.install_output_capuring_hook
 
     decoder.__dict__["_output_capturing_hooks_installed"] = True
     specs = _CAN_RECORD_REGISTRY.get(decoder).get("hidden_states")
@@ -348,7 +360,10 @@ def standalone(
     residual-output projections' weights and biases multiplied by 1/C_t, the tensors outside the layers
     (embeddings, final norm, lm_head; tied as the config says) copied from ``model``. Built on
     ``device`` (default: where ``model``'s input embeddings are)."""
-    from transformers.initialization import no_init_weights
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
 
     flow = tuple(flow)
     check_flow(flow, _source_layers(sources))
@@ -357,7 +372,10 @@ def standalone(
     embeddings = model.get_input_embeddings().weight
     with torch.device(device or embeddings.device), no_init_weights():
         new = type(model)._from_config(config, dtype=embeddings.dtype)
-    new.tie_weights(recompute_mapping=False)  # no_init_weights skips the tying init_weights does
+    try:  # no_init_weights skips the tying init_weights does
+        new.tie_weights(recompute_mapping=False)
+    except TypeError:  # transformers 4.x: no mapping to recompute
+        new.tie_weights()
     layers = new.get_decoder().layers
     prefix = _module_name(new, layers) + "."
     theirs = model.state_dict()

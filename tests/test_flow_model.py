@@ -336,6 +336,9 @@ def test_scales_need_a_known_model_type():
 
 
 def test_attentions_are_refused(zoo, ids):
+    """transformers 5 records outputs with hooks on the shared layers' class, which a flow cannot tell
+    apart for attentions (4.x patches each call and has nothing to refuse)."""
+    pytest.importorskip("transformers.utils.output_capturing", reason="transformers 4.x: nothing to refuse")
     flow = flow_model(zoo.model, zoo.sources, REPEATED)
     with pytest.raises(EvomergeError) as e, torch.no_grad():
         flow(ids, output_attentions=True)
