@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +42,13 @@ def tiny_run(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         yield Search(cfg).run()
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: threads only add synchronisation (and timing noise on a shared machine). A module
+    asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

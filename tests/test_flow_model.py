@@ -70,12 +70,7 @@ FLOW = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def config(model_type: str = "llama", tie: bool = False, vocab: int = VOCAB, **extra):

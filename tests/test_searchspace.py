@@ -81,7 +81,9 @@ def test_genomes_outside_unit_cube_are_refused():
 
 
 def test_unknown_catalogue_entry_lists_available():
-    with pytest.raises(EvomergeError, match="available: data_flow, per_layer, per_layer_flow, per_layer_methods"):
+    with pytest.raises(
+        EvomergeError, match="available: data_flow, per_layer, per_layer_flow, per_layer_methods"
+    ):
         load_space_config("per_layers")
 
 
