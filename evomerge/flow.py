@@ -152,6 +152,23 @@ def hold_layers(
     return held
 
 
+def flow_sources(
+    model: nn.Module,
+    merger: Merger,
+    flow: Sequence[FlowStep],
+    experts: Sequence[str],
+    held: dict[str, nn.ModuleList] | None = None,
+) -> dict[str, Sequence[nn.Module]]:
+    """The sources a flow names: ``merge`` (``model``'s own layers) and the layers of the base and
+    experts it uses, taken from ``held`` where there and otherwise held now (``hold_layers``) and added
+    to it, so a caller that keeps ``held`` pays for each model once."""
+    held = {} if held is None else held
+    wanted = {step.source for step in flow} - {MERGE} - set(held)
+    if wanted:
+        held |= hold_layers(model, merger, sorted(wanted), experts)
+    return {MERGE: model.get_decoder().layers, **held}
+
+
 def _set_factor(module: nn.Module, factor: float) -> None:
     module.__dict__[_FACTOR] = factor
 

@@ -310,11 +310,8 @@ def remerge(
     merger = search_merger(model, model_set)
     merger.apply(parsed, out=model)
     if parsed.flow is not None:  # the data flow's layers, copied into an ordinary model
-        from evomerge.flow import hold_layers, standalone
-        from evomerge.recipe import MERGE
+        from evomerge.flow import flow_sources, standalone
 
-        held = {s.source for s in parsed.flow} - {MERGE}
-        sources = {MERGE: model.get_decoder().layers}
-        sources |= hold_layers(model, merger, sorted(held), list(model_set.experts))
+        sources = flow_sources(model, merger, parsed.flow, list(model_set.experts))
         model = standalone(model, sources, parsed.flow)
     return model.eval(), model_set.load_tokenizer()

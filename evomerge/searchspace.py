@@ -323,6 +323,11 @@ class SearchSpace:
     def n_var(self) -> int:
         return len(self.genes)
 
+    @property
+    def _flow_start(self) -> int:
+        """Where the data-flow genes begin (they come last): the number of parameter-space genes."""
+        return self.n_var - (0 if self.flow is None else len(self.flow.genes))
+
     def decode(self, x: np.ndarray) -> Recipe:
         x = np.asarray(x, dtype=float)
         if x.shape != (self.n_var,):
@@ -331,8 +336,7 @@ class SearchSpace:
             raise EvomergeError("genome values must lie in [0, 1]")
         values: dict[str, dict[str, Any]] = {g: {} for g, _ in self.groups}
         methods = {g: self.config.methods[0] for g, _ in self.groups}
-        n_flow = 0 if self.flow is None else len(self.flow.genes)
-        for gene, xi in zip(self.genes[: self.n_var - n_flow], x, strict=False):
+        for gene, xi in zip(self.genes[: self._flow_start], x[: self._flow_start], strict=True):
             if gene.param == "method":
                 m = len(self.config.methods)
                 methods[gene.group] = self.config.methods[min(int(xi * m), m - 1)]
@@ -361,7 +365,7 @@ class SearchSpace:
                 }
                 lines = {p.name: {**self.lines_fixed, **searched}[p.name] for p in MODIFIER}
             groups.append(GroupRecipe(group, methods[group], params, layers, lines))
-        flow = None if self.flow is None else self.flow.decode(x[len(x) - len(self.flow.genes) :])
+        flow = None if self.flow is None else self.flow.decode(x[self._flow_start :])
         return Recipe(tuple(groups), flow)
 
     def encode(self, recipe: Recipe) -> np.ndarray:
@@ -369,10 +373,8 @@ class SearchSpace:
         by_group = {g.name: g for g in recipe.groups}
         x = np.full(self.n_var, 0.5)
         if self.flow is not None:
-            x[self.n_var - len(self.flow.genes) :] = self.flow.encode(recipe.flow)
-        for i, gene in enumerate(self.genes):
-            if gene.group not in by_group:  # a data-flow gene
-                continue
+            x[self._flow_start :] = self.flow.encode(recipe.flow)
+        for i, gene in enumerate(self.genes[: self._flow_start]):
             g = by_group[gene.group]
             if gene.param == "method":
                 m = len(self.config.methods)
@@ -423,8 +425,8 @@ class SearchSpace:
         return self._with_flow(x, "base", "the base")
 
     def _with_flow(self, x: np.ndarray, model: str, what: str) -> np.ndarray:
-        """``x`` with its data-flow genes set to ``model``'s own layers in order: through the merge where the slots offer it (the merge is then ``model``), else through
-        ``model``'s layers."""
+        """``x`` with its data-flow genes set to ``model``'s own layers in order: through the merge where
+        the slots offer it (the merge is then ``model``), else through ``model``'s layers."""
         if self.flow is None:
             return x
         offered = self.flow.sources
@@ -435,7 +437,7 @@ class SearchSpace:
                 f"offers neither {MERGE} nor {model}"
             )
         x = x.copy()
-        x[self.n_var - len(self.flow.genes) :] = self.flow.identity(source, what)
+        x[self._flow_start :] = self.flow.identity(source, what)
         return x
 
     def reference_recipes(self) -> dict[str, Recipe]:
@@ -476,7 +478,7 @@ class SearchSpace:
         flow = [] if self.flow is None else [self.flow.layout()]
         if not searched:
             return "; ".join(["no parameter-space genes (the merge is the base)", *flow])
-        per_group = (self.n_var - len(self.flow.genes if self.flow else ())) // searched
+        per_group = self._flow_start // searched
         return "; ".join(
             [
                 f"{searched} layer groups (search_space.layer_groups + 'other') x "
@@ -542,15 +544,10 @@ class FlowSpace:
         for t, source in used:
             layer = t % self.num_layers
             previous = steps[-1] if steps else None
-            continues = (
-                layer == 0
-                if previous is None
-                else (previous.source, previous.layer + 1)
-                == (
-                    source,
-                    layer,
-                )
-            )
+            if previous is None:
+                continues = layer == 0
+            else:
+                continues = (source, layer) == (previous.source, previous.layer + 1)
             if continues:
                 scale = 1.0
             elif self.scale is None:

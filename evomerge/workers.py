@@ -21,14 +21,14 @@ import torch
 from evomerge.errors import EvomergeError
 from evomerge.fitness import make_fitness
 from evomerge.fitness.python import FitnessOutputError
-from evomerge.flow import flow_model, hold_layers, standalone
+from evomerge.flow import flow_model, flow_sources, standalone
 from evomerge.jobs import EvalResult, Job
 from evomerge.merge import Merger
 from evomerge.merge.kernels import limit_heap_fragmentation
 from evomerge.merge.merger import SEARCH_RANDOM, SEARCH_SEED
 from evomerge.models import ModelSet, save_hf
 from evomerge.plan import size
-from evomerge.recipe import MERGE, Recipe
+from evomerge.recipe import Recipe
 from evomerge.store import Status
 
 
@@ -131,10 +131,7 @@ class Worker:
     def _sources(self, recipe: Recipe) -> dict[str, Any]:
         """The layers a data flow names: the merge's (the worker's model) and those of the base and
         experts, each held from its first use on (one model's decoder layers each)."""
-        wanted = {step.source for step in recipe.flow or ()} - {MERGE} - set(self.held)
-        if wanted:
-            self.held |= hold_layers(self.model, self.merger, sorted(wanted), list(self.models.experts))
-        return {MERGE: self.model.get_decoder().layers, **self.held}
+        return flow_sources(self.model, self.merger, recipe.flow or (), list(self.models.experts), self.held)
 
     def _merge(self, recipe: Recipe) -> None:
         """Write the recipe's weights into the worker's model; refuse non-finite results.
