@@ -225,9 +225,17 @@ def front(run_dir: Path) -> None:
 @app.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--candidate", "candidate_id", type=int, required=True, help="candidate id")
-def show(run_dir: Path, candidate_id: int) -> None:
-    """Print one candidate of a run: what it is, its values, its recipe and, if it failed, the whole
-    error with its traceback."""
+@click.option(
+    "--answers",
+    "n_answers",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="items per generative task whose answer is shown next to its target (0: none)",
+)
+def show(run_dir: Path, candidate_id: int, n_answers: int) -> None:
+    """Print one candidate of a run: what it is, its values, its recipe, what it wrote for the first items
+    of each generative task and, if it failed, the whole error with its traceback."""
     from evomerge.report import flow_text, print_frame, recipe_summary, recipe_table
     from evomerge.runfolder import RunFolder
 
@@ -235,6 +243,7 @@ def show(run_dir: Path, candidate_id: int) -> None:
         store = RunFolder(run_dir).open_store(readonly=True)
         try:
             c = store.get(candidate_id)
+            include = store.get_meta("config", {}).get("fitness", {}).get("include", ())
         except KeyError:
             ids = [x.id for x in store.candidates(pending=True)]
             known = f"its candidates: {min(ids)}..{max(ids)}" if ids else "it has no candidates yet"
@@ -255,6 +264,14 @@ def show(run_dir: Path, candidate_id: int) -> None:
     print_frame(console, recipe_table(recipe_summary(c.recipe)), "recipe")
     if c.recipe.get("flow"):
         console.print(f"data flow ({len(c.recipe['flow'])} layers): {flow_text(c.recipe)}", highlight=False)
+    if c.outputs and n_answers:
+        from evomerge.answers import answers
+
+        try:
+            table = answers(c, include, limit=n_answers).set_index(["task", "item"])
+            print_frame(console, table, f"answers (the first {n_answers} items of each generative task)")
+        except EvomergeError as e:  # the task's data is gone: the answers without their prompts
+            console.print(f"answers: cannot read the tasks' items ({e})", markup=False, highlight=False)
     if c.error:
         console.print(f"error: {c.error}", markup=False, highlight=False)
         if c.trace:

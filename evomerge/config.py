@@ -61,6 +61,24 @@ class FitnessConfig(_Frozen):
         "the memory plan reserves activations for batch_size sequences of this length "
         "(default: the model's context, at most 2048)",
     )
+    num_fewshot: int | None = Field(
+        None, ge=0, description="few-shot examples per prompt (default: each task's own num_fewshot)"
+    )
+    max_gen_toks: int | None = Field(
+        None,
+        ge=1,
+        description="tokens a generative task may generate per item (default: each task's own, else 256)",
+    )
+    apply_chat_template: bool = Field(
+        False, description="write each prompt with the tokenizer's chat template (instruct models)"
+    )
+    fewshot_as_multiturn: bool = Field(
+        False, description="with apply_chat_template: the few-shot examples as earlier turns of the chat"
+    )
+    system_instruction: str | None = Field(None, description="a system message put before each prompt")
+    confirm_run_unsafe_code: bool = Field(
+        False, description="allow tasks that run the code the model writes (MBPP, HumanEval)"
+    )
     calibration: CalibrationConfig = CalibrationConfig()
     timeout: float | Literal["auto", "none"] | None = Field(
         "auto",
@@ -76,6 +94,14 @@ class FitnessConfig(_Frozen):
             raise ValueError(f"must be a positive number of seconds, auto or none; got {v}")
         return None if v == "none" else v
 
+    @model_validator(mode="after")
+    def _multiturn_needs_chat(self) -> FitnessConfig:
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise EvomergeError(
+                "fitness.fewshot_as_multiturn needs fitness.apply_chat_template: true (the turns are chat turns)"
+            )
+        return self
+
 
 DEPTH = "depth"  # an objective of the data flow's decoder layers, counted by the worker
 
@@ -86,6 +112,16 @@ class ObjectiveConfig(_Frozen):
         "mean",
         description="a task name or 'mean' (mean accuracy over tasks); with a fitness function, a key it "
         "returns; depth: the decoder layers of a data-flow candidate (direction: min)",
+    )
+    metric: str | dict[str, str] | None = Field(
+        None,
+        description="the task's metric (lm-eval's name: acc, acc_norm, exact_match, ...); default: its "
+        "first; with of: mean, every task's, or a mapping of task name -> metric",
+    )
+    filter: str | dict[str, str] | None = Field(
+        None,
+        description="the filter the task's answers pass before scoring (GSM8K: strict-match, "
+        "flexible-extract); default: its first; with of: mean, every task's, or a mapping of task name -> filter",
     )
     direction: Literal["max", "min"] = "max"
     estimator: str | None = Field(

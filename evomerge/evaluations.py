@@ -102,6 +102,7 @@ class Evaluations:
             error=result.error,
             trace=result.trace,
             stopped=_stopped(result.adaptive),
+            outputs=result.outputs or None,
         )
 
     def _record(self, job: Job, result: EvalResult, cid: int) -> Candidate:

@@ -676,6 +676,43 @@ def section_tables(run: Run) -> str:
     return "".join(parts)
 
 
+ANSWERS_SHOWN = 10  # items per generative task in the report's Answers section
+
+
+def answers_candidate(run: Run) -> int | None:
+    """Whose answers the report shows: the best model's on the test split once the run has finished,
+    else the best search candidate's so far; None when the run has no generative task."""
+    frame = run.candidates
+    if not run.has_answers:
+        return None
+    summary = _summary(run)
+    if summary:
+        tested = frame[(frame.kind == "test") & (frame.label == f"front:{summary['best_candidate']}")]
+        if len(tested):
+            return int(tested.index[0])
+    if not len(_searched(run)):
+        return None
+    return run.best_id
+
+
+def section_answers(run: Run) -> str | None:
+    """What the best model wrote for the first items of each generative task, next to the targets."""
+    cid = answers_candidate(run)
+    if cid is None:
+        return None
+    table = run.answers(cid, limit=ANSWERS_SHOWN)
+    if not len(table):
+        return None
+    row = run.candidates.loc[cid]
+    return (
+        f'<p class="note">Candidate {cid} ({html.escape(str(row.kind))}, {html.escape(str(row.split))} split): '
+        f"the first {ANSWERS_SHOWN} items of each generative task; score: the item's value of the task's "
+        f"metric. All of them: <code>run.answers({cid})</code> in a notebook, or "
+        f"<code>evomerge show {html.escape(str(run.path))} --candidate {cid} --answers 1000</code>.</p>"
+        + _frame(table.set_index(["task", "item"]))
+    )
+
+
 # --- pages ---------------------------------------------------------------------------------------------
 
 
@@ -727,6 +764,9 @@ def build_report(run: Run, status: str | None = None) -> str:
     if any(o.estimator for o in run.objectives):
         text, figures = section_irt(run)
         sections.append(("irt", "IRT fitness", text, figures))
+    answers = section_answers(run)
+    if answers is not None:
+        sections.append(("answers", "Answers", answers, []))
     sections.append(("tables", "Test split and failures", section_tables(run), []))
     return _page(
         f"evomerge run {run.path.name}", f"{run.path.resolve()}: {status}; written {stamp}", sections

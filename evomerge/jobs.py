@@ -66,13 +66,14 @@ class EvalResult:
     error: str | None = None
     trace: str | None = None
     values: dict[str, float] | None = None
-    responses: dict[str, dict[str, float]] | None = None
+    responses: dict[str, dict[str, Any]] | None = None
     n_items: int = 0
     n_tokens: int = 0
     fatal: bool = False
     timed_out: bool = False
     attempts: int = 1
     adaptive: dict[str, dict[str, Any]] | None = None  # per objective: estimate, se, stopped, items
+    outputs: dict[str, dict[str, str]] | None = None  # per generative task, item id -> the model's answer
 
     @property
     def ok(self) -> bool:

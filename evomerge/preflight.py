@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from evomerge.config import RunConfig
+from evomerge.config import DEPTH, RunConfig
 from evomerge.errors import EvomergeError, unknown
 from evomerge.plan import (
     DTYPE_BYTES,
@@ -44,7 +44,14 @@ def check_run(
     check_out(Path(out), estimate_run_bytes(config, 0), new)
     if config.fitness.tasks:
         check_importable(LMEVAL_NEEDS, "lm-eval fitness (fitness.tasks)")
-        check_tasks(config.fitness.tasks, [str(p) for p in config.fitness.include])
+        fitness = config.fitness
+        check_tasks(
+            fitness.tasks,
+            [str(p) for p in fitness.include],
+            splits=(fitness.search_split, fitness.test_split),
+            objectives=[o for o in config.objectives if o.of != DEPTH],
+            options=dict(fitness),
+        )
     shapes = model_shapes(config)
     depth = model_depth(config.models.base)
     if depth is not None and config.search_space.layer_groups > depth:

@@ -261,16 +261,36 @@ class Run:
         fig.suptitle(f"{self.path.name}: search candidates, every pair of objectives")
         return fig
 
+    # --- answers -------------------------------------------------------------------------------------------
+    def answers(self, candidate_id: int, task: str | None = None, limit: int | None = None) -> pd.DataFrame:
+        """What candidate ``candidate_id`` wrote for each item of the run's generative tasks: task, item,
+        prompt, target, answer and score (the item's value of the task's metric), ``limit`` items per
+        task. Empty for a run without generative tasks."""
+        from evomerge.answers import answers
+
+        self._known(candidate_id)
+        record = next(c for c in self._records if c.id == candidate_id)
+        fitness = self._raw.get("fitness", {})
+        return answers(record, fitness.get("include", ()), None if task is None else [task], limit)
+
+    @property
+    def has_answers(self) -> bool:
+        """Whether any candidate has stored answers (the run has a generative task)."""
+        return any(c.outputs for c in self._records)
+
+    def _known(self, candidate_id: int) -> None:
+        if candidate_id not in self.candidates.index:
+            ids = self.candidates.index
+            known = f"its candidates: {ids.min()}..{ids.max()}" if len(ids) else "it has no candidates yet"
+            raise EvomergeError(f"run {str(self.path)!r} has no candidate {candidate_id}; {known}")
+
     # --- models --------------------------------------------------------------------------------------------
     def load_model(self, candidate_id: int, device: str = "cpu") -> tuple[Any, Any]:
         """Re-merge candidate ``candidate_id``'s recipe from the run's models, as its worker did, and return
         the Hugging Face model (eval mode) and tokenizer. ``device``: where to load and merge (cpu, cuda,
         cuda:N, or auto to spread the model over the visible GPUs); the masks of dare_*/della* are the
         same on every device, so the weights equal the worker's up to the device's rounding."""
-        if candidate_id not in self.candidates.index:
-            ids = self.candidates.index
-            known = f"its candidates: {ids.min()}..{ids.max()}" if len(ids) else "it has no candidates yet"
-            raise EvomergeError(f"run {str(self.path)!r} has no candidate {candidate_id}; {known}")
+        self._known(candidate_id)
         if self.models is None:
             raise EvomergeError(f"run {str(self.path)!r} does not record its model paths")
         recipe = self.candidates.at[candidate_id, "recipe"]

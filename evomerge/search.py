@@ -17,7 +17,7 @@ import yaml
 
 from evomerge import calibration, loop, preflight, report, summary
 from evomerge.algorithms import spec_for
-from evomerge.config import RunConfig
+from evomerge.config import DEPTH, RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.evaluations import Evaluations, SystematicFailure
 from evomerge.fitness import fitness_spec
@@ -215,7 +215,8 @@ class Search:
         return plan.workers, Where(self.device, plan.chosen.placement, gpus, need)
 
     def _fitness_spec(self) -> dict[str, Any]:
-        return fitness_spec(self.config.fitness)
+        cfg = self.config
+        return fitness_spec(cfg.fitness, [o for o in cfg.objectives if o.of != DEPTH], cfg.seed)
 
     # --- objective values ---------------------------------------------------------------------------------
     def score(self, job: Job, result: EvalResult) -> dict[str, float]:
@@ -307,6 +308,7 @@ class Search:
                 where,
             )
             stack.callback(self.pool.shutdown)
+            self.pool.call("prepare", [cfg.fitness.search_split, cfg.fitness.test_split])
             changed = self.folder.meta(store).changed_layers if resume else self.pool.call("changed_layers")
             self.space = SearchSpace(cfg.search_space, self.experts, self.models.num_layers(), changed)
             if not resume:

@@ -80,7 +80,8 @@ CREATE TABLE IF NOT EXISTS candidates (
     error TEXT,
     created REAL NOT NULL,
     trace TEXT,
-    stopped TEXT
+    stopped TEXT,
+    outputs TEXT
 );
 CREATE INDEX IF NOT EXISTS candidates_key ON candidates (recipe_key, split, subset);
 CREATE TABLE IF NOT EXISTS checkpoints (generation INTEGER PRIMARY KEY, state BLOB NOT NULL, created REAL NOT NULL);
@@ -90,7 +91,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (generation INTEGER PRIMARY KEY, state BL
 @dataclass
 class Candidate:
     """One evaluated model. ``objectives`` are the configured objective values; ``metrics`` every value
-    the fitness returned; ``responses`` per task the 0/1 correctness of each item id evaluated;
+    the fitness returned; ``responses`` per task the score of each item id evaluated (0/1 for accuracy
+    and exact match); ``outputs`` per generative task what the model wrote for each item;
     ``subset`` a key of the items evaluated (None: the whole split)."""
 
     recipe: dict[str, Any]
@@ -114,9 +116,10 @@ class Candidate:
     created: float = field(default_factory=time.time)
     trace: str | None = None  # the whole traceback of a failed evaluation
     stopped: str | None = None  # why an adaptive test stopped (precise, max_items, raced, exhausted)
+    outputs: dict[str, dict[str, str]] | None = None
 
 
-_JSON = ("genome", "objectives", "metrics", "responses")
+_JSON = ("genome", "objectives", "metrics", "responses", "outputs")
 _COLUMNS = [
     "kind",
     "generation",
@@ -138,10 +141,11 @@ _COLUMNS = [
     "created",
     "trace",
     "stopped",
+    "outputs",
 ]
 # Columns added after the first stores were written: older stores get them on open (NULL), and read
 # as NULL where they are opened read-only.
-_ADDED = {"trace": "TEXT", "stopped": "TEXT"}
+_ADDED = {"trace": "TEXT", "stopped": "TEXT", "outputs": "TEXT"}
 
 
 class StoreFullError(OSError):

@@ -176,11 +176,14 @@ class Worker:
         from evomerge.calibration import adaptive_evaluate
 
         n_tokens = 0
+        outputs: dict[str, dict[str, str]] = {}
 
         def ask(items: dict[str, list[int]]) -> dict[str, dict[str, float]]:
             nonlocal n_tokens
             result = self.fitness.evaluate(model, self.tokenizer, job.split, items)
             n_tokens += result.n_tokens
+            for task, answers in result.outputs.items():
+                outputs.setdefault(task, {}).update(answers)
             return result.responses or {}
 
         scores, answered = adaptive_evaluate(job.adaptive, ask, job.race)
@@ -188,7 +191,13 @@ class Worker:
         values |= {name: s["estimate"] for name, s in scores.items()}
         n = sum(len(v) for v in answered.values())
         return EvalResult(
-            Status.OK, values=values, responses=answered, n_items=n, n_tokens=n_tokens, adaptive=scores
+            Status.OK,
+            values=values,
+            responses=answered,
+            n_items=n,
+            n_tokens=n_tokens,
+            adaptive=scores,
+            outputs=outputs or None,
         )
 
     def ready(self) -> str:
@@ -215,6 +224,11 @@ class Worker:
 
     def n_items(self, split: str) -> dict[str, int]:
         return self.fitness.n_items(split)
+
+    def prepare(self, splits: list[str]) -> dict[str, dict[str, int]]:
+        """Load the fitness for ``splits`` (its tasks and their data): a run asks before it stores
+        anything, so a setup that cannot score is refused without leaving a run folder."""
+        return {split: self.fitness.n_items(split) for split in splits}
 
     def save(self, recipe: Recipe, path: str) -> str:
         """Save the merged model and the tokenizer as an HF folder (safetensors); a data flow's model
@@ -331,12 +345,15 @@ class WorkerPool:
     def call(self, method: str, *args: Any) -> Any:
         """Run a method on the first worker and wait for it; a worker that cannot start (its models or
         its fitness do not load) is one line naming the cause."""
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         try:
             return self.ray.get(getattr(self.actors[0], method).remote(*args))
         except RayActorError as e:
             raise EvomergeError(f"a worker could not start: {_cause(e)}") from None
+        except RayTaskError as e:  # the setup's failure (its fitness data, say), not a candidate's
+            cause = _cause(e).removeprefix("EvomergeError: ")
+            raise EvomergeError(f"a worker could not {method.replace('_', ' ')}: {cause}") from None
 
     def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, EvalResult]]:
         """Evaluate jobs on idle workers; yield (job, result) as each finishes.

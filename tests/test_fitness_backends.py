@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from evomerge.config import FitnessConfig
+from evomerge.config import FitnessConfig, ObjectiveConfig
 from evomerge.errors import EvomergeError
 from evomerge.fitness import base
 from evomerge.fitness.base import FitnessBackend, FitnessResult, fitness_backend, fitness_spec, make_fitness
@@ -30,18 +30,31 @@ def test_the_spec_selects_the_backend() -> None:
             make_fitness(**spec)
         assert str(err.value) == EITHER
     with pytest.raises(
-        EvomergeError, match="unknown field 'tsks'; allowed: batch_size, function, include, max_length, tasks"
+        EvomergeError,
+        match="unknown field 'tsks'; allowed: apply_chat_template, batch_size, confirm_run_unsafe_code, "
+        "fewshot_as_multiturn, function, include, max_gen_toks, max_length, measures, num_fewshot, seed, "
+        "system_instruction, tasks",
     ):
         make_fitness(tsks=["zoo_addition"])
 
 
 def test_the_spec_of_a_config_names_the_selected_backend_fields(tmp_path) -> None:
-    lm = FitnessConfig(tasks=("zoo_addition",), include=(tmp_path,), batch_size=8)
-    assert fitness_spec(lm) == {
-        "tasks": ["zoo_addition"],
+    lm = FitnessConfig(tasks=("zoo_addition", "zoo_gsm8k"), include=(tmp_path,), batch_size=8)
+    objectives = [ObjectiveConfig(name="gsm", of="zoo_gsm8k", filter="flexible-extract")]
+    assert fitness_spec(lm, objectives, seed=7) == {
+        "tasks": ["zoo_addition", "zoo_gsm8k"],
         "include": [str(tmp_path)],
         "batch_size": 8,
         "max_length": None,
+        "num_fewshot": None,
+        "max_gen_toks": None,
+        "apply_chat_template": False,
+        "fewshot_as_multiturn": False,
+        "system_instruction": None,
+        "confirm_run_unsafe_code": False,
+        # what the objectives ask of each task, and the seed that draws few-shot examples
+        "measures": {"zoo_addition": [None, None], "zoo_gsm8k": [None, "flexible-extract"]},
+        "seed": 7,
     }
     python = FitnessConfig(function="math:fsum", include=(tmp_path,))
     assert fitness_spec(python) == {"function": "math:fsum"}

@@ -20,14 +20,16 @@ from evomerge.registry import Registry
 
 @dataclass
 class FitnessResult:
-    """``values``: named numbers (per-task accuracy, ``mean``, or a custom function's outputs).
-    ``responses``: per task, item id -> 0/1 correctness of each item evaluated.
-    ``n_items``/``n_tokens``: the evaluation's cost in items and forward tokens."""
+    """``values``: named numbers (per-task score, ``mean``, or a custom function's outputs).
+    ``responses``: per task, item id -> the item's score (0/1 for accuracy and exact match).
+    ``n_items``/``n_tokens``: the evaluation's cost in items and forward tokens (generated ones included).
+    ``outputs``: per generative task, item id -> what the model wrote."""
 
     values: dict[str, float]
-    responses: dict[str, dict[str, float]] = field(default_factory=dict)
+    responses: dict[str, dict[str, Any]] = field(default_factory=dict)
     n_items: int = 0
     n_tokens: int = 0
+    outputs: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -44,6 +46,8 @@ class FitnessBackend(Protocol):
 
 # (the fitness config section, the objectives) -> None; raises EvomergeError on what it refuses
 ConfigCheck = Callable[[Any, Sequence[Any]], None]
+# (the fitness config section, the objectives, the run's seed) -> further constructor arguments
+ConfigInputs = Callable[[Any, Sequence[Any], int], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,9 @@ class Backend:
     that field holds; ``options``: further fitness fields passed to the constructor by name.
     ``item_subsets``: it evaluates chosen items of a split and reports per-item responses, which
     ``fitness.items`` and IRT estimators need. ``check(fitness, objectives)``: the checks it needs when
-    a config is read (cheap: nothing is loaded).
+    a config is read (cheap: nothing is loaded). ``inputs(fitness, objectives, seed)``: the constructor
+    arguments named ``derived`` that it takes from the rest of the config (what the objectives ask of
+    it, the run's seed).
     """
 
     name: str
@@ -64,6 +70,8 @@ class Backend:
     options: tuple[str, ...] = ()
     item_subsets: bool = False
     check: ConfigCheck | None = field(default=None, repr=False)
+    inputs: ConfigInputs | None = field(default=None, repr=False)
+    derived: tuple[str, ...] = ()
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -71,7 +79,7 @@ class Backend:
         return (self.selected_by, *self.options)
 
     def build(self, spec: Mapping[str, Any]) -> FitnessBackend:
-        return self.cls(**{k: spec[k] for k in self.fields if k in spec})
+        return self.cls(**{k: spec[k] for k in (*self.fields, *self.derived) if k in spec})
 
 
 BACKENDS: Registry[Backend] = Registry("fitness backend", Backend)
@@ -85,12 +93,19 @@ def fitness_backend(
     options: Sequence[str] = (),
     item_subsets: bool = False,
     check: ConfigCheck | None = None,
+    inputs: ConfigInputs | None = None,
+    derived: Sequence[str] = (),
 ) -> Callable[[type], type]:
     """Register a :class:`FitnessBackend` class under ``name``, selected by the fitness field
-    ``selected_by`` and built as ``cls(selected_by=value, **options)``."""
+    ``selected_by`` and built as ``cls(selected_by=value, **options, **inputs(...))``."""
 
     def register(cls: type) -> type:
-        BACKENDS.add(name, Backend(name, cls, selected_by, what, tuple(options), item_subsets, check))
+        BACKENDS.add(
+            name,
+            Backend(
+                name, cls, selected_by, what, tuple(options), item_subsets, check, inputs, tuple(derived)
+            ),
+        )
         return cls
 
     return register
@@ -112,22 +127,27 @@ def select_backend(spec: Mapping[str, Any]) -> Backend:
     return chosen[0]
 
 
-def fitness_spec(fitness: Any) -> dict[str, Any]:
+def fitness_spec(fitness: Any, objectives: Sequence[Any] = (), seed: int = 0) -> dict[str, Any]:
     """What a worker needs to build the fitness of a fitness config section: the fields of the backend
-    it selects, as plain values (sequences as lists, paths as strings), for ``make_fitness(**spec)``."""
+    it selects and what it derives from the ``objectives`` and the run's ``seed``, as plain values
+    (sequences as lists, paths as strings), for ``make_fitness(**spec)``."""
 
     def plain(value: Any) -> Any:
         if isinstance(value, (tuple, list)):
             return [plain(v) for v in value]
         return str(value) if isinstance(value, PurePath) else value
 
-    return {k: plain(getattr(fitness, k)) for k in select_backend(dict(fitness)).fields}
+    backend = select_backend(dict(fitness))
+    spec = {k: plain(getattr(fitness, k)) for k in backend.fields}
+    if backend.inputs is not None:
+        spec |= backend.inputs(fitness, objectives, seed)
+    return spec
 
 
 def make_fitness(**spec: Any) -> FitnessBackend:
     """The fitness a worker runs, from a spec of fitness config fields (``{"function": f}`` or
     ``{"tasks": [...], "include": [...], "batch_size": n}``): the backend its fields select."""
-    known = {f for n in BACKENDS for f in BACKENDS.get(n).fields}
+    known = {f for n in BACKENDS for b in [BACKENDS.get(n)] for f in (*b.fields, *b.derived)}
     extra = sorted(set(spec) - known)
     if extra:
         raise EvomergeError(

@@ -64,7 +64,15 @@ def _check_values(ref: str, values: Any) -> dict[str, float]:
 
 
 def check_function(fitness: Any, objectives: Sequence[Any]) -> None:
-    """The function imports (its return values are known only once it runs)."""
+    """The function imports (its return values are known only once it runs); objectives name no metric
+    or filter (those choose how an lm-eval task is scored)."""
+    for o in objectives:
+        for key in ("metric", "filter"):
+            if getattr(o, key, None) is not None:
+                raise EvomergeError(
+                    f"objective {o.name!r}: {key} chooses how an lm-eval task is scored; a fitness function's "
+                    f"objective is a key it returns (of: ...): remove {key}"
+                )
     load_function(fitness.function)
 
 

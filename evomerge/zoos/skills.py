@@ -172,14 +172,27 @@ def heldout_prompts(n: int = SPLIT_SIZE) -> frozenset[str]:
     )
 
 
+def gsm8k_item(item: dict) -> dict:
+    """An addition item in GSM8K's format: ``question``, and an ``answer`` that works the sum and ends
+    with ``#### <number>``, the line GSM8K's strict-match filter reads."""
+    total = item["choices"][item["label"]].removesuffix(".")
+    return {"question": item["prompt"], "answer": f"{item['prompt']}{total}\n#### {total}"}
+
+
 def write_task_data(root: Path) -> list[Path]:
-    """Write ``<root>/<skill>/{search,test}.jsonl`` for every skill; returns the written paths."""
+    """Write ``<root>/<skill>/{search,test}.jsonl`` for every skill, and the addition items in GSM8K's
+    format as ``<root>/gsm8k/{search,test}.jsonl``; returns the written paths."""
     written = []
     for skill in SKILLS:
-        folder = Path(root) / skill
-        folder.mkdir(parents=True, exist_ok=True)
         for split, items in task_splits(skill).items():
-            path = folder / f"{split}.jsonl"
-            path.write_text("".join(json.dumps(item) + "\n" for item in items))
-            written.append(path)
+            written.append(_write_jsonl(Path(root) / skill / f"{split}.jsonl", items))
+            if skill == "addition":
+                gsm8k = [gsm8k_item(item) for item in items]
+                written.append(_write_jsonl(Path(root) / "gsm8k" / f"{split}.jsonl", gsm8k))
     return written
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
