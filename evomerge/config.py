@@ -98,7 +98,7 @@ class FitnessConfig(_Frozen):
     def _multiturn_needs_chat(self) -> FitnessConfig:
         if self.fewshot_as_multiturn and not self.apply_chat_template:
             raise EvomergeError(
-                "fitness.fewshot_as_multiturn needs fitness.apply_chat_template: true (the turns are chat turns)"
+                "fewshot_as_multiturn needs apply_chat_template: true (the turns are chat turns)"
             )
         return self
 

@@ -24,24 +24,10 @@ def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_run(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny real run of the demo config (zoo models, lm-eval fitness, Ray workers): GA of
     4 x 2 generations on 20 items per task. Tests only read it."""
-    ray = pytest.importorskip("ray")
-    from evomerge.config import load_config
-    from evomerge.search import Search
+    pytest.importorskip("ray")
+    from tiny import toy_run
 
-    cfg = load_config(
-        Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml",
-        out=str(tmp_path_factory.mktemp("tiny_run") / "run"),
-        **{
-            "fitness.items": 20,
-            "algorithm.pop_size": 4,
-            "algorithm.generations": 2,
-            "zoo.cache_dir": str(zoo_dir.parent),
-        },
-    )
-    try:
-        yield Search(cfg).run()
-    finally:
-        ray.shutdown()
+    return toy_run("demo.yaml", zoo_dir, tmp_path_factory.mktemp("tiny_run") / "run", items=20)
 
 
 @pytest.fixture(scope="module")

@@ -90,8 +90,8 @@ def parse_error(changes=None, **named) -> str:
         ),
         (  # inside an objective
             {"objectives": [{"name": "x", "colour": 1}]},
-            "config: unknown key 'objectives.0.colour'; allowed: name, of, direction, estimator, items, "
-            "selection",
+            "config: unknown key 'objectives.0.colour'; allowed: name, of, metric, filter, direction, "
+            "estimator, items, selection",
         ),
         ({"search_space": [1]}, "search_space must be a catalogue name, a YAML path or a mapping of keys"),
         ({"search_space": {"name": 3}}, "search_space.name must be a catalogue name or a YAML path, got 3"),

@@ -26,21 +26,22 @@ def addition(zoo_dir):
     return model, AutoTokenizer.from_pretrained(zoo_dir / "base")
 
 
+def task_copy(root: Path, of: str, task: str, metric_list: list[dict]) -> Path:
+    """A task YAML in ``root``: the zoo task ``of`` (its data files by absolute path) renamed ``task`` and
+    scored by ``metric_list``."""
+    spec = yaml.safe_load((FITNESS_ZOO / f"{of}.yaml").read_text())
+    files = spec["dataset_kwargs"]["data_files"]
+    spec |= {"task": task, "metric_list": metric_list}
+    spec["dataset_kwargs"]["data_files"] = {k: str(FITNESS_ZOO / v) for k, v in files.items()}
+    (root / f"{task}.yaml").write_text(yaml.safe_dump(spec))
+    return root
+
+
 @pytest.fixture(scope="module")
 def norm_task(tmp_path_factory) -> Path:
     """zoo_addition scored by acc and acc_norm (lm-eval's multiple-choice metrics)."""
-    root = tmp_path_factory.mktemp("tasks")
-    spec = yaml.safe_load((FITNESS_ZOO / "addition.yaml").read_text())
-    spec["task"] = "zoo_addition_norm"
-    spec["dataset_kwargs"]["data_files"] = {
-        k: str(FITNESS_ZOO / v) for k, v in spec["dataset_kwargs"]["data_files"].items()
-    }
-    spec["metric_list"] = [
-        {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
-    ]
-    (root / "norm.yaml").write_text(yaml.safe_dump(spec))
-    return root
+    metrics = [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")]
+    return task_copy(tmp_path_factory.mktemp("tasks"), "addition", "zoo_addition_norm", metrics)
 
 
 def lm_eval_samples(fitness: LmEvalFitness, tasks: list[str], include: tuple[str, ...] = ()) -> dict:
@@ -207,15 +208,8 @@ def generative_config(tmp_path: Path, fitness: dict | None = None, objective: di
 @pytest.fixture(scope="module")
 def bleu_tasks(tmp_path_factory) -> Path:
     """A generative task scored by BLEU, a corpus-level metric: not 0/1 per item."""
-    root = tmp_path_factory.mktemp("bleu")
-    spec = yaml.safe_load((FITNESS_ZOO / "script_gen.yaml").read_text())
-    spec["task"] = "zoo_script_bleu"
-    spec["dataset_kwargs"]["data_files"] = {
-        k: str(FITNESS_ZOO / v) for k, v in spec["dataset_kwargs"]["data_files"].items()
-    }
-    spec["metric_list"] = [{"metric": "bleu", "aggregation": "bleu", "higher_is_better": True}]
-    (root / "bleu.yaml").write_text(yaml.safe_dump(spec))
-    return root
+    bleu = [{"metric": "bleu", "aggregation": "bleu", "higher_is_better": True}]
+    return task_copy(tmp_path_factory.mktemp("bleu"), "script_gen", "zoo_script_bleu", bleu)
 
 
 @pytest.mark.parametrize(
@@ -253,7 +247,7 @@ def bleu_tasks(tmp_path_factory) -> Path:
         (
             {"fewshot_as_multiturn": True},
             None,
-            "config: fitness.fewshot_as_multiturn needs fitness.apply_chat_template: true (the turns are chat turns)",
+            "config: fitness: fewshot_as_multiturn needs apply_chat_template: true (the turns are chat turns)",
         ),
     ],
 )
@@ -306,24 +300,10 @@ def test_a_task_whose_data_is_not_here_is_refused_before_a_run_folder_exists(tmp
 @pytest.fixture(scope="module")
 def generative_run(zoo_dir, tmp_path_factory) -> Path:
     """The generative demo at toy size: GA 4 x 2 on 10 items of each task, Ray workers."""
-    ray = pytest.importorskip("ray")
-    from evomerge.config import load_config
-    from evomerge.search import Search
+    pytest.importorskip("ray")
+    from tiny import toy_run
 
-    cfg = load_config(
-        Path(__file__).resolve().parents[1] / "experiments" / "demo_generative.yaml",
-        out=str(tmp_path_factory.mktemp("generative") / "run"),
-        **{
-            "fitness.items": 10,
-            "algorithm.pop_size": 4,
-            "algorithm.generations": 2,
-            "zoo.cache_dir": str(zoo_dir.parent),
-        },
-    )
-    try:
-        yield Search(cfg).run()
-    finally:
-        ray.shutdown()
+    return toy_run("demo_generative.yaml", zoo_dir, tmp_path_factory.mktemp("generative") / "run", items=10)
 
 
 def test_a_generative_run_stores_scores_and_answers(generative_run) -> None:
@@ -405,3 +385,117 @@ def test_a_worker_that_cannot_load_the_task_data_stores_nothing(zoo_dir, tmp_pat
         f"(named in {str(tasks / 'my_script.yaml')!r}) does not exist"
     )
     assert not (tmp_path / "run" / "store.sqlite").exists()
+
+
+@pytest.fixture(scope="module")
+def likelihood_tasks(tmp_path_factory) -> Path:
+    """The addition items as a loglikelihood task (the answer's likelihood and whether it is greedy, as
+    lambada) and as a loglikelihood_rolling task (perplexity of the whole line, as wikitext)."""
+    root = tmp_path_factory.mktemp("likelihood")
+    files = {k: str(FITNESS_ZOO / "addition" / f"{k}.jsonl") for k in ("search", "test")}
+    common = {"dataset_path": "json", "dataset_kwargs": {"data_files": files}, "test_split": "test"}
+    ll = {
+        **common,
+        "task": "zoo_addition_ll",
+        "output_type": "loglikelihood",
+        "doc_to_text": "{{prompt}}",
+        "doc_to_target": "{{choices[label]}}",
+        "target_delimiter": "",
+        "metric_list": [
+            {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+        ],
+    }
+    rolling = {
+        **common,
+        "task": "zoo_addition_ppl",
+        "output_type": "loglikelihood_rolling",
+        "doc_to_text": "",
+        "doc_to_target": "{{prompt}}{{choices[label]}}",
+        "metric_list": [
+            {"metric": "word_perplexity"},
+            {"metric": "byte_perplexity"},
+            {"metric": "bits_per_byte"},
+        ],
+    }
+    (root / "ll.yaml").write_text(yaml.safe_dump(ll))
+    (root / "ppl.yaml").write_text(yaml.safe_dump(rolling))
+    return root
+
+
+def test_loglikelihood_and_perplexity_tasks_equal_lm_evals_own(addition, likelihood_tasks) -> None:
+    from lm_eval.evaluator import evaluate
+
+    model, tokenizer = addition
+    include = (str(likelihood_tasks),)
+    tasks = ["zoo_addition_ll", "zoo_addition_ppl"]
+    loaded = {t: load_task(t, "test", include) for t in tasks}
+    for measures in (
+        {"zoo_addition_ll": ["perplexity", None], "zoo_addition_ppl": ["word_perplexity", None]},
+        {"zoo_addition_ll": ["acc", None], "zoo_addition_ppl": ["bits_per_byte", None]},
+    ):
+        fitness = LmEvalFitness(tasks, include=include, measures=measures)
+        with torch.no_grad():
+            ours = fitness.evaluate(model, tokenizer, "test")
+        theirs = evaluate(fitness._lm, {"tasks": loaded, "groups": {}, "group_map": {}}, bootstrap_iters=0)
+        for task, (metric, _) in measures.items():
+            assert ours.values[task] == pytest.approx(theirs["results"][task][f"{metric},none"], rel=1e-6)
+        assert len(ours.responses["zoo_addition_ppl"]) == 200 and not ours.outputs
+    # a perplexity item's score is lm-eval's (loglikelihood, words) pair, kept as a list
+    assert all(isinstance(v, list) and len(v) == 2 for v in ours.responses["zoo_addition_ppl"].values())
+    # perplexity is better lower: an objective that maximises it is refused; an estimator on it too
+    with pytest.raises(EvomergeError, match="is better when lower, but direction is max; set direction: min"):
+        check_tasks(
+            ["zoo_addition_ppl"], include, ("test",), [O("ppl", "zoo_addition_ppl", "word_perplexity")]
+        )
+    check_tasks(
+        ["zoo_addition_ppl"],
+        include,
+        ("test",),
+        [O("ppl", "zoo_addition_ppl", "word_perplexity", direction="min")],
+    )
+    with pytest.raises(
+        EvomergeError, match="needs a 0/1 score per item, and 'zoo_addition_ppl' is scored by"
+    ):
+        check_tasks(
+            ["zoo_addition_ppl"],
+            include,
+            ("test",),
+            [O("ppl", "zoo_addition_ppl", direction="min", estimator="pirt", items=10)],
+        )
+
+
+@pytest.mark.slow
+def test_exact_match_feeds_calibration_and_adaptive_tests_as_accuracy_does(zoo_dir, tmp_path) -> None:
+    """The generative demo with an IRT estimator and adaptive items: calibration fits on the 0/1 exact
+    matches of the base, the experts and random merges; each candidate answers the items its test asks."""
+    ray = pytest.importorskip("ray")
+    from evomerge.config import parse_config
+    from evomerge.search import Search
+    from evomerge.store import Store
+
+    data = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "experiments" / "demo_generative.yaml").read_text()
+    )
+    data["objectives"][0] |= {"estimator": "pirt", "items": "adaptive", "max_items": 12, "target_se": 0.2}
+    data["fitness"]["calibration"] = {"random_merges": 4}
+    data |= {
+        "algorithm": {"name": "ga", "pop_size": 4, "generations": 1},
+        "out": str(tmp_path / "run"),
+        "zoo": {"cache_dir": str(zoo_dir.parent)},
+    }
+    try:
+        run_dir = Search(parse_config(data)).run()
+    finally:
+        ray.shutdown()
+    store = Store(run_dir / "store.sqlite")
+    calibration = store.candidates(kind="calibration")
+    assert len(calibration) == 8 and all(c.n_items == 600 for c in calibration)
+    assert (run_dir / "irt" / "mean.json").exists()
+    searched = [c for c in store.candidates(kind="search") if c.status == "ok"]
+    assert searched
+    for c in searched:
+        assert c.stopped in ("precise", "max_items", "exhausted") and 0 < c.n_items <= 12
+        asked = {(t, i) for t, r in c.responses.items() for i in r}
+        assert {(t, i) for t, a in c.outputs.items() for i in a} == asked
+        assert all(v in (0.0, 1.0) for r in c.responses.values() for v in r.values())

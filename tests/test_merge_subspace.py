@@ -18,6 +18,10 @@ from evomerge.merge import MergeInputs, Merger, get_method, merge_state_dicts
 from evomerge.recipe import GroupRecipe, Recipe, layer_of
 
 TOL = 1e-5
+# iso_cts takes two SVDs, one of the experts' stacked residual bases; at a small common space (0.3) its
+# float32 result differs from FusionBench's by 1.15e-5 on an AVX-512 CPU (LAPACK takes other kernels
+# there than on AVX2, where it stayed under 1e-5)
+ISO_CTS_TOL = 2e-5
 EXPERTS = ("a", "b", "c")
 
 
@@ -89,7 +93,7 @@ def test_iso_cts_matches_fusion_bench(fusion_bench, models, merger, task_vectors
 
     ref = added(models["base"], iso_cts(task_vectors, fraction, accelerator="cpu"), lam)
     params = {"common_space_fraction": fraction, "lambda": lam}
-    assert max_diff(merger.merge("iso_cts", params), ref) <= TOL
+    assert max_diff(merger.merge("iso_cts", params), ref) <= ISO_CTS_TOL
 
 
 @pytest.mark.parametrize("lam", [0.5, 1.0, 2.0])

@@ -54,3 +54,27 @@ def demo_irt_config(zoo_dir: Path, out: Path, objectives: list[dict], algorithm:
     )
     data["fitness"]["calibration"] = {"random_merges": 8}
     return data
+
+
+def toy_run(config: str, zoo_dir: Path, out: Path, items: int) -> Path:
+    """A finished run of ``experiments/<config>`` at toy size (GA of 4 x 2 generations on ``items`` items
+    per task) on the zoo built in ``zoo_dir``: zoo models, lm-eval fitness, Ray workers."""
+    import ray
+
+    from evomerge.config import load_config
+    from evomerge.search import Search
+
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "experiments" / config,
+        out=str(out),
+        **{
+            "fitness.items": items,
+            "algorithm.pop_size": 4,
+            "algorithm.generations": 2,
+            "zoo.cache_dir": str(zoo_dir.parent),
+        },
+    )
+    try:
+        return Search(cfg).run()
+    finally:
+        ray.shutdown()

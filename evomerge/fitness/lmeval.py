@@ -284,44 +284,44 @@ class LmEvalFitness:
             for name, s in loaded.items()
         }
         chosen = {name: ids for name, ids in chosen.items() if ids}
-        by_type: dict[str, list[Any]] = defaultdict(list)
+        self._answer(lm, {name: (loaded[name], ids) for name, ids in chosen.items()})
+        result = FitnessResult({})
         for name, ids in chosen.items():
+            self._score(name, loaded[name], ids, tokenizer, result)
+        if result.values:
+            result.values["mean"] = sum(result.values.values()) / len(result.values)
+        result.n_items = sum(len(ids) for ids in chosen.values())
+        return result
+
+    def _answer(self, lm: Any, chosen: dict[str, tuple[_Split, list[int]]]) -> None:
+        """The model's answers to the chosen items' requests (in ``req.resps``): every task's requests of
+        one type in one call, which HFLM sorts by length and batches."""
+        by_type: dict[str, list[Any]] = defaultdict(list)
+        for name, (s, ids) in chosen.items():
             for i in ids:
-                for req in self._requests(name, loaded[name], i, lm):
+                for req in self._requests(name, s, i, lm):
                     req.resps, req.filtered_resps = [], {}
                     by_type[req.request_type].extend([req] * req.repeats)
-        for request_type, reqs in by_type.items():  # all tasks' requests of a type, batched together
+        for request_type, reqs in by_type.items():
             for req, out in zip(reqs, getattr(lm, request_type)(reqs, disable_tqdm=True), strict=True):
                 req.resps.append(out)
 
-        values: dict[str, float] = {}
-        responses: dict[str, dict[str, Any]] = {}
-        outputs: dict[str, dict[str, str]] = {}
-        n_tokens = 0
-        for name, ids in chosen.items():
-            s = loaded[name]
-            reqs = {i: s.requests[i] for i in ids}
-            flat = [r for i in ids for r in reqs[i]]
-            ensemble = next(f for f in s.task._filters if f.name == s.measure.filter)
-            ensemble.apply(flat)
-            scores = []
-            responses[name] = {}
-            for i in ids:
-                metrics = s.task.process_results(
-                    s.docs[i], [r.filtered_resps[s.measure.filter] for r in reqs[i]]
-                )
-                score = metrics[s.measure.metric]
-                scores.append(score)
-                responses[name][str(i)] = _plain(score)
-                n_tokens += self._tokens(s, i, tokenizer)
-            if output_type(s.task) == GENERATIVE:
-                outputs[name] = {str(i): str(reqs[i][0].resps[0]) for i in ids}
-                n_tokens += sum(_count(tokenizer, text) for text in outputs[name].values())
-            values[name] = float(s.task.aggregation()[s.measure.metric](scores))
-        if values:
-            values["mean"] = sum(values.values()) / len(values)
-        n_items = sum(len(ids) for ids in chosen.values())
-        return FitnessResult(values, responses, n_items, n_tokens, outputs)
+    def _score(self, name: str, s: _Split, ids: list[int], tokenizer: Any, result: FitnessResult) -> None:
+        """One task's items scored as lm-eval scores them (its filter, then its metric per item, then the
+        metric's aggregation) into ``result``, with what the model wrote and the tokens it cost."""
+        reqs = {i: s.requests[i] for i in ids}
+        ensemble = next(f for f in s.task._filters if f.name == s.measure.filter)
+        ensemble.apply([r for i in ids for r in reqs[i]])
+        scores = {}
+        for i in ids:
+            answers = [r.filtered_resps[s.measure.filter] for r in reqs[i]]
+            scores[str(i)] = s.task.process_results(s.docs[i], answers)[s.measure.metric]
+            result.n_tokens += self._tokens(s, i, tokenizer)
+        result.responses[name] = {i: _plain(v) for i, v in scores.items()}
+        result.values[name] = float(s.task.aggregation()[s.measure.metric](list(scores.values())))
+        if output_type(s.task) == GENERATIVE:
+            result.outputs[name] = {str(i): str(reqs[i][0].resps[0]) for i in ids}
+            result.n_tokens += sum(_count(tokenizer, text) for text in result.outputs[name].values())
 
     def _tokens(self, s: _Split, doc_id: int, tokenizer: Any) -> int:
         """Forward tokens of an item's prompts (and continuations): counted once per item and split.

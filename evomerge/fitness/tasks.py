@@ -55,11 +55,20 @@ def catalog_tasks(include: tuple[str, ...] = ()) -> dict[str, Path]:
     for root in (catalog.catalog_dir("fitness"), *map(Path, include)):
         if not root.is_dir():
             raise EvomergeError(f"fitness include folder {str(root)!r} does not exist")
-        for path in sorted(root.rglob("*.yaml")):
+        for path in _yaml_files(root):
             data = read_yaml(path, "fitness task file")
             if isinstance(data, dict) and isinstance(data.get("task"), str):
                 tasks[data["task"]] = path
     return tasks
+
+
+def _yaml_files(root: Path) -> list[Path]:
+    """The .yaml files below ``root``, links to folders not followed (a link back up, as /proc has,
+    would make the walk endless)."""
+    found = []
+    for folder, _, files in os.walk(root, followlinks=False):
+        found += [Path(folder) / f for f in files if f.endswith(".yaml")]
+    return sorted(found)
 
 
 def catalog_config(path: Path, split: str) -> dict[str, Any]:

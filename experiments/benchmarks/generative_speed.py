@@ -65,7 +65,7 @@ def zoo_models(zoo: str) -> dict:
         "base": str(root / "base"),
         "experts": {e: str(root / "experts" / e) for e in experts},
         "tokenizer": None,
-        "dtype": None,
+        "dtype": "float32",
     }
 
 
