@@ -268,7 +268,7 @@ def show(run_dir: Path, candidate_id: int, n_answers: int) -> None:
         from evomerge.answers import answers
 
         try:
-            table = answers(c, include, limit=n_answers).set_index(["task", "item"])
+            table = answers(c, include, limit=n_answers).set_index("task")
             print_frame(console, table, f"answers (the first {n_answers} items of each generative task)")
         except EvomergeError as e:  # the task's data is gone: the answers without their prompts
             console.print(f"answers: cannot read the tasks' items ({e})", markup=False, highlight=False)
