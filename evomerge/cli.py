@@ -16,8 +16,17 @@ from rich.console import Console
 
 from evomerge.errors import EvomergeError
 
-# Off a terminal (a file, a pipe, CI) rich would wrap tables at 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 200)
+
+def make_console(terminal: bool) -> Console:
+    """The console the commands print to. Off a terminal (a file, a pipe, CI, nohup) rich would wrap
+    tables at 80 columns and text lines mid-phrase: tables get 200 columns, a text line stays one line,
+    and nothing is coloured."""
+    if terminal:
+        return Console()
+    return Console(width=200, soft_wrap=True, no_color=True, color_system=None)
+
+
+console = make_console(sys.stdout.isatty())
 
 
 def fail(message: str) -> None:
@@ -64,13 +73,30 @@ def stoppable(run_dir: Path | None) -> Iterator[None]:
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
-    except (Interrupted, KeyboardInterrupt) as e:
-        name = str(e) or "SIGINT"
+    except BaseException as e:
+        # The handler's exception may surface wrapped: raised while Ray's compiled ray.wait runs, it
+        # comes out as "SystemError: <cyfunction CoreWorker.wait> returned a result with an exception set"
+        # with the Interrupted as its context.
+        stop = _interruption(e)
+        if stop is None:
+            raise
+        name = str(stop) or "SIGINT"
         where = f"; continue with `evomerge resume {run_dir}`" if run_dir else ""
         fail(f"stopped by {name}: every finished evaluation is stored, the workers are stopped{where}")
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def _interruption(e: BaseException | None) -> BaseException | None:
+    """The Interrupted (or KeyboardInterrupt) that ``e`` is or that caused it, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (Interrupted, KeyboardInterrupt)):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 @app.command()

@@ -155,3 +155,21 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: config: models")
     assert "Traceback" not in proc.stderr
+
+
+def test_output_to_a_file_has_no_colour_codes_and_keeps_lines_whole():
+    import io
+
+    from evomerge.cli import make_console
+    from evomerge.report import print_frame
+
+    console = make_console(terminal=False)
+    out = io.StringIO()
+    console.file = out
+    long = "best model picked on search values: " + "the front member with the best mean, " * 10 + "the end"
+    console.print(long)
+    console.print("[bold red]error[/] 2")
+    print_frame(console, __import__("pandas").DataFrame({"a": [1.5]}), "a table")
+    text = out.getvalue()
+    assert long + "\n" in text and "error 2\n" in text
+    assert "\x1b[" not in text

@@ -363,3 +363,21 @@ def test_a_run_folder_that_vanishes_mid_run_ends_in_one_line(tmp_path, models, r
         f"error: run folder {str(run)!r} vanished during the run (its store.sqlite is gone); "
         "what the run stored there is lost: start the run again"
     )
+
+
+def test_an_interrupt_wrapped_by_compiled_code_still_stops_cleanly(tmp_path):
+    """A signal handler's exception raised inside Ray's compiled ray.wait surfaces as a SystemError with
+    the Interrupted as its context: still the resume line and exit 2, not a traceback."""
+    from evomerge.cli import Interrupted, stoppable
+
+    def wrapped():
+        try:
+            raise Interrupted("SIGINT")
+        except Interrupted:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set")  # noqa: B904
+
+    with pytest.raises(SystemExit) as done, stoppable(tmp_path / "run"):
+        wrapped()
+    assert done.value.code == 2
+    with pytest.raises(SystemError), stoppable(tmp_path / "run"):  # a SystemError of its own goes on
+        raise SystemError("something else")
