@@ -21,7 +21,7 @@ from evomerge.gguf import convert_gguf, gguf_has_tokenizer
 from evomerge.hf import DTYPES, no_progress_bars, safetensors_header
 from evomerge.registry import Registry
 
-_SHAPE_KEYS = (
+SHAPE_KEYS = (  # what an expert must share with the base to be merged with it
     "hidden_size",
     "intermediate_size",
     "num_hidden_layers",
@@ -174,7 +174,7 @@ class ModelSet:
                 raise EvomergeError(
                     f"expert {name!r} is a {cfg.model_type!r} model, the base is {base.model_type!r}"
                 )
-            for key in _SHAPE_KEYS:
+            for key in SHAPE_KEYS:
                 a, b = getattr(cfg, key, None), getattr(base, key, None)
                 if a != b:
                     raise EvomergeError(

@@ -173,3 +173,54 @@ def test_output_to_a_file_has_no_colour_codes_and_keeps_lines_whole():
     text = out.getvalue()
     assert long + "\n" in text and "error 2\n" in text
     assert "\x1b[" not in text
+
+
+def _edited_copy(src, dst, **changes):
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("edit", "changes", "message"),
+    [
+        (
+            "a",
+            {"vocab_size": 53},
+            "expert 'a' has tensor shapes that differ from the base: vocab_size 53 vs 50",
+        ),
+        ("a", {"model_type": "mistral"}, "expert 'a' is a 'mistral' model, the base is 'llama'"),
+        (
+            "all",
+            {"model_type": "gemma3_text"},
+            "data-flow scales need a pre-norm decoder whose residual-output projections evomerge knows; "
+            "model_type 'gemma3_text' is not one",
+        ),
+    ],
+)
+def test_check_refuses_what_run_refuses_before_it_starts(tmp_path, models, edit, changes, message):
+    """What `evomerge run` would refuse once it read the models' configs, `evomerge check` refuses the same
+    way (the configs alone: nothing is loaded)."""
+    import json
+
+    folders = {k: models[k] for k in ("base", "a", "b")}
+    for name in folders if edit == "all" else [edit]:
+        folders[name] = _edited_copy(models[name], tmp_path / name, **changes)
+    vocab = json.loads((folders["base"] / "config.json").read_text())["vocab_size"]
+    message = message.replace("vs 50", f"vs {vocab}")
+    flow = {
+        "search_space": {
+            "name": "per_layer",
+            "data_flow": {"layers_from": ["merge", "a"], "scale": [0.5, 1.5]},
+        }
+    }
+    config = write_config(tmp_path, folders, **(flow if edit == "all" else {}))
+    outputs = {command: run_cli(command, config) for command in ("check", "run")}
+    for command, (code, err) in outputs.items():
+        assert code == 2 and err.startswith(f"error: {message}"), (command, err)
+    assert outputs["check"] == outputs["run"]
+    assert not (tmp_path / "run").exists()
