@@ -682,11 +682,11 @@ ANSWERS_SHOWN = 10  # items per generative task in the report's Answers section
 def answers_candidate(run: Run) -> int | None:
     """Whose answers the report shows: the best model's on the test split once the run has finished,
     else the best search candidate's so far; None when the run has no generative task."""
-    frame = run.candidates
     if not run.has_answers:
         return None
     summary = _summary(run)
     if summary:
+        frame = run.candidates
         tested = frame[(frame.kind == "test") & (frame.label == f"front:{summary['best_candidate']}")]
         if len(tested):
             return int(tested.index[0])

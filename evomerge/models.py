@@ -31,6 +31,23 @@ SHAPE_KEYS = (  # what an expert must share with the base to be merged with it
     "head_dim",
 )
 
+
+def check_mergeable(name: str, expert: Mapping[str, Any], base: Mapping[str, Any]) -> None:
+    """Refuse expert ``name`` whose model type differs from the base's, or whose tensor shapes
+    (``SHAPE_KEYS``, vocabulary included) do; a key either config leaves out is not compared. The configs
+    are config.json's keys (``evomerge check``) or a loaded config's attributes (a run's workers)."""
+    if expert.get("model_type") != base.get("model_type"):
+        raise EvomergeError(
+            f"expert {name!r} is a {expert.get('model_type')!r} model, the base is {base.get('model_type')!r}"
+        )
+    for key in SHAPE_KEYS:
+        a, b = expert.get(key), base.get(key)
+        if a is not None and b is not None and a != b:
+            raise EvomergeError(
+                f"expert {name!r} has tensor shapes that differ from the base: {key} {a} vs {b}"
+            )
+
+
 # How a reference that builds its model shows progress: "bar", "lines" (a line per step of a few
 # percent, for output that is not a terminal), True (a bar), or None/False (nothing).
 Progress = bool | str | None
@@ -167,19 +184,13 @@ class ModelSet:
         """Fail early, from configs alone, when an expert cannot be merged with the base or the tokenizer
         source has no tokenizer."""
         self._check_tokenizer_source()
-        base = self.config(self.base)
+
+        def facts(cfg: Any) -> dict[str, Any]:
+            return {key: getattr(cfg, key, None) for key in ("model_type", *SHAPE_KEYS)}
+
+        base = facts(self.config(self.base))
         for name, ref in self.experts.items():
-            cfg = self.config(ref)
-            if cfg.model_type != base.model_type:
-                raise EvomergeError(
-                    f"expert {name!r} is a {cfg.model_type!r} model, the base is {base.model_type!r}"
-                )
-            for key in SHAPE_KEYS:
-                a, b = getattr(cfg, key, None), getattr(base, key, None)
-                if a != b:
-                    raise EvomergeError(
-                        f"expert {name!r} has tensor shapes that differ from the base: {key} {a} vs {b}"
-                    )
+            check_mergeable(name, facts(self.config(ref)), base)
 
     def num_layers(self) -> int:
         return int(self.config(self.base).num_hidden_layers)

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from evomerge.config import DEPTH, RunConfig
 from evomerge.errors import EvomergeError, unknown
@@ -59,14 +60,15 @@ def check_run(
             f"search_space.layer_groups is {config.search_space.layer_groups} but the base model has "
             f"{depth} decoder layers; use at most {depth} groups"
         )
-    check_compatible(config)
+    base_config = local_config(config.models.base)
+    check_compatible(config, base_config)
     if depth is not None:
         from evomerge.algorithms import check_genes
         from evomerge.searchspace import SearchSpace
 
         space = SearchSpace(config.search_space, list(config.models.experts), depth)
         check_genes(config.algorithm.name, space.n_var, space.layout())
-        base_type = (local_config(config.models.base) or {}).get("model_type")
+        base_type = (base_config or {}).get("model_type")
         if space.flow is not None and space.flow.scaled and base_type:
             from evomerge.flow import scalable
 
@@ -78,28 +80,17 @@ def check_run(
     return plan_for(config, shapes, machine)
 
 
-def check_compatible(config: RunConfig) -> None:
-    """What ``ModelSet.check`` refuses when a run starts, from the config.json files readable here: an
-    expert of another model type, or whose tensor shapes (vocabulary included) differ from the base's."""
-    from evomerge.models import SHAPE_KEYS
+def check_compatible(config: RunConfig, base: dict[str, Any] | None) -> None:
+    """What ``ModelSet.check`` refuses when a run starts (``models.check_mergeable``), from the config.json
+    files readable here (``base``: the base's)."""
+    from evomerge.models import check_mergeable
 
-    base = local_config(config.models.base)
     if base is None:
         return
     for name, ref in config.models.experts.items():
         cfg = local_config(ref)
-        if cfg is None:
-            continue
-        if cfg.get("model_type") != base.get("model_type"):
-            raise EvomergeError(
-                f"expert {name!r} is a {cfg.get('model_type')!r} model, the base is {base.get('model_type')!r}"
-            )
-        for key in SHAPE_KEYS:
-            a, b = cfg.get(key), base.get(key)
-            if a is not None and b is not None and a != b:
-                raise EvomergeError(
-                    f"expert {name!r} has tensor shapes that differ from the base: {key} {a} vs {b}"
-                )
+        if cfg is not None:
+            check_mergeable(name, cfg, base)
 
 
 # What lm-eval's HF backend imports when a worker first evaluates; lm-eval itself requires none of them.

@@ -11,8 +11,9 @@ from evomerge.fitness.base import (
     make_fitness,
     select_backend,
 )
-from evomerge.fitness.lmeval import LmEvalFitness, catalog_tasks, check_tasks
+from evomerge.fitness.lmeval import LmEvalFitness, check_tasks
 from evomerge.fitness.python import PythonFitness
+from evomerge.fitness.tasks import catalog_tasks
 
 __all__ = [
     "BACKENDS",

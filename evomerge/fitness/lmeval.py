@@ -28,6 +28,7 @@ from evomerge.fitness.tasks import (
     BINARY_METRICS,
     Measure,
     catalog_tasks,
+    check_code_allowed,
     filters_of,
     higher_is_better,
     known_task,
@@ -36,6 +37,7 @@ from evomerge.fitness.tasks import (
     output_type,
     quiet,
     resolve_measure,
+    runs_code,
     task_measures,
 )
 
@@ -68,7 +70,6 @@ class TaskFacts:
     metrics: tuple[str, ...]
     filters: tuple[str, ...]
     higher_is_better: dict[str, bool]
-    output_type: str
     unsafe: bool
 
 
@@ -84,9 +85,7 @@ def _task_facts(name: str, split: str, include: tuple[str, ...], _stamp: int | N
     task = load_task(name, split, include)
     metrics = tuple(task.aggregation())
     better = {m: higher_is_better(task, m) for m in metrics}
-    return TaskFacts(
-        metrics, tuple(filters_of(task)), better, output_type(task), bool(getattr(task, "UNSAFE_CODE", False))
-    )
+    return TaskFacts(metrics, tuple(filters_of(task)), better, runs_code(task))
 
 
 def check_tasks(
@@ -113,11 +112,7 @@ def check_tasks(
 def _check_task(
     name: str, facts: TaskFacts, measure: Measure, objectives: Sequence[Any], options: Mapping[str, Any]
 ) -> None:
-    if facts.unsafe and not options.get("confirm_run_unsafe_code"):
-        raise EvomergeError(
-            f"fitness task {name!r} runs the code the model writes; allow it with "
-            "fitness.confirm_run_unsafe_code: true"
-        )
+    check_code_allowed(name, facts.unsafe, bool(options.get("confirm_run_unsafe_code")))
     for o in objectives:
         if o.of not in (name, "mean"):
             continue
@@ -189,7 +184,7 @@ class LmEvalFitness:
         quiet()
         self.tasks = list(tasks)
         self.include = tuple(str(p) for p in include)
-        self.catalog = catalog_tasks(self.include)
+        catalog_tasks(self.include)  # an include folder that is not there: refused before any split loads
         self.batch_size = batch_size
         self.max_length = max_length  # None: lm-eval's default, the model's context
         self.num_fewshot = num_fewshot  # None: each task's own
@@ -213,11 +208,7 @@ class LmEvalFitness:
             for name in self.tasks:
                 task = load_task(name, split, self.include)
                 measure = resolve_measure(name, metrics_of(task), filters_of(task), self.measures[name])
-                if getattr(task, "UNSAFE_CODE", False) and not self.confirm_run_unsafe_code:
-                    raise EvomergeError(
-                        f"fitness task {name!r} runs the code the model writes; allow it with "
-                        "fitness.confirm_run_unsafe_code: true"
-                    )
+                check_code_allowed(name, runs_code(task), self.confirm_run_unsafe_code)
                 if self.num_fewshot is not None:
                     task.set_config("num_fewshot", self.num_fewshot)
                 if self.max_gen_toks is not None and output_type(task) == GENERATIVE:
@@ -357,4 +348,4 @@ def _plain(score: Any) -> Any:
         return str(score)
 
 
-__all__ = ["LmEvalFitness", "catalog_tasks", "check_tasks", "filters_of"]
+__all__ = ["LmEvalFitness", "check_tasks"]

@@ -266,6 +266,19 @@ def resolve_measure(name: str, metrics: Sequence[str], filters: Sequence[str], m
     return Measure(measure.metric or metrics[0], measure.filter or filters[0])
 
 
+def runs_code(task: Any) -> bool:
+    """Whether the task executes what the model writes (lm-eval's unsafe_code: MBPP, HumanEval)."""
+    return bool(getattr(task, "UNSAFE_CODE", False))
+
+
+def check_code_allowed(name: str, runs: bool, allowed: bool) -> None:
+    if runs and not allowed:
+        raise EvomergeError(
+            f"fitness task {name!r} runs the code the model writes; allow it with "
+            "fitness.confirm_run_unsafe_code: true"
+        )
+
+
 def higher_is_better(task: Any, metric: str) -> bool:
     return bool(task.higher_is_better().get(metric, True))
 

@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 TASKS = ["zoo_gsm8k", "zoo_script_gen", "zoo_reversal_gen"]
@@ -150,8 +151,6 @@ def main() -> None:
 
     # a candidate's time on a worker: merge, then evaluate (random genomes, as a search's first generation)
     merge_s, eval_s = [], []
-    import numpy as np
-
     rng = np.random.default_rng(0)
     for _ in range(args.repeat):
         recipe = space.decode(rng.random(space.n_var).tolist())
