@@ -5,16 +5,43 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import click
-from rich.console import Console
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-from evomerge.errors import EvomergeError
+
+def _nothing_stored(name: str) -> str:
+    """The line for a command stopped before it stored anything: the same command, run again."""
+    command = shlex.join(["evomerge", *sys.argv[1:]])
+    return f"stopped by {name} before anything was stored; run `{command}` again"
+
+
+def _stopped_early(signum: int, frame: object) -> None:
+    """SIGINT or SIGTERM while the program starts, before a command reaches its work (see stoppable):
+    one line and exit code 2 at once; the SystemExit passes through the import or click call under way.
+    Written without rich or fail(), which may not be imported yet."""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    sys.stderr.write(f"error: {_nothing_stored(signal.Signals(signum).name)}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)
+
+
+# Started as the program (the `evomerge` script, `python -m evomerge.cli`), not imported: a Ctrl-C from
+# the very start ends in one line, never a KeyboardInterrupt traceback or click's "Aborted!".
+if __name__ == "__main__" or Path(sys.argv[0]).name == "evomerge":
+    for _s in SIGNALS:
+        signal.signal(_s, _stopped_early)
+
+import click  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from evomerge.errors import EvomergeError  # noqa: E402
 
 
 def make_console(terminal: bool) -> Console:
@@ -70,7 +97,7 @@ def stoppable(run_dir: Path | None) -> Iterator[None]:
     def handler(signum: int, frame: object) -> None:
         raise Interrupted(signal.Signals(signum).name)
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, handler) for s in SIGNALS}
     try:
         yield
     except BaseException as e:
@@ -80,12 +107,26 @@ def stoppable(run_dir: Path | None) -> Iterator[None]:
         stop = _interruption(e)
         if stop is None:
             raise
-        name = str(stop) or "SIGINT"
-        where = f"; continue with `evomerge resume {run_dir}`" if run_dir else ""
-        fail(f"stopped by {name}: every finished evaluation is stored, the workers are stopped{where}")
+        for s in SIGNALS:  # a second signal does not cut the line short
+            signal.signal(s, signal.SIG_IGN)
+        fail(_stopped(str(stop) or "SIGINT", run_dir))
     finally:
+        # The program ends after its stoppable part, its result or its line out: a signal while Ray stops
+        # changes nothing (left to Python, a late one would kill it by signal). Imported, the handlers
+        # that were there come back.
         for s, h in old.items():
-            signal.signal(s, h)
+            signal.signal(s, signal.SIG_IGN if h is _stopped_early else h)
+
+
+def _stopped(name: str, run_dir: Path | None) -> str:
+    """The line for a run stopped by signal ``name``: how to continue it, or, where its store was not
+    made yet (Ray starting, models loading), that nothing was stored and the command can run again."""
+    from evomerge.runfolder import RunFolder
+
+    if run_dir is not None and not RunFolder(run_dir).exists():
+        return _nothing_stored(name)
+    where = f"; continue with `evomerge resume {run_dir}`" if run_dir else ""
+    return f"stopped by {name}: every finished evaluation is stored, the workers are stopped{where}"
 
 
 def _interruption(e: BaseException | None) -> BaseException | None:
@@ -130,14 +171,16 @@ def check(config: Path, out: Path | None) -> None:
     """Check a config and everything a run of it needs that can be checked without loading weights,
     and print the memory plan."""
     from evomerge.config import load_config
-    from evomerge.preflight import check_run
+    from evomerge.preflight import check_run, compatibility
     from evomerge.report import print_lines
 
     try:
         cfg = load_config(config, out=str(out) if out else None)
         found = check_run(cfg, cfg.out)
+        report = compatibility(cfg)
     except EvomergeError as e:
         fail(str(e))
+    print_lines(console, report)
     print_lines(console, found.lines() if found is not None else [])
     console.print(f"{config}: ok (run folder {cfg.out})")
 

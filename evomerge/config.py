@@ -28,6 +28,11 @@ class ModelsConfig(_Frozen):
         None,
         description="the compute dtype workers load and merge in (default: bfloat16 on cuda, float32 on cpu)",
     )
+    vocab: Literal["base", "union"] = Field(
+        "base",
+        description="tokens experts added to the base's vocabulary: left out (base: the base's tokenizer "
+        "and rows) or kept (union: the base's tokenizer with them appended, each added row the expert's)",
+    )
 
 
 class ZooConfig(_Frozen):
@@ -53,7 +58,17 @@ class FitnessConfig(_Frozen):
     items: int | None = Field(
         None, ge=1, description="items per task per candidate on the search split (all if null)"
     )
-    batch_size: int = Field(64, ge=1)
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="sequences per lm-eval batch; default: on a GPU the memory plan picks the largest, up to "
+        "64, whose activations fit beside the merge state; elsewhere 64",
+    )
+    memory: str | None = Field(
+        None,
+        description="device memory a Python fitness (fitness.function) uses per worker, e.g. 6GiB: what the "
+        "memory plan reserves for it (default: 2GiB)",
+    )
     max_length: int | None = Field(
         None,
         ge=1,
@@ -94,11 +109,31 @@ class FitnessConfig(_Frozen):
             raise ValueError(f"must be a positive number of seconds, auto or none; got {v}")
         return None if v == "none" else v
 
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _a_size(cls, v: Any) -> Any:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)  # a number of bytes
+        if isinstance(v, str):
+            from evomerge.plan import parse_bytes
+
+            try:
+                parse_bytes(v, "fitness.memory")
+            except EvomergeError:
+                shown = repr(v) if len(v) <= 40 else repr(v[:37] + "...")
+                raise ValueError(f"{shown} is not a size; write e.g. 6GiB, 6GB or 512MiB") from None
+        return v
+
     @model_validator(mode="after")
     def _multiturn_needs_chat(self) -> FitnessConfig:
         if self.fewshot_as_multiturn and not self.apply_chat_template:
             raise EvomergeError(
                 "fewshot_as_multiturn needs apply_chat_template: true (the turns are chat turns)"
+            )
+        if self.memory is not None and self.tasks:
+            raise EvomergeError(
+                "memory is what a Python fitness (function) declares; lm-eval's memory is planned from "
+                "batch_size and max_length: remove memory"
             )
         return self
 
@@ -203,8 +238,10 @@ class RunConfig(_Frozen):
     objectives: tuple[ObjectiveConfig, ...] = (ObjectiveConfig(name="mean_accuracy"),)
     algorithm: AlgorithmConfig = AlgorithmConfig()
     seed: int = Field(0, ge=0, lt=2**32, description="0 to 2**32 - 1 (numpy's range)")
-    workers: int | Literal["auto"] = Field(
-        2, description="Ray workers, or auto: as many as the GPUs (or CPU cores) and the memory plan allow"
+    workers: int | Literal["auto"] | None = Field(
+        None,
+        description="Ray workers, or auto: as many as the GPUs (or CPU cores) and the memory plan allow; "
+        "default: auto on a GPU, 2 on a CPU",
     )
     device: str = Field(
         "auto",
@@ -219,7 +256,8 @@ class RunConfig(_Frozen):
         None,
         gt=0,
         description="GPUs Ray gives each worker (0.5: two workers share a GPU; an integer above 1 spreads a "
-        "worker's model over that many GPUs); default: 1 on cuda",
+        "worker's model over that many GPUs); default on cuda: 1, or the fewest whole GPUs that hold a "
+        "worker where one does not (the memory plan's choice)",
     )
     retries: int = Field(1, ge=0, description="re-evaluations on another worker before a candidate fails")
     threads_per_worker: int = Field(1, ge=1)

@@ -234,15 +234,23 @@ def export_candidate(
     docs = to_mergekit_stages(
         recipe,
         models["base"],
-        models["experts"],
+        mergekit_experts(models["base"], models["experts"]),
         dtype=models.get("dtype", "float32"),
-        tokenizer=models.get("tokenizer"),
+        tokenizer="union" if models.get("vocab") == "union" else models.get("tokenizer"),
     )
     kind = "mergekit" if len(docs) == 1 else "mergekit-multi"
     path = _target(out, run_dir / "exports" / f"candidate-{candidate_id}.{kind}.yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     return path
+
+
+def mergekit_experts(base: str, experts: Mapping[str, str]) -> dict[str, str]:
+    """The experts as mergekit names them: a PEFT adapter as ``<base>+<adapter>`` (mergekit applies it
+    to the base with PEFT's merge_and_unload, as evomerge does), a model as its path or hub id."""
+    from evomerge.adapters import is_adapter
+
+    return {name: f"{base}+{ref}" if is_adapter(ref) else ref for name, ref in experts.items()}
 
 
 def export_model(run_dir: str | Path, candidate_id: int, out: str | Path | None = None) -> Path:

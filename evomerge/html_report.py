@@ -158,7 +158,15 @@ def section_what_ran(run: Run, status: str) -> str:
         ),
         *(("objective", _objective_text(o)) for o in run.objectives),
         ("seed", cfg["seed"]),
-        ("workers", f"{cfg['workers']} configured, {workers} seen in the store"),
+        (
+            "workers",
+            (
+                f"{cfg['workers']} configured"
+                if cfg.get("workers") is not None
+                else "unset (auto on a GPU, 2 on a CPU)"
+            )
+            + f", {workers} seen in the store",
+        ),
         ("search wall time", duration(wall_seconds(run))),
         (
             "search candidates",

@@ -9,17 +9,19 @@ once into a cached HF folder, :mod:`evomerge.gguf`) or ``<prefix>:<name>`` for a
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from evomerge.adapters import Adapter, apply_adapter, is_adapter
 from evomerge.errors import EvomergeError
 from evomerge.gguf import convert_gguf, gguf_has_tokenizer
 from evomerge.hf import DTYPES, no_progress_bars, safetensors_header
 from evomerge.registry import Registry
+from evomerge.vocab import AlignedVocab, Alignment, Vocab, align, extend_base, union_tokenizer, vocab_names
 
 SHAPE_KEYS = (  # what an expert must share with the base to be merged with it
     "hidden_size",
@@ -27,15 +29,14 @@ SHAPE_KEYS = (  # what an expert must share with the base to be merged with it
     "num_hidden_layers",
     "num_attention_heads",
     "num_key_value_heads",
-    "vocab_size",
     "head_dim",
-)
+)  # the vocabulary may differ: evomerge.vocab matches rows by token
 
 
 def check_mergeable(name: str, expert: Mapping[str, Any], base: Mapping[str, Any]) -> None:
     """Refuse expert ``name`` whose model type differs from the base's, or whose tensor shapes
-    (``SHAPE_KEYS``, vocabulary included) do; a key either config leaves out is not compared. The configs
-    are config.json's keys (``evomerge check``) or a loaded config's attributes (a run's workers)."""
+    (``SHAPE_KEYS``) do; a key either config leaves out is not compared. The configs are config.json's
+    keys (``evomerge check``) or a loaded config's attributes (a run's workers)."""
     if expert.get("model_type") != base.get("model_type"):
         raise EvomergeError(
             f"expert {name!r} is a {expert.get('model_type')!r} model, the base is {base.get('model_type')!r}"
@@ -47,6 +48,9 @@ def check_mergeable(name: str, expert: Mapping[str, Any], base: Mapping[str, Any
                 f"expert {name!r} has tensor shapes that differ from the base: {key} {a} vs {b}"
             )
 
+
+# Files one of which a folder holding a tokenizer has (fast, sentencepiece, BPE vocabulary).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 # How a reference that builds its model shows progress: "bar", "lines" (a line per step of a few
 # percent, for output that is not a terminal), True (a bar), or None/False (nothing).
@@ -121,6 +125,7 @@ class ModelSet:
     experts: dict[str, str]
     tokenizer: str | None = None
     dtype: str = "float32"
+    vocab: str = "base"  # experts' added tokens: left out (base) or kept (union); evomerge.vocab
     _: KW_ONLY
     # Where references build what they build (zoos, GGUF conversions); None: the user cache.
     cache_dir: Path | None = None
@@ -129,6 +134,8 @@ class ModelSet:
     progress: Progress = True
     announce: Callable[[str], None] | None = None
     _resolved: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    _alignment: Alignment | None = field(default=None, init=False, repr=False)
+    _vocab_names: list[str] | None = field(default=None, init=False, repr=False)
 
     def resolve(self, ref: str) -> str:
         """A local folder path or a hub id for ``ref``; local folders must exist."""
@@ -142,8 +149,11 @@ class ModelSet:
         else:
             path = Path(ref).expanduser()
             if path.is_dir():
-                if not (path / "config.json").is_file():
-                    raise EvomergeError(f"model folder {ref!r} has no config.json (not a saved HF model)")
+                if not (path / "config.json").is_file() and not is_adapter(path):
+                    raise EvomergeError(
+                        f"model folder {ref!r} has neither a config.json (a saved HF model) nor an "
+                        "adapter_config.json (a PEFT adapter)"
+                    )
                 out = str(path)
             elif looks_local(ref):
                 raise EvomergeError(f"model folder {ref!r} does not exist")
@@ -172,9 +182,20 @@ class ModelSet:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    def adapter(self, ref: str) -> Adapter | None:
+        """The PEFT adapter ``ref`` names (an expert), or None for a model."""
+        path = self.resolve(ref)
+        if not is_adapter(path):
+            return None
+        name = next((k for k, v in self.experts.items() if v == ref), ref)
+        return Adapter.read(name, path)
+
     def config(self, ref: str):
+        """The model config of ``ref`` (an adapter's: its base's)."""
         from transformers import AutoConfig
 
+        if self.adapter(ref) is not None:
+            ref = self.base
         try:
             return AutoConfig.from_pretrained(self.resolve(ref))
         except (OSError, ValueError) as e:
@@ -190,17 +211,67 @@ class ModelSet:
 
         base = facts(self.config(self.base))
         for name, ref in self.experts.items():
-            check_mergeable(name, facts(self.config(ref)), base)
+            adapter = self.adapter(ref)
+            if adapter is None:
+                check_mergeable(name, facts(self.config(ref)), base)
+                continue
+            adapter.check_base(name, self.base, self.resolve(self.base))
+            files = sorted(Path(self.resolve(self.base)).glob("*.safetensors"))
+            adapter.check_shapes(name, {k: v for f in files for k, v in safetensors_header(f).items()})
+        self.alignment()
+
+    # --- vocabularies --------------------------------------------------------------------------------------
+    def _vocab_of(self, ref: str) -> Vocab:
+        """``ref``'s tokenizer vocabulary (None where its folder holds no tokenizer) and embedding rows."""
+        from transformers import AutoTokenizer
+
+        adapter = self.adapter(ref) if ref != self.base else None
+        rows = (adapter.embedding_rows() if adapter else None) or getattr(
+            self.config(ref).get_text_config(decoder=True), "vocab_size", None
+        )
+        path = Path(self.resolve(self.tokenizer or ref) if ref == self.base else self.resolve(ref))
+        tokens = None
+        # a folder without tokenizer files (an adapter, a bare checkpoint) uses the base's; a hub id is asked
+        if not path.is_dir() or any((path / f).is_file() for f in TOKENIZER_FILES):
+            try:
+                tokens = dict(AutoTokenizer.from_pretrained(path).get_vocab())
+            except (OSError, ValueError, TypeError):
+                tokens = None
+        return Vocab(tokens, int(rows or len(tokens or ())))
+
+    def alignment(self) -> Alignment:
+        """How the experts' vocabulary rows map onto the merged model's (``models.vocab``); refuses
+        experts whose tokenizers disagree with the base's on shared tokens."""
+        if self._alignment is None:
+            base = self._vocab_of(self.base)
+            experts = {name: self._vocab_of(ref) for name, ref in self.experts.items()}
+            self._alignment = align(self.vocab, base, experts)
+        return self._alignment
 
     def num_layers(self) -> int:
         return int(self.config(self.base).num_hidden_layers)
 
     def load_model(self, ref: str | None = None, device: str | None = None) -> torch.nn.Module:
-        """A model (the base by default) in the compute dtype, loaded straight onto ``device`` (None or
-        cpu: host memory; ``cuda``: one GPU; ``auto``: spread over the visible GPUs)."""
+        """A model in the compute dtype, loaded straight onto ``device`` (None or cpu: host memory;
+        ``cuda``: one GPU; ``auto``: spread over the visible GPUs). The base (the default) comes with the
+        merged vocabulary's rows (``alignment``); an adapter expert as its base with the adapter merged in."""
+        if ref is None or ref == self.base:
+            model = self._load(self.base, device)
+            self._vocab_names = vocab_names(model)
+            alignment = self.alignment()
+            if alignment.changes_base:
+                adders = {e for pairs in alignment.added.values() for e, _ in pairs}
+                names = model.state_dict()
+                extend_base(model, alignment, {e: self._expert_tensors(e, names) for e in adders})
+            return model
+        adapter = self.adapter(ref)
+        if adapter is not None:
+            return apply_adapter(self._load(self.base, device), adapter)
+        return self._load(ref, device)
+
+    def _load(self, ref: str, device: str | None) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        ref = ref or self.base
         place = {} if device in (None, "cpu") else {"device_map": device}
         try:
             with no_progress_bars():
@@ -212,23 +283,56 @@ class ModelSet:
         return model.eval()
 
     def load_tokenizer(self):
-        from transformers import AutoTokenizer
-
+        """The merged model's tokenizer: the tokenizer source's, with the experts' added tokens for
+        ``vocab: union``."""
         self._check_tokenizer_source()
-        ref = self.tokenizer or self.base
-        try:
-            tok = AutoTokenizer.from_pretrained(self.resolve(ref))
-        except (OSError, ValueError) as e:
-            raise EvomergeError(f"cannot load tokenizer {ref!r}: {str(e).splitlines()[0]}") from None
+        tok = self._tokenizer(self.tokenizer or self.base)
+        alignment = self.alignment()
+        if alignment.token_ids:
+            experts = {name: self._tokenizer(ref, missing_ok=True) for name, ref in self.experts.items()}
+            tok = union_tokenizer(tok, experts, alignment)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok
 
-    def expert_state_dicts(self, names: Collection[str] = ()) -> Mapping[str, Mapping[str, torch.Tensor]]:
+    def _tokenizer(self, ref: str, missing_ok: bool = False):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.resolve(ref))
+        except (OSError, ValueError, TypeError) as e:
+            if missing_ok:
+                return None
+            raise EvomergeError(f"cannot load tokenizer {ref!r}: {str(e).splitlines()[0]}") from None
+
+    def expert_state_dicts(
+        self, base: Mapping[str, torch.Tensor] | None = None
+    ) -> Mapping[str, Mapping[str, torch.Tensor]]:
         """Experts' state dicts, each loaded when read (one expert in memory at a time). An expert saved
-        as safetensors whose tensor names are among ``names`` (the base model's state dict) is read
-        tensor by tensor as it is stored, without building a model; others load as models."""
-        return _LazyStateDicts(self, frozenset(names))
+        as safetensors whose tensor names are among ``base``'s (the base model's state dict, as
+        ``load_model`` gives it) is read tensor by tensor as it is stored, without building a model;
+        others load as models, adapters as the base with the adapter merged in. Vocabulary tensors come
+        re-indexed to the base's rows (``alignment``)."""
+        return _LazyStateDicts(self, base or {})
+
+    def vocab_names(self, base: Mapping[str, torch.Tensor]) -> list[str]:
+        """The names of the base's tensors indexed by token (embeddings, lm_head): as ``load_model`` found
+        them, else those of the merged rows whose names say embedding or head."""
+        if self._vocab_names is not None:
+            return self._vocab_names
+        rows = self.alignment().rows
+        hints = ("embed", "lm_head", "wte", "output")
+        return [n for n, t in base.items() if t.ndim and t.shape[0] == rows and any(h in n for h in hints)]
+
+    def _expert_tensors(self, name: str, base: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """Expert ``name``'s tensors as stored (or its model's state dict); ``base`` gives the names."""
+        ref = self.experts[name]
+        files = sorted(Path(self.resolve(ref)).glob("*.safetensors"))
+        if files and base and self.adapter(ref) is None:
+            tensors = SafetensorsDict(files)
+            if set(tensors) <= set(base):  # stored under the model's own names (no key conversion)
+                return tensors
+        return self.load_model(ref).state_dict()
 
 
 class SafetensorsDict(Mapping):
@@ -256,18 +360,16 @@ class SafetensorsDict(Mapping):
 
 
 class _LazyStateDicts(Mapping):
-    def __init__(self, models: ModelSet, names: frozenset[str]):
+    def __init__(self, models: ModelSet, base: Mapping[str, torch.Tensor]):
         self.models = models
-        self.names = names
+        self.base = base
 
     def __getitem__(self, name: str) -> Mapping[str, torch.Tensor]:
-        ref = self.models.experts[name]
-        files = sorted(Path(self.models.resolve(ref)).glob("*.safetensors"))
-        if files and self.names:
-            tensors = SafetensorsDict(files)
-            if set(tensors) <= self.names:  # stored under the model's own names (no key conversion)
-                return tensors
-        return self.models.load_model(ref).state_dict()
+        tensors = self.models._expert_tensors(name, self.base)
+        index = self.models.alignment().sources[name]
+        if index is None or not self.base:
+            return tensors
+        return AlignedVocab(tensors, index, self.base, self.models.vocab_names(self.base))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.models.experts)

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from evomerge.config import DEPTH, RunConfig
 from evomerge.errors import EvomergeError, unknown
@@ -27,8 +27,12 @@ from evomerge.plan import (
     check_loadable,
     local_config,
     model_shape,
+    parse_bytes,
     plan,
 )
+
+if TYPE_CHECKING:
+    from evomerge.models import ModelSet
 
 # Bytes the store takes per stored evaluation (genome, recipe, per-item responses, SQLite overhead), a
 # generous figure: the demo's store holds about 4 KiB per candidate.
@@ -81,16 +85,37 @@ def check_run(
 
 
 def check_compatible(config: RunConfig, base: dict[str, Any] | None) -> None:
-    """What ``ModelSet.check`` refuses when a run starts (``models.check_mergeable``), from the config.json
-    files readable here (``base``: the base's)."""
+    """What ``ModelSet.check`` refuses when a run starts, with its messages: where every model is a local
+    folder, that check itself (model types, shapes, adapters' bases, tokenizers); else what the
+    config.json files readable here show (``base``: the base's; ``models.check_mergeable``)."""
     from evomerge.models import check_mergeable
 
-    if base is None:
-        return
-    for name, ref in config.models.experts.items():
-        cfg = local_config(ref)
-        if cfg is not None:
-            check_mergeable(name, cfg, base)
+    models = local_models(config)
+    if models is not None:
+        models.check()
+    elif base is not None:
+        for name, ref in config.models.experts.items():
+            cfg = local_config(ref)
+            if cfg is not None:
+                check_mergeable(name, cfg, base)
+
+
+def local_models(config: RunConfig) -> ModelSet | None:
+    """The run's ModelSet where every model (and the tokenizer) is a local folder, else None: a hub id
+    or a ``<prefix>:<name>`` reference is read only when the run loads it."""
+    from evomerge.models import ModelSet
+
+    m = config.models
+    if all(_folder(ref) for ref in (m.base, *m.experts.values(), *([m.tokenizer] if m.tokenizer else []))):
+        return ModelSet(m.base, dict(m.experts), m.tokenizer, vocab=m.vocab)
+    return None
+
+
+def _folder(ref: str) -> bool:
+    """A plain local folder (not a ``<prefix>:<name>`` reference, which may build its model)."""
+    from evomerge.models import split_reference
+
+    return split_reference(ref) is None and Path(ref).expanduser().is_dir()
 
 
 # What lm-eval's HF backend imports when a worker first evaluates; lm-eval itself requires none of them.
@@ -123,8 +148,15 @@ def check_reference(role: str, ref: str) -> None:
             raise EvomergeError(f"{role}: GGUF file {ref!r} does not exist")
         return
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise EvomergeError(f"{role}: model folder {ref!r} has no config.json (not a saved HF model)")
+        from evomerge.adapters import is_adapter
+
+        if not (path / "config.json").is_file() and not (role.startswith("expert") and is_adapter(path)):
+            raise EvomergeError(
+                f"{role}: model folder {ref!r} has neither a config.json (a saved HF model) nor an "
+                "adapter_config.json (a PEFT adapter)"
+                if role.startswith("expert")
+                else f"{role}: model folder {ref!r} has no config.json (not a saved HF model)"
+            )
     elif looks_local(ref):
         raise EvomergeError(f"{role}: model folder {ref!r} does not exist")
 
@@ -178,7 +210,7 @@ def compute_dtype(config: RunConfig, device: str) -> str:
 
 def gpus_per_worker(config: RunConfig, device: str) -> float:
     """GPUs each worker asks Ray for: none on cpu or on a fixed ``cuda:N`` (every worker uses that GPU),
-    else gpus_per_worker (default 1)."""
+    else gpus_per_worker (default 1; the memory plan, where there is one, chooses the fewest that fit)."""
     if device == "cuda":
         return config.gpus_per_worker or 1.0
     if device.startswith("cuda:") and config.gpus_per_worker:
@@ -189,6 +221,17 @@ def gpus_per_worker(config: RunConfig, device: str) -> float:
     return 0.0
 
 
+# workers unset on a CPU: the count runs had before the plan chose it (a GPU's: as many as fit).
+CPU_WORKERS = 2
+
+
+def workers_wanted(config: RunConfig, device: str) -> int | Literal["auto"]:
+    """``workers`` as set; unset: auto on a GPU (as many as the memory plan fits), CPU_WORKERS on a CPU."""
+    if config.workers is not None:
+        return config.workers
+    return "auto" if device.startswith("cuda") else CPU_WORKERS
+
+
 def model_shapes(config: RunConfig) -> dict[str, ModelShape | None]:
     """Each model reference checked (``check_reference``) and, for the base and the experts, its shape
     from safetensors headers or config.json (None where neither can be read offline); a quantized
@@ -197,8 +240,13 @@ def model_shapes(config: RunConfig) -> dict[str, ModelShape | None]:
     if config.models.tokenizer:
         check_reference("tokenizer", config.models.tokenizer)
     shapes = {}
+    from evomerge.adapters import is_adapter
+
     for role, ref in refs.items():
         check_reference(role, ref)
+        if role != "base" and _folder(ref) and is_adapter(ref):  # the base's shape, once applied
+            shapes[role] = None
+            continue
         shape = shapes[role] = model_shape(ref)
         if shape is not None:
             check_loadable(role, ref, shape)
@@ -235,17 +283,21 @@ def plan_for(
             f"gpus_per_worker is {g:g} but {machine.described} has {len(machine.gpus)} GPU(s); "
             f"use at most {len(machine.gpus)}"
         )
+    fitness = config.fitness
+    workers = workers_wanted(config, device)
     return plan(
         base,
         dtype,
         len(config.models.experts),
         machine,
-        gpus_per_worker=g,
+        gpus_per_worker=None if device == "cuda" and config.gpus_per_worker is None else g,
         threads=config.threads_per_worker,
-        workers=None if config.workers == "auto" else config.workers,
+        workers=None if workers == "auto" else workers,
         placement=config.placement,
-        batch_size=config.fitness.batch_size,
-        max_length=config.fitness.max_length,
+        batch_size=fitness.batch_size,
+        max_length=fitness.max_length,
+        python=fitness.function is not None,
+        fitness_memory=parse_bytes(fitness.memory, "fitness.memory") if fitness.memory else None,
         sketches=uses_sketches(config.search_space.methods),
         cache_models=subspace_cache(config.search_space.methods, len(config.models.experts))
         + held_models(config) * DTYPE_BYTES[dtype] / 4,
@@ -324,3 +376,86 @@ def disk_full(e: BaseException) -> bool:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     return "database or disk is full" in str(e)
+
+
+# --- the compatibility report (`evomerge check`) --------------------------------------------------------
+
+
+def _rope(cfg: dict[str, Any]) -> str:
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", cfg.get("rope_theta"))
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    return f"{kind} {theta:g}" if isinstance(theta, (int, float)) else str(kind)
+
+
+def _facts(cfg: dict[str, Any]) -> dict[str, Any]:
+    text = cfg.get("text_config") or cfg
+    return {
+        "type": cfg.get("model_type"),
+        "hidden": text.get("hidden_size"),
+        "layers": text.get("num_hidden_layers"),
+        "rows": text.get("vocab_size"),
+        "rope": _rope(text),
+        "tied": cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", True)),
+        "dtype": cfg.get("dtype") or cfg.get("torch_dtype"),
+    }
+
+
+def compatibility(config: RunConfig) -> list[str]:
+    """Each expert against the base (architecture, hidden size, layers, embedding rows, tokenizer, rope,
+    tied embeddings, stored dtype) and what evomerge does with each difference, as a table. Tokenizers
+    are compared where every model is a local folder (``local_models``), else shown as ?."""
+    import pandas as pd
+
+    from evomerge.vocab import check_vocab
+
+    m = config.models
+    models = local_models(config)
+    dtype = compute_dtype(config, resolve_device(config))
+    base_cfg = local_config(m.base)
+    if base_cfg is None:
+        return [
+            "compatibility: the base's config.json cannot be read offline; the run checks it when it loads"
+        ]
+    base = _facts(base_cfg)
+    base_vocab = models._vocab_of(m.base) if models is not None else None
+    shown = {k: "?" if v is None else str(v) for k, v in base.items()}
+    rows = [{"model": "base", "kind": "model", **shown, "tokenizer": "", "evomerge": ""}]
+    for name, ref in m.experts.items():
+        adapter = models.adapter(ref) if models is not None else None
+        cfg = base_cfg if adapter is not None else local_config(ref)
+        row: dict[str, Any] = {"model": name, "kind": adapter.describe() if adapter else "model"}
+        facts = _facts(cfg) if cfg is not None else {}
+        for key, want in base.items():
+            have = facts.get(key)
+            row[key] = "?" if cfg is None else "same" if have == want else str(have)
+        will = []
+        if adapter is not None:
+            will.append("apply to the base in memory (PEFT merge_and_unload)")
+            row["rows"] = str(adapter.embedding_rows() or "same")
+        row["tokenizer"] = "?"
+        if models is not None and base_vocab is not None:
+            mine = models._vocab_of(ref)
+            added = check_vocab(name, base_vocab, mine, m.vocab)
+            if mine.tokens is None:
+                row["tokenizer"] = "none (the base's)"
+            else:
+                row["tokenizer"] = f"+{len(added)} tokens" if added else "same ids"
+            if added:
+                verb = "append" if m.vocab == "union" else "leave out"
+                will.append(f"{verb} its {len(added)} added tokens (models.vocab: {m.vocab})")
+            elif mine.rows != base_vocab.rows:
+                will.append(f"match its {mine.rows} rows to the base's {base_vocab.rows} by token")
+        if row.get("rope") not in ("same", "?"):
+            will.append("keep the base's rope settings")
+        if row.get("tied") not in ("same", "?"):
+            will.append("keep the base's " + ("tied" if base["tied"] else "separate") + " output embedding")
+        if row.get("dtype") not in ("same", "?", "None"):
+            will.append(f"load in {dtype}")
+        row["evomerge"] = "; ".join(will) or ("merge as it is" if cfg is not None else "checked when loaded")
+        rows.append(row)
+    table = pd.DataFrame(rows).rename(columns={"evomerge": "evomerge will"})
+    return [
+        "compatibility with the base",
+        *(line.rstrip() for line in table.to_string(index=False).splitlines()),
+    ]

@@ -191,12 +191,27 @@ class RunFolder:
         self.require()
         return Store(self.store_path, readonly=readonly)
 
-    def create_store(self) -> Store:
-        """The store of a new run (the folder is made)."""
+    def create_store(self, **meta: Any) -> Store:
+        """The store of a new run, holding ``meta`` (RunMeta fields; the folder is made). It appears whole:
+        made under a temporary name and renamed into place, so a run stopped while its store is made
+        leaves none behind (a store without the run's config could not be resumed, yet would refuse a new
+        run in this folder)."""
         self.check_new()
-        store = Store(self.store_path)
-        store.set_meta("store_version", VERSION)
-        return store
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{STORE}-", dir=self.path)
+        os.close(fd)
+        try:
+            store = Store(tmp)
+            try:
+                store.set_meta("store_version", VERSION)
+                RunMeta(store).update(**meta)
+            finally:
+                store.close()  # the last connection: SQLite folds the write-ahead log into the file
+            os.replace(tmp, self.store_path)
+        finally:
+            for leftover in (tmp, f"{tmp}-wal", f"{tmp}-shm"):
+                Path(leftover).unlink(missing_ok=True)
+        return Store(self.store_path)
 
     def write_text(self, name: str, text: str) -> Path:
         """Write ``name`` in the run folder whole or not at all."""

@@ -54,7 +54,7 @@ RESUMABLE = (
     "placement",
     "gpus_per_worker",
 )
-RESUMABLE_FITNESS = ("timeout",)
+RESUMABLE_FITNESS = ("timeout", "batch_size")  # batch_size: unset, the memory plan's for the machine
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -157,7 +157,7 @@ class Search:
             and "pop_size" not in config.algorithm.model_fields_set
         ):
             # a surrogate proposes one candidate per worker at a time, recorded with the run
-            workers = self.plan.workers if self.plan else config.workers
+            workers = self.plan.workers if self.plan else preflight.workers_wanted(config, self.device)
             batch = workers if isinstance(workers, int) else 2  # auto on a cluster: known only later
             config = config.model_copy(
                 update={"algorithm": config.algorithm.model_copy(update={"pop_size": batch})}
@@ -175,6 +175,7 @@ class Search:
                 dict(config.models.experts),
                 config.models.tokenizer,
                 config.models.dtype,
+                config.models.vocab,
                 cache_dir=config.zoo.cache_dir,
                 progress=report.progress_mode(console),
                 announce=None if console is None else console.print,
@@ -200,23 +201,28 @@ class Search:
             "experts": {k: m.resolve(v) for k, v in m.experts.items()},
             "tokenizer": m.resolve(m.tokenizer) if m.tokenizer else None,
             "dtype": m.dtype,
+            "vocab": m.vocab,
         }
 
     def _where(self) -> tuple[int | str, Where]:
         """How many workers, and where each holds its models (the memory plan's choice)."""
         cfg, plan = self.config, self.plan
-        gpus = preflight.gpus_per_worker(cfg, self.device)
         if plan is None:  # sizes unknown offline, or a cluster's GPUs: each worker checks its own
             placement = (
                 cfg.placement if cfg.placement != "auto" else ("host" if self.device == "cpu" else "device")
             )
-            return cfg.workers, Where(self.device, placement, gpus)
+            gpus = preflight.gpus_per_worker(cfg, self.device)
+            return preflight.workers_wanted(cfg, self.device), Where(self.device, placement, gpus)
         need = plan.chosen.memory.device if plan.chosen.placement != "host" else None
-        return plan.workers, Where(self.device, plan.chosen.placement, gpus, need)
+        return plan.workers, Where(self.device, plan.chosen.placement, plan.gpus_per_worker, need)
 
     def _fitness_spec(self) -> dict[str, Any]:
+        """The fitness config's fields for the workers, with lm-eval's batch the memory plan's."""
         cfg = self.config
-        return fitness_spec(cfg.fitness, [o for o in cfg.objectives if o.of != DEPTH], cfg.seed)
+        spec = fitness_spec(cfg.fitness, [o for o in cfg.objectives if o.of != DEPTH], cfg.seed)
+        if "batch_size" in spec and self.plan is not None and self.plan.batch is not None:
+            spec["batch_size"] = self.plan.batch
+        return spec
 
     # --- objective values ---------------------------------------------------------------------------------
     def score(self, job: Job, result: EvalResult) -> dict[str, float]:
@@ -289,7 +295,8 @@ class Search:
                 stack.callback(store.close)
                 meta = self.folder.meta(store)
                 check_masks_reproducible(meta.keyed_stream, cfg.search_space.methods, self.run_dir)
-                if meta.models is not None and meta.models != self._models_spec():
+                # runs recorded before models.vocab merged the base's vocabulary
+                if meta.models is not None and {"vocab": "base", **meta.models} != self._models_spec():
                     raise EvomergeError(
                         f"run folder {str(self.run_dir)!r} was started with other model folders than this "
                         f"config's references resolve to now; continue it with `evomerge resume {self.run_dir}`"
@@ -312,16 +319,17 @@ class Search:
             changed = self.folder.meta(store).changed_layers if resume else self.pool.call("changed_layers")
             self.space = SearchSpace(cfg.search_space, self.experts, self.models.num_layers(), changed)
             if not resume:
-                store = self.folder.create_store()
-                stack.callback(store.close)
-                self.folder.meta(store).update(
+                # config.yaml first: the store, which appears whole with the run's meta, makes the run
+                self.folder.path.mkdir(parents=True, exist_ok=True)
+                self.folder.write_text("config.yaml", yaml.safe_dump(stored_config(cfg), sort_keys=False))
+                store = self.folder.create_store(
                     config=stored_config(cfg),
                     models=self._models_spec(),
                     keyed_stream=KEYED_VERSION,
                     changed_layers=changed,
                     genes=self.space.describe(),
                 )
-                self.folder.write_text("config.yaml", yaml.safe_dump(stored_config(cfg), sort_keys=False))
+                stack.callback(store.close)
             self.evals = Evaluations(self.folder, store, self.pool, self.score, self.console)
             # who runs it, for the report's status (a process killed with -9 leaves it: "stopped" then)
             self.folder.meta(store).update(running={"host": socket.gethostname(), "pid": os.getpid()})

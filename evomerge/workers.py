@@ -279,18 +279,38 @@ def quiet_ray() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _keep_sigterm_handler() -> Iterator[None]:
-    """ray.init replaces the SIGTERM handler with an exit; the caller's (a clean stop) stays."""
+def _signals_after_init() -> Iterator[None]:
+    """ray.init with SIGINT and SIGTERM held back until it returns, then handed to the caller's handlers
+    (a second one goes through at once). A handler's exception raised within ray.init can land in the
+    middle of the compiled code that builds the driver's CoreWorker: the half-built one then crashes the
+    process as it exits (SIGSEGV). ray.init also replaces the SIGTERM handler with an exit; the caller's
+    (a clean stop) stays."""
     import signal
     import threading
 
-    main = threading.current_thread() is threading.main_thread()
-    old = signal.getsignal(signal.SIGTERM) if main else None
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: h for s, h in old.items() if h is not None}  # None: a handler not set from Python
+    held: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if held and callable(old[signum]):  # a second one: the caller's handler now
+            held.clear()
+            old[signum](signum, frame)
+        else:
+            held.append(signum)
+
+    for s in old:
+        signal.signal(s, hold)
     try:
         yield
     finally:
-        if main and old is not None:
-            signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
+        if held:
+            signal.raise_signal(held[0])
 
 
 class WorkerPool:
@@ -316,7 +336,7 @@ class WorkerPool:
         where = where or Where()
 
         if not ray.is_initialized():
-            with quiet_ray(), _keep_sigterm_handler():
+            with quiet_ray(), _signals_after_init():
                 if address:
                     ray.init(address=address, log_to_driver=False, configure_logging=False)
                 else:

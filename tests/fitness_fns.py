@@ -84,3 +84,13 @@ def through_the_layers(model, tokenizer) -> dict[str, float]:
     with torch.no_grad():
         logits = model(tokens).logits.double()
     return {"level": -abs(float(logits.mean())), "spread": float(logits.std())}
+
+
+def vocab_agrees(model, tokenizer) -> dict[str, float]:
+    """closeness, and whether the worker's tokenizer has a row for each of its tokens and reads
+    ``<think>`` (a token experts added) as one id: 1 or 0."""
+    values = closeness(model, tokenizer)
+    rows = model.get_input_embeddings().weight.shape[0]
+    ids = tokenizer("<think>", add_special_tokens=False).input_ids
+    values["agrees"] = float(len(tokenizer) == rows and len(ids) == 1 and ids[0] < rows)
+    return values

@@ -190,8 +190,8 @@ def _edited_copy(src, dst, **changes):
     [
         (
             "a",
-            {"vocab_size": 53},
-            "expert 'a' has tensor shapes that differ from the base: vocab_size 53 vs 50",
+            {"intermediate_size": 80},
+            "expert 'a' has tensor shapes that differ from the base: intermediate_size 80 vs 64",
         ),
         ("a", {"model_type": "mistral"}, "expert 'a' is a 'mistral' model, the base is 'llama'"),
         (
@@ -210,8 +210,8 @@ def test_check_refuses_what_run_refuses_before_it_starts(tmp_path, models, edit,
     folders = {k: models[k] for k in ("base", "a", "b")}
     for name in folders if edit == "all" else [edit]:
         folders[name] = _edited_copy(models[name], tmp_path / name, **changes)
-    vocab = json.loads((folders["base"] / "config.json").read_text())["vocab_size"]
-    message = message.replace("vs 50", f"vs {vocab}")
+    width = json.loads((folders["base"] / "config.json").read_text())["intermediate_size"]
+    message = message.replace("vs 64", f"vs {width}")
     flow = {
         "search_space": {
             "name": "per_layer",

@@ -398,3 +398,68 @@ def test_a_huge_population_answers_in_one_line(key):
     config = copy.deepcopy(DEMO)
     config["algorithm"][key] = 10**400
     assert_one_line_or_ok(config)
+
+
+# --- check refuses what run refuses ----------------------------------------------------------------------
+
+
+class Started(Exception):
+    """Raised where a run would start its workers: every check before the first evaluation has passed."""
+
+
+def run_until_workers(config: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[int | None, str]:
+    """`evomerge run` on ``config`` as `check` gets it (same folders, same --out), stopped where it would
+    start its workers: (None, "") when it gets there, else its exit code and stderr."""
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr("evomerge.search.WorkerPool", started)
+    runner = CliRunner()
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = Path(tmp) / "a" / "cwd"
+        cwd.mkdir(parents=True)
+        path = cwd / "config.yaml"
+        path.write_text(yaml.safe_dump(config, allow_unicode=True))
+        with runner.isolated_filesystem(temp_dir=cwd):
+            result = runner.invoke(app, ["run", str(path), "--out", str(Path(tmp) / "run")])
+        assert not (Path(tmp) / "run" / "store.sqlite").exists()
+    if isinstance(result.exception, Started):
+        return None, ""
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        import traceback
+
+        pytest.fail(
+            f"`evomerge run` raised on\n{yaml.safe_dump(config)}\n"
+            + "".join(traceback.format_exception(*result.exc_info))
+        )
+    return result.exit_code, result.stderr
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(edited_configs())
+@example(("python", []))
+@example(("demo", []))
+@example(("python", [("set", ("search_space", "layer_groups"), 4), ("set", ("seed",), 5)]))
+@example(("demo", [("set", ("fitness", "tasks"), ["zoo_addition_gen"])]))
+@example(("python", [("set", ("search_space", "layer_groups"), 9)]))
+@example(("python", [("set", ("search_space", "name"), "dataflow")]))
+def test_check_refuses_what_run_refuses_before_its_first_evaluation(bases, zoo_dir, monkeypatch, drawn):
+    """Whatever a fuzzed config is, `evomerge run` either gets as far as starting its workers (and then
+    `check` accepted it) or refuses it with the very line `check` gives, exit code 2 for both."""
+    name, steps = drawn
+    config = copy.deepcopy(bases[name])
+    for step in steps:
+        apply(config, step)
+    if name == "demo" and config.get("zoo") != DEMO.get("zoo"):
+        return  # a zoo elsewhere: run would build one (minutes); check never builds
+    code, err = check(config)
+    ran, ran_err = run_until_workers(config, monkeypatch)
+    if ran is None:
+        assert code == 0, f"run started on a config check refused ({err.strip()}):\n{yaml.safe_dump(config)}"
+    else:
+        assert (ran, ran_err.strip()) == (code, err.strip()), yaml.safe_dump(config)

@@ -22,14 +22,14 @@ def folders(tmp_path_factory):
     return save_model_set(tmp_path_factory.mktemp("models"), ["base", *EXPERTS])
 
 
-def run_mergekit(config: dict, out) -> dict[str, torch.Tensor]:
+def run_mergekit(config: dict, out, **options) -> dict[str, torch.Tensor]:
     pytest.importorskip("mergekit", reason="mergekit not installed (pip install -e '.[parity]')")
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
     # through YAML text, as mergekit-yaml reads it
     parsed = MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(config)))
-    run_merge(parsed, str(out), options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False))
+    run_merge(parsed, str(out), options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False, **options))
     sd = {}
     for f in sorted(out.glob("*.safetensors")):
         sd.update(load_file(f))

@@ -3,9 +3,11 @@ unwritable run folder, SIGINT/SIGTERM; and checks that run before anything slow.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import yaml
 from click.testing import CliRunner
 from test_search_engine import (  # noqa: F401
     _cli,
+    _count,
     _rows,
     models,
     ray_env,
@@ -381,3 +384,129 @@ def test_an_interrupt_wrapped_by_compiled_code_still_stops_cleanly(tmp_path):
     assert done.value.code == 2
     with pytest.raises(SystemError), stoppable(tmp_path / "run"):  # a SystemError of its own goes on
         raise SystemError("something else")
+
+
+@pytest.mark.slow  # about 5 minutes on 2 busy cores; `python -m pytest -m slow -k ctrl_c_at_random_moments`
+def test_ctrl_c_at_random_moments_ends_in_one_line_and_the_run_resumes_exactly(
+    tmp_path,
+    models,  # noqa: F811
+    ray_env,  # noqa: F811
+):
+    """Ctrl-C (SIGINT to the process group) at random moments of a short run: the program starting, Ray
+    starting, models loading, evaluations and their store writes, the test split, the best model's export.
+    Each ends with exit code 2 and one line, never a traceback. Where the run's store was made, the line
+    says `evomerge resume RUN`, which then ends the run as the uninterrupted one ended; where it was not,
+    the line says nothing was stored and names the same command, which then runs in that --out. Half the
+    moments are drawn from the process's start over the uninterrupted run's span, half from the store's
+    appearance over its evaluations (seeded and stratified: the same 8 moments each time); a moment that
+    finds the run ended changes nothing (exit 0). Not covered: the interpreter's own first ~30 ms, before
+    any evomerge code runs (Python's KeyboardInterrupt there)."""
+    import random
+    import shlex
+
+    from evomerge.runfolder import RunFolder
+
+    config = write_config(tmp_path, models, workers=2, algorithm__pop_size=4, algorithm__generations=2)
+    slow = {**os.environ, "EVOMERGE_TEST_SLEEP": "0.4"}  # evaluations long enough to land in
+    full = tmp_path / "full"
+    start = time.monotonic()
+    proc = _cli("run", config, "--out", full, env=slow)
+    stored_at = ended_at = None  # when its store appeared, when it wrote summary.json
+    while proc.poll() is None and ended_at is None:
+        stored_at = stored_at or (time.monotonic() - start if RunFolder(full).exists() else None)
+        ended_at = time.monotonic() - start if RunFolder(full).finished() else None
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and stored_at and ended_at, out
+    rng = random.Random(21)
+    trials, late, log = 8, 0, []
+    for i in range(trials):
+        from_store = i % 2 == 1
+        span = (ended_at - stored_at) if from_store else ended_at
+        moment = (i // 2 + rng.random()) * span / (trials // 2)  # stratified over the span
+        run = tmp_path / f"trial{i}"
+        command = ("run", str(config), "--out", str(run))
+        proc = _cli(*command, env=slow)
+        anchor = time.monotonic()
+        while from_store and proc.poll() is None and not RunFolder(run).exists():
+            time.sleep(0.01)
+        anchor = time.monotonic() if from_store else anchor
+        time.sleep(max(0.0, anchor + moment - time.monotonic()))
+        phase = _phase(run) if proc.poll() is None else "ended"
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=180)
+        what = (
+            f"trial {i}: SIGINT {moment:.2f} s after {'the store appeared' if from_store else 'the start'} "
+            f"({phase}): exit {proc.returncode}"
+        )
+        log.append(what)
+        assert "Traceback" not in out and "Exception ignored" not in out and "Aborted" not in out, (
+            f"{what}\n{out}"
+        )
+        if proc.returncode == 0:  # only a moment after the run ended leaves it as it was
+            assert phase in ("finished", "ended"), f"{what}: the signal was lost\n{out}"
+            late += 1
+        else:
+            assert proc.returncode == 2, f"{what}\n{out}"
+            last = out.strip().splitlines()[-1]
+            if RunFolder(run).exists():
+                assert last == (
+                    "error: stopped by SIGINT: every finished evaluation is stored, the workers are stopped; "
+                    f"continue with `evomerge resume {run}`"
+                ), f"{what}\n{out}"
+                again = _cli("resume", run)
+            else:
+                assert last == (
+                    f"error: stopped by SIGINT before anything was stored; run `{shlex.join(['evomerge', *command])}` again"
+                ), f"{what}\n{out}"
+                again = _cli(*command)
+            out, _ = again.communicate(timeout=300)
+            assert again.returncode == 0, f"{what}; then {again.args[3:]}:\n{out}"
+        same_run(run, full)
+        shutil.rmtree(run)
+    print("\n".join(log))
+    assert late <= 2, "\n".join(log)  # the moments aim inside the run
+
+
+def _phase(run: Path) -> str:
+    """Where a run is, read from its folder: before its store, a generation, the test split, finished."""
+    if (run / "summary.json").exists():
+        return "finished"
+    db = run / "store.sqlite"
+    if not db.exists():
+        return "no store yet: the program, Ray or the models starting"
+    if _count(db, "kind IN ('test', 'reference')"):
+        return "test split"
+    generations = [g for (g,) in _rows(db) if g is not None]
+    return f"generation {max(generations)} under way" if generations else "store made, no evaluation yet"
+
+
+def test_a_signal_while_ray_starts_is_handed_on_once_ray_init_returns():
+    """Raised within ray.init, a handler's exception can leave a half-built CoreWorker that crashes the
+    process as it exits (SIGSEGV, after the resume line): the signal waits for ray.init to return; a
+    second one goes through at once."""
+    from evomerge.workers import _signals_after_init
+
+    seen = []
+
+    def handler(signum, frame):
+        seen.append(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with _signals_after_init():  # what ray.init runs in
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            seen.append("ray.init returns")
+        assert seen == ["ray.init returns", "SIGTERM"]
+        with _signals_after_init():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            seen.append("ray.init returns")
+        assert seen[2:] == ["SIGINT", "ray.init returns"]
+        assert [signal.getsignal(s) for s in old] == [handler, handler]
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

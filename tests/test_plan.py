@@ -145,7 +145,7 @@ def test_fractional_gpus_put_two_workers_on_a_gpu_when_both_fit():
     assert half.workers == 4  # two 2-GPU halves of ~32 GiB each per 141 GiB GPU
     whole = plan(shape, "bfloat16", 2, node, gpus_per_worker=1, **kw)
     assert whole.workers == 2
-    with pytest.raises(EvomergeError, match=r"^5 worker\(s\) do not fit .*set workers: auto or fewer"):
+    with pytest.raises(EvomergeError, match=r"^5 worker\(s\) do not fit .*; it fits with workers: 4$"):
         plan(shape, "bfloat16", 2, node, gpus_per_worker=0.5, workers=5, **kw)
 
 
@@ -286,3 +286,160 @@ def test_sizes_past_any_float_read_as_a_power_of_ten():
 
     assert size(10**400) == "about 10^400 bytes"
     assert size(3 * 2**30) == "3.0 GiB"
+
+
+# --- the plan chooses what fits (issue 27 part 5) ----------------------------------------------------------
+
+# The shapes of Qwen2.5-7B and Qwen3-30B-A3B (a mixture of experts), sized from config.json alone.
+QWEN_7B = {
+    "model_type": "qwen2",
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": False,
+}
+QWEN3_30B_A3B = {
+    "model_type": "qwen3_moe",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "tie_word_embeddings": False,
+}
+PYTHON = {"function": "math:fsum"}
+LMEVAL = {"tasks": ["zoo_addition"]}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """Model folders holding only a config.json (the plan reads no weights)."""
+    root = tmp_path_factory.mktemp("config-only")
+    for name, cfg in (("qwen-7b", QWEN_7B), ("qwen3-30b-a3b", QWEN3_30B_A3B)):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(cfg))
+    return root
+
+
+def _three_experts(base: Path, fitness: dict, **top) -> object:
+    experts = {name: str(base) for name in ("math", "code", "chat")}
+    return parse_config({"models": {"base": str(base), "experts": experts}, "fitness": fitness, **top})
+
+
+def _gpus(n: int, memory: int = 80 * GiB) -> Machine:
+    return Machine("cuda", (memory,) * n, host=512 * GiB, cpus=32, described="the machine described")
+
+
+def test_seven_b_with_three_experts_and_a_python_fitness_fits_one_80gb_gpu_with_workers_unset(shapes):
+    found = plan_run(_three_experts(shapes / "qwen-7b", PYTHON), _gpus(1), "cuda")
+    assert found.workers == 1 and found.chosen.placement == "device"
+    assert found.activations == 2 * GiB  # the stated default for a function the plan cannot see
+    text = "\n".join(found.lines())
+    assert (
+        "fitness   a Python function, 2.0 GiB reserved per worker (fitness.memory unset: the default)" in text
+    )
+    declared = plan_run(_three_experts(shapes / "qwen-7b", {**PYTHON, "memory": "6GiB"}), _gpus(1), "cuda")
+    assert declared.activations == 6 * GiB and declared.chosen.memory.device == (
+        found.chosen.memory.device + 4 * GiB
+    )
+    assert "6.0 GiB reserved per worker (fitness.memory)" in "\n".join(declared.lines())
+    # on a CPU, workers unset is 2, as before
+    cpu = Machine("cpu", (), host=1024 * GiB, cpus=8)
+    assert plan_run(_three_experts(shapes / "qwen-7b", PYTHON), cpu, "cpu").workers == 2
+
+
+def test_lm_eval_batch_is_the_largest_that_fits_and_reaches_the_workers(shapes):
+    from evomerge.search import Search
+
+    cfg = _three_experts(shapes / "qwen-7b", LMEVAL, placement="device")
+    found = plan_run(cfg, _gpus(1), "cuda")
+    assert 1 <= found.batch < 64 and found.workers == 1
+    assert found.chosen.memory.device + DEVICE_MARGIN <= 80 * GiB
+    text = "\n".join(found.lines())
+    assert (
+        f"lm-eval, batch {found.batch} x 2048 tokens (batch_size unset: the largest up to 64 that fits)"
+        in text
+    )
+    assert f"1 fit (GPU memory), batch {found.batch}" in text
+    # one more sequence does not fit: the refusal names the batch that does
+    more = _three_experts(shapes / "qwen-7b", {**LMEVAL, "batch_size": found.batch + 1}, placement="device")
+    with pytest.raises(EvomergeError, match=rf"; it fits with batch_size: {found.batch}$"):
+        plan_run(more, _gpus(1), "cuda")
+    # a batch that is set is used as set; the workers get the plan's batch
+    assert (
+        plan_run(_three_experts(shapes / "qwen-7b", {**LMEVAL, "batch_size": 1}), _gpus(1), "cuda").batch == 1
+    )
+    spec = Search._fitness_spec(SimpleNamespace(config=cfg, plan=found))
+    assert spec["batch_size"] == found.batch
+
+
+def test_a_moe_that_one_gpu_cannot_hold_spreads_over_gpus_or_is_refused_naming_how_many(shapes):
+    base = shapes / "qwen3-30b-a3b"
+    found = plan_run(_three_experts(base, PYTHON), _gpus(4), "cuda")
+    assert 30e9 < found.shape.elements < 31e9
+    assert (found.chosen.placement, found.gpus_per_worker, found.workers) == ("streamed", 2, 2)
+    assert (
+        "chosen    streamed, 2 worker(s), 2 GPU(s) each (gpus_per_worker unset: one GPU holds no worker)"
+        in ("\n".join(found.lines()))
+    )
+    device = _three_experts(base, PYTHON, placement="device", gpus_per_worker=1)
+    with pytest.raises(EvomergeError) as e:
+        plan_run(device, _gpus(4), "cuda")
+    assert str(e.value).startswith("the models do not fit on the machine described (4 GPU(s)")
+    assert str(e.value).endswith("; it fits with gpus_per_worker: 4") and "\n" not in str(e.value)
+    with pytest.raises(EvomergeError, match="; it fits with gpus_per_worker: 2$"):
+        plan_run(_three_experts(base, PYTHON, gpus_per_worker=1), _gpus(4), "cuda")
+    assert plan_run(_three_experts(base, PYTHON, placement="device"), _gpus(4), "cuda").gpus_per_worker == 4
+    # nothing at all fits one GPU: the numbers, no suggestion
+    with pytest.raises(EvomergeError) as e:
+        plan_run(_three_experts(base, PYTHON), _gpus(1), "cuda")
+    assert "device needs 288.2 GiB per worker on a GPU of 80.0 GiB" in str(e.value)
+    assert "it fits with" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("fitness", "top", "fix"),
+    [
+        (PYTHON, {"workers": 2}, "workers: 1"),
+        # a smaller batch comes before streaming, which would also fit
+        ({**LMEVAL, "batch_size": 12}, {"placement": "device"}, "batch_size: 2"),
+        ({**LMEVAL, "batch_size": 64}, {"workers": 2}, "batch_size: 2 and workers: 1"),
+    ],
+)
+def test_the_refusal_names_the_smallest_change_that_fits(shapes, fitness, top, fix):
+    with pytest.raises(EvomergeError) as e:
+        plan_run(_three_experts(shapes / "qwen-7b", fitness, **top), _gpus(1), "cuda")
+    assert str(e.value).endswith(f"; it fits with {fix}") and "\n" not in str(e.value)
+
+
+def test_fitness_memory_that_is_not_a_size_is_one_line_and_stores_nothing(tmp_path, shapes):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"models: {{base: {shapes / 'qwen-7b'}, experts: {{a: {shapes / 'qwen-7b'}}}}}\n"
+        "fitness: {function: 'math:fsum', memory: lots}\n"
+    )
+    line = "error: config: fitness.memory: 'lots' is not a size; write e.g. 6GiB, 6GB or 512MiB\n"
+    for command in ("check", "run", "plan"):
+        out = ["--out", str(tmp_path / "run")] if command != "plan" else []
+        done = _cli(command, str(config), *out)
+        assert (done.returncode, done.stderr) == (2, line), command
+    assert not (tmp_path / "run").exists()
+    lm = {
+        "models": {"base": "zoo:base", "experts": {"a": "zoo:addition"}},
+        "fitness": {**LMEVAL, "memory": "6GiB"},
+    }
+    with pytest.raises(
+        EvomergeError,
+        match="^config: fitness: memory is what a Python fitness \\(function\\) declares; lm-eval's",
+    ):
+        parse_config(lm)

@@ -40,6 +40,7 @@ from evomerge.fitness.tasks import (
     runs_code,
     task_measures,
 )
+from evomerge.plan import DEFAULT_BATCH
 
 GENERATIVE = "generate_until"
 
@@ -169,7 +170,7 @@ class LmEvalFitness:
     def __init__(
         self,
         tasks: Sequence[str],
-        batch_size: int = 64,
+        batch_size: int | None = None,
         include: Sequence[str] = (),
         max_length: int | None = None,
         num_fewshot: int | None = None,
@@ -185,7 +186,7 @@ class LmEvalFitness:
         self.tasks = list(tasks)
         self.include = tuple(str(p) for p in include)
         catalog_tasks(self.include)  # an include folder that is not there: refused before any split loads
-        self.batch_size = batch_size
+        self.batch_size = batch_size or DEFAULT_BATCH  # a run passes the memory plan's batch
         self.max_length = max_length  # None: lm-eval's default, the model's context
         self.num_fewshot = num_fewshot  # None: each task's own
         self.max_gen_toks = max_gen_toks  # None: each task's own (lm-eval's default 256)
