@@ -86,8 +86,8 @@ class Adapter:
 
     def check_base(self, name: str, base_ref: str, base_path: str) -> None:
         """Refuse an adapter trained on another model than the run's base: its base_model_name_or_path
-        must be the base's reference, its folder, or a hub id whose name is the base folder's name (a
-        local copy of a hub model, a hub cache snapshot)."""
+        must be the base's reference, its folder, a folder holding the same checkpoint (a copy), or a hub
+        id whose name is the base folder's name (a local copy of a hub model, a hub cache snapshot)."""
         if not self.base or _same_model(self.base, base_ref, base_path):
             return
         raise EvomergeError(
@@ -140,13 +140,32 @@ def _same_model(adapter_base: str, base_ref: str, base_path: str) -> bool:
     mine = Path(base_path).expanduser()
     theirs = Path(adapter_base).expanduser()
     if theirs.exists() and mine.exists():
-        return theirs.resolve() == mine.resolve()
+        return theirs.resolve() == mine.resolve() or _same_files(theirs, mine)
     if mine.exists():  # a hub id against a local folder: a copy named after it, or a hub cache snapshot
         short = adapter_base.rstrip("/").split("/")[-1].lower()
         parts = [p.lower() for p in mine.resolve().parts]
         cache = "models--" + adapter_base.replace("/", "--").lower()
         return parts[-1] == short or cache in parts
     return False
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    """Two folders holding the same checkpoint (a copy): equal config.json, and safetensors files of
+    the same names, sizes and headers."""
+    from evomerge.hf import safetensors_header
+
+    def facts(folder: Path) -> Any:
+        config = folder / "config.json"
+        files = sorted(folder.glob("*.safetensors"))
+        if not config.is_file() or not files:
+            return None
+        return (
+            json.loads(config.read_text()),
+            [(f.name, f.stat().st_size, safetensors_header(f)) for f in files],
+        )
+
+    found = facts(a)
+    return found is not None and found == facts(b)
 
 
 def apply_adapter(model: Any, adapter: Adapter) -> Any:

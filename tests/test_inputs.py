@@ -116,6 +116,8 @@ def test_an_adapter_merges_as_the_model_peft_makes_of_it(models):
     adapters, full = ModelSet(str(models["base"]), experts), ModelSet(str(models["base"]), merged)
     adapters.check()
     assert adapters.adapter(experts["lora8"]).describe() == "LORA adapter of rank 8"
+    copy = shutil.copytree(models["base"], models["base"].parent / "copy-of-base")  # the same checkpoint
+    ModelSet(str(copy), experts).check()
     a_model, f_model = adapters.load_model(), full.load_model()
     a_merger, f_merger = search_merger(a_model, adapters), search_merger(f_model, full)
     for recipe in RECIPES:
