@@ -4,6 +4,9 @@
 :mod:`evomerge.bo`) or any pymoo algorithm class as ``module:Class``
 (``pymoo.algorithms.moo.spea2:SPEA2``). Options are the class's (or the sampler's) keyword arguments;
 unknown ones are refused, since pymoo itself would silently ignore them.
+
+The short names are :data:`ALGORITHMS`, a registry of :class:`AlgorithmSpec`: another package adds one
+through the ``evomerge.algorithms`` entry points (``name = "module:SPEC"``, SPEC an AlgorithmSpec).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evomerge.errors import EvomergeError, unknown
+from evomerge.registry import Registry
 
 FAILED_F = 1e6  # what an algorithm sees for a failed candidate: worse than any real objective
 
@@ -35,7 +39,7 @@ class AlgorithmSpec:
     checkpoints: bool = True
 
 
-ALGORITHMS: dict[str, AlgorithmSpec] = {
+_BUILT_IN = {
     "ga": AlgorithmSpec("pymoo.algorithms.soo.nonconvex.ga:GA", "single"),
     "de": AlgorithmSpec("pymoo.algorithms.soo.nonconvex.de:DE", "single"),
     "cmaes": AlgorithmSpec(
@@ -70,6 +74,10 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
     ),
 }
 
+ALGORITHMS: Registry[AlgorithmSpec] = Registry("algorithm", AlgorithmSpec, group="evomerge.algorithms")
+for _name, _spec in _BUILT_IN.items():
+    ALGORITHMS.add(_name, _spec)
+
 
 def load_target(target: str) -> type:
     module, _, name = target.partition(":")
@@ -87,10 +95,12 @@ def load_target(target: str) -> type:
 
 def spec_for(name: str) -> AlgorithmSpec:
     if name in ALGORITHMS:
-        return ALGORITHMS[name]
+        return ALGORITHMS.get(name)
     if ":" in name:
         return AlgorithmSpec(name, "any")
-    raise EvomergeError(f"{unknown('algorithm', name, ALGORITHMS)}, or any pymoo algorithm as module:Class")
+    raise EvomergeError(
+        f"{unknown('algorithm', name, ALGORITHMS.names())}, or any pymoo algorithm as module:Class"
+    )
 
 
 def _accepted(cls: type) -> set[str] | None:

@@ -151,6 +151,7 @@ def run(
 ) -> None:
     """Run an evolutionary merge search."""
     from evomerge.config import load_config
+    from evomerge.report.page import refresher
     from evomerge.search import Search
 
     try:
@@ -158,7 +159,8 @@ def run(
             config, out=str(out) if out else None, workers=workers, **{"ray.address": ray_address}
         )
         with stoppable(cfg.out):
-            run_dir = Search(cfg, console=None if quiet else console).run()
+            shown = None if quiet else console
+            run_dir = Search(cfg, console=shown, refresh=refresher(shown)).run()
     except EvomergeError as e:
         fail(str(e))
     console.print(f"run folder: {run_dir}")
@@ -248,6 +250,7 @@ def resume(
 ) -> None:
     """Continue a stopped run where it stopped; nothing stored is evaluated again."""
     from evomerge.config import load_config
+    from evomerge.report.page import refresher
     from evomerge.runfolder import RunFolder
     from evomerge.search import resume_search
 
@@ -258,7 +261,12 @@ def resume(
             console.print(f"run {run_dir} already finished; see `evomerge front {run_dir}`")
             return
         search = resume_search(
-            run_dir, given, console=None if quiet else console, workers=workers, ray_address=ray_address
+            run_dir,
+            given,
+            console=None if quiet else console,
+            workers=workers,
+            ray_address=ray_address,
+            refresh=refresher(None if quiet else console),
         )
         with stoppable(run_dir):
             search.resume()
@@ -355,7 +363,7 @@ def show(run_dir: Path, candidate_id: int, n_answers: int) -> None:
 def report_cmd(run_dir: Path, out: Path | None) -> None:
     """Write a run's report: one self-contained HTML page (what ran, the front, progress, recipes, IRT
     estimates, the test split, failures). A run writes RUN_DIR/report.html itself after each generation."""
-    from evomerge.html_report import write_report
+    from evomerge.report.page import write_report
 
     _page(write_report, run_dir, out)
 
@@ -372,7 +380,7 @@ def report_cmd(run_dir: Path, out: Path | None) -> None:
 def compare(run_dirs: tuple[Path, ...], out: Path) -> None:
     """Write one HTML page comparing runs of the same objectives: their progress against models and items
     evaluated, and their fronts."""
-    from evomerge.html_report import write_compare
+    from evomerge.report.compare import write_compare
 
     _page(write_compare, run_dirs, out)
 

@@ -6,11 +6,12 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import EvomergeError, read_yaml
+from evomerge.objectives import DEPTH, ObjectiveConfig
 from evomerge.searchspace import SearchSpaceConfig, load_space_config, space_data
 
 
@@ -136,80 +137,6 @@ class FitnessConfig(_Frozen):
                 "batch_size and max_length: remove memory"
             )
         return self
-
-
-DEPTH = "depth"  # an objective of the data flow's decoder layers, counted by the worker
-
-
-class ObjectiveConfig(_Frozen):
-    name: str
-    of: str = Field(
-        "mean",
-        description="a task name or 'mean' (mean accuracy over tasks); with a fitness function, a key it "
-        "returns; depth: the decoder layers of a data-flow candidate (direction: min)",
-    )
-    metric: str | dict[str, str] | None = Field(
-        None,
-        description="the task's metric (lm-eval's name: acc, acc_norm, exact_match, ...); default: its "
-        "first; with of: mean, every task's, or a mapping of task name -> metric",
-    )
-    filter: str | dict[str, str] | None = Field(
-        None,
-        description="the filter the task's answers pass before scoring (GSM8K: strict-match, "
-        "flexible-extract); default: its first; with of: mean, every task's, or a mapping of task name -> filter",
-    )
-    direction: Literal["max", "min"] = "max"
-    estimator: str | None = Field(
-        None,
-        description="estimate the full-split accuracy from `items` items with IRT (null: plain accuracy): "
-        "a name registered in evomerge.irt.ESTIMATORS; sgpirt also uses a surrogate of accuracy over "
-        "genomes fitted on the calibration models",
-    )
-    items: Annotated[int, Field(ge=1)] | Literal["adaptive"] | None = Field(
-        None,
-        description="subset size for the estimator, or adaptive: items chosen one batch at a time by "
-        "Fisher information at the candidate's current ability, until the estimate is precise enough",
-    )
-    selection: Literal["random", "anchor", "information"] = "random"
-    max_items: int | None = Field(None, ge=1, description="items: adaptive: at most this many (default 50)")
-    target_se: float | None = Field(
-        None,
-        gt=0,
-        description="items: adaptive: stop once the estimate's standard error is this small (default 0.05)",
-    )
-    race: bool = Field(
-        False,
-        description="items: adaptive: also stop a candidate once it cannot, with race_confidence, reach the "
-        "best so far (one objective) or leave the region the front dominates (several)",
-    )
-    race_confidence: float = Field(0.95, gt=0.5, lt=1.0)
-
-    @model_validator(mode="after")
-    def _adaptive_only(self) -> ObjectiveConfig:
-        if self.items != "adaptive":
-            given = [k for k in ("max_items", "target_se") if getattr(self, k) is not None]
-            given += ["race"] if self.race else []
-            if given:
-                raise EvomergeError(f"objective {self.name!r}: {given[0]} applies only with items: adaptive")
-        elif self.estimator is not None:
-            from evomerge.irt import ESTIMATORS, get_estimator
-
-            if not get_estimator(self.estimator).adaptive:
-                able = ", ".join(n for n in ESTIMATORS if ESTIMATORS.get(n).adaptive)
-                raise EvomergeError(
-                    f"objective {self.name!r}: items: adaptive needs an estimator with a standard error "
-                    f"({able}); {self.estimator} has none"
-                )
-        return self
-
-    @field_validator("estimator")
-    @classmethod
-    def _known_estimator(cls, v: str | None) -> str | None:
-        if v is not None:
-            from evomerge.irt import get_estimator
-
-            get_estimator(v)
-        return v
 
 
 class AlgorithmConfig(_Frozen):

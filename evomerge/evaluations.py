@@ -6,15 +6,19 @@ alike (the setup's fault, not the candidates')."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
-from evomerge import report
 from evomerge.errors import EvomergeError
 from evomerge.jobs import EvalResult, Job
 from evomerge.runfolder import RunFolder
 from evomerge.store import Candidate, Status, Store, StoreFullError
+
+if TYPE_CHECKING:
+    from evomerge.adaptive import AdaptiveScore
 
 # A run stops when its first evaluations (this many, or the whole first batch if smaller) all failed
 # with the same error and none succeeded: the cause is the setup, not the candidates.
@@ -26,14 +30,25 @@ class SystematicFailure(EvomergeError):
 
 
 Score = Callable[[Job, EvalResult], dict[str, float]]
+# Progress display: (description, total) -> a context yielding the function that advances it by one.
+Progress = Callable[[str, int], AbstractContextManager[Callable[[], None]]]
+
+
+@contextlib.contextmanager
+def no_progress(description: str, total: int) -> Iterator[Callable[[], None]]:
+    """No progress display."""
+    yield lambda: None
 
 
 class Evaluations:
     """Evaluations of one run: ``store`` (its records), ``pool`` (the workers), ``score`` (a finished
-    job's objective values), ``console`` (progress, or None)."""
+    job's objective values), ``progress`` (how progress shows, e.g. :func:`evomerge.report.progress` on a
+    console; none by default)."""
 
-    def __init__(self, folder: RunFolder, store: Store, pool: Any, score: Score, console: Any = None):
-        self.folder, self.store, self.pool, self.score, self.console = folder, store, pool, score, console
+    def __init__(
+        self, folder: RunFolder, store: Store, pool: Any, score: Score, progress: Progress = no_progress
+    ):
+        self.folder, self.store, self.pool, self.score, self.progress = folder, store, pool, score, progress
         self._failures: list[Candidate] = []
         self._succeeded = any(c.status == Status.OK for c in store.candidates())
         # A run that stopped on a failure shared by its first evaluations retries them once resumed.
@@ -57,7 +72,7 @@ class Evaluations:
         ids = {key: self._reserve(same[0], retried.get(key)) for key, same in todo.items()}
         if not self._succeeded:
             self._stop_after = min(STOP_AFTER, max(len(todo), 1))
-        with report.progress(self.console, describe, len(todo)) as advance:
+        with self.progress(describe, len(todo)) as advance:
             for job, result in self.pool.run([same[0] for same in todo.values()]):
                 c = self._record(job, result, ids[job.key])
                 if result.fatal:
@@ -167,9 +182,9 @@ def first_line(error: str | None) -> str:
     return lines[0] if lines else "(no error message)"
 
 
-def _stopped(adaptive: dict[str, dict[str, Any]] | None) -> str | None:
+def _stopped(adaptive: dict[str, AdaptiveScore] | None) -> str | None:
     """Why a candidate's adaptive tests stopped: raced if any was, else their reasons."""
     if not adaptive:
         return None
-    reasons = sorted({s["stopped"] for s in adaptive.values()})
+    reasons = sorted({s.stopped for s in adaptive.values()})
     return "raced" if "raced" in reasons else ",".join(reasons)

@@ -7,10 +7,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evomerge.recipe import Recipe
 from evomerge.store import Kind, Status
+
+if TYPE_CHECKING:
+    from evomerge.adaptive import AdaptiveScore, AdaptiveSpec
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,7 @@ class Origin:
 @dataclass(frozen=True)
 class Job:
     """One evaluation: ``recipe`` on ``split``, on ``items`` (None: all of the split), or, with
-    ``adaptive`` (:class:`evomerge.calibration.AdaptiveSpec` per objective), on the items adaptive tests
+    ``adaptive`` (:class:`evomerge.adaptive.AdaptiveSpec` per objective), on the items adaptive tests
     choose, stopped early against ``race`` where given. ``tag`` is the caller's name for it (which
     result answers which job)."""
 
@@ -35,7 +38,7 @@ class Job:
     split: str
     items: dict[str, list[int]] | None = None
     origin: Origin = field(default_factory=lambda: Origin(Kind.SEARCH))
-    adaptive: tuple[Any, ...] | None = None
+    adaptive: tuple[AdaptiveSpec, ...] | None = None
     race: Any = None
 
     @cached_property
@@ -72,7 +75,7 @@ class EvalResult:
     fatal: bool = False
     timed_out: bool = False
     attempts: int = 1
-    adaptive: dict[str, dict[str, Any]] | None = None  # per objective: estimate, se, stopped, items
+    adaptive: dict[str, AdaptiveScore] | None = None  # per objective, from the worker's adaptive tests
     outputs: dict[str, dict[str, str]] | None = None  # per generative task, item id -> the model's answer
 
     @property

@@ -15,6 +15,8 @@ from evomerge import calibration
 from evomerge.algorithms import FAILED_F, make_algorithm, setup, spec_for
 from evomerge.errors import EvomergeError
 from evomerge.jobs import Job, Origin
+from evomerge.objectives import front_of, signed
+from evomerge.session import RunSession
 from evomerge.store import Candidate, Kind, Status, StoreFullError
 
 
@@ -35,34 +37,30 @@ def to_F(c: Candidate, objectives: Any) -> np.ndarray:
     """A candidate's objective values as pymoo minimises them (failed: FAILED_F everywhere)."""
     if c.status != Status.OK:
         return np.full(len(objectives), FAILED_F)
-    return np.array(
-        [-c.objectives[o.name] if o.direction == "max" else c.objectives[o.name] for o in objectives]
-    )
+    return signed(c, objectives)
 
 
-def initial_population(search: Any) -> np.ndarray | None:
+def initial_population(session: RunSession) -> np.ndarray | None:
     """``algorithm.initial: experts``: one genome per expert that reproduces it, then random genomes
     (seeded by the run's seed) up to pop_size; None for the algorithm's own random start."""
-    cfg = search.config
+    cfg = session.config
     if cfg.algorithm.initial == "random":
         return None
-    experts = np.stack([search.space.expert_genome(e) for e in search.experts])
+    experts = np.stack([session.space.expert_genome(e) for e in session.experts])
     if spec_for(cfg.algorithm.name).options_from:  # an optuna sampler proposes the rest itself
         return experts
     rng = np.random.default_rng(cfg.seed)
-    rest = rng.random((cfg.algorithm.pop_size - len(experts), search.space.n_var))
+    rest = rng.random((cfg.algorithm.pop_size - len(experts), session.space.n_var))
     return np.concatenate([experts, rest])
 
 
-def race_bound(search: Any, generation: int) -> calibration.Race | None:
+def race_bound(session: RunSession, generation: int) -> calibration.Race | None:
     """What generation ``generation``'s raced candidates must be able to beat: the front of the rated
     search candidates of the generations before it (None before any), so a resumed run races alike."""
     from scipy.stats import norm
 
-    from evomerge.summary import front_of
-
-    cfg = search.config
-    earlier = [c for c in search.evals.store.candidates(Kind.SEARCH) if (c.generation or 0) < generation]
+    cfg = session.config
+    earlier = [c for c in session.evals.store.candidates(Kind.SEARCH) if (c.generation or 0) < generation]
     front = front_of(earlier, cfg.objectives)
     if not front:
         return None
@@ -74,10 +72,10 @@ def race_bound(search: Any, generation: int) -> calibration.Race | None:
     )
 
 
-def _restore(search: Any, problem: Any) -> tuple[Any, int]:
+def _restore(session: RunSession, problem: Any) -> tuple[Any, int]:
     """The algorithm and the generation it finished: from the last checkpoint, or set up afresh."""
-    cfg = search.config
-    last = search.evals.store.last_checkpoint() if spec_for(cfg.algorithm.name).checkpoints else None
+    cfg = session.config
+    last = session.evals.store.last_checkpoint() if spec_for(cfg.algorithm.name).checkpoints else None
     if last is not None:
         generation, algorithm = last
         return algorithm, generation
@@ -86,69 +84,71 @@ def _restore(search: Any, problem: Any) -> tuple[Any, int]:
         cfg.algorithm.pop_size,
         dict(cfg.algorithm.options),
         len(cfg.objectives),
-        initial_population(search),
+        initial_population(session),
     )
     algorithm = setup(algorithm, cfg.algorithm.name, problem, cfg.algorithm.generations, cfg.seed)
     if hasattr(algorithm, "warm_start"):  # a surrogate learns from every model already evaluated
-        known = _known_genomes(search)
+        known = _known_genomes(session)
         if known is not None:
             algorithm.warm_start(*known)
     return algorithm, 0
 
 
-def _known_genomes(search: Any) -> tuple[np.ndarray, np.ndarray] | None:
+def _known_genomes(session: RunSession) -> tuple[np.ndarray, np.ndarray] | None:
     """The genomes the store already holds whole-split values of, as (X, F): the calibration's random
     merges and the base and experts where the genome expresses them (None: none)."""
-    cfg = search.config
+    cfg = session.config
     known = [
         c
-        for c in search.evals.store.candidates(Kind.CALIBRATION, cfg.fitness.search_split)
-        if c.status == Status.OK and c.genome is not None and len(c.genome) == search.space.n_var
+        for c in session.evals.store.candidates(Kind.CALIBRATION, cfg.fitness.search_split)
+        if c.status == Status.OK and c.genome is not None and len(c.genome) == session.space.n_var
     ]
     if not known:
         return None
     return np.array([c.genome for c in known]), np.stack([to_F(c, cfg.objectives) for c in known])
 
 
-def _checkpoint(search: Any, generation: int, algorithm: Any) -> None:
-    if not spec_for(search.config.algorithm.name).checkpoints:
+def _checkpoint(session: RunSession, generation: int, algorithm: Any) -> None:
+    if not spec_for(session.config.algorithm.name).checkpoints:
         return
     try:
-        search.evals.store.save_checkpoint(generation, algorithm)
+        session.evals.store.save_checkpoint(generation, algorithm)
     except (TypeError, AttributeError, pickle.PicklingError):
         pass  # a state that does not pickle: a resume replays the generations, answered from the store
     except StoreFullError:
-        raise EvomergeError(search.evals.disk_full_message()) from None
+        raise EvomergeError(session.evals.disk_full_message()) from None
 
 
-def run_generations(search: Any, seconds_before: float = 0.0) -> float:
+def run_generations(session: RunSession, seconds_before: float = 0.0) -> float:
     """Run the search's generations (from its last checkpoint) and return the search's wall seconds,
     ``seconds_before`` (a resumed run's earlier seconds) included."""
     from pymoo.core.evaluator import Evaluator as PymooEvaluator
     from pymoo.core.problem import Problem
     from pymoo.problems.static import StaticProblem
 
-    cfg, space, evals = search.config, search.space, search.evals
+    cfg, space, evals = session.config, session.space, session.evals
     start = time.time() - seconds_before
     items = None
     if cfg.fitness.tasks:
-        n_items = search.pool.call("n_items", cfg.fitness.search_split)
+        n_items = session.pool.call("n_items", cfg.fitness.search_split)
         items = choose_items(n_items, cfg.fitness.items, cfg.seed)
         if any(o.estimator for o in cfg.objectives):
-            search.subsets = calibration.prepare_estimators(
-                evals, space, search.experts, cfg, n_items, search.folder.irt
+            session.scorer.use(
+                calibration.prepare_estimators(
+                    evals, space, session.experts, cfg, n_items, session.folder.irt
+                )
             )
-            items = calibration.union_items(list(search.subsets.values()))
-    adaptive = [s for s in search.subsets.values() if isinstance(s, calibration.AdaptiveObjective)]
+            items = calibration.union_items(list(session.scorer.subsets.values()))
+    adaptive = [s for s in session.scorer.subsets.values() if isinstance(s, calibration.AdaptiveObjective)]
     problem = Problem(n_var=space.n_var, n_obj=len(cfg.objectives), xl=0.0, xu=1.0)
-    algorithm, generation = _restore(search, problem)
-    search.refresh_report()  # what runs, and calibration's cost, before the first generation
-    session, done = time.time(), 0
+    algorithm, generation = _restore(session, problem)
+    session.refresh(None, None)  # what runs, and calibration's cost, before the first generation
+    began, done = time.time(), 0
     while algorithm.has_next():
         generation += 1
         pop = algorithm.ask()
         X = pop.get("X")
-        race = race_bound(search, generation) if any(o.race for o in cfg.objectives) else None
+        race = race_bound(session, generation) if any(o.race for o in cfg.objectives) else None
         jobs = [
             Job(
                 i,
@@ -165,9 +165,9 @@ def run_generations(search: Any, seconds_before: float = 0.0) -> float:
         F = np.stack([to_F(results[i], cfg.objectives) for i in range(len(X))])
         PymooEvaluator().eval(StaticProblem(problem, F=F), pop)
         algorithm.tell(infills=pop)
-        _checkpoint(search, generation, algorithm)
+        _checkpoint(session, generation, algorithm)
         evals.write_meta(search_seconds=time.time() - start)
         done += 1
-        left = (time.time() - session) / done * max(cfg.algorithm.generations - generation, 0)
-        search.refresh_report(generation, left)
+        left = (time.time() - began) / done * max(cfg.algorithm.generations - generation, 0)
+        session.refresh(generation, left)
     return time.time() - start

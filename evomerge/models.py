@@ -2,7 +2,7 @@
 
 A reference is a local HF folder, a hub id (passed through to transformers), a ``.gguf`` file (converted
 once into a cached HF folder, :mod:`evomerge.gguf`) or ``<prefix>:<name>`` for a prefix registered in
-:data:`REFERENCES`: the demo zoos of :mod:`evomerge.zoos` register ``zoo:`` (``zoo:base``,
+:data:`REFERENCES` (entry points ``evomerge.model_references``): the demo zoos of :mod:`evomerge.zoos` register ``zoo:`` (``zoo:base``,
 ``zoo:addition``, ...) and ``realzoo:``.
 """
 
@@ -97,9 +97,11 @@ class Reference:
     notice: Callable[[Path | None], str | None] = _no_notice
 
 
-# Prefix -> Reference. evomerge.zoos registers its prefixes when imported; the registry imports it at
-# the first lookup (an entry-point table kept in code), so that importing this module imports no zoo.
-REFERENCES: Registry[Reference] = Registry("model reference prefix", Reference, providers=("evomerge.zoos",))
+# Prefix -> Reference. Prefixes register through the ``evomerge.model_references`` entry points (the demo
+# zoos' in evomerge's pyproject.toml), read at the first lookup: the core names no zoo.
+REFERENCES: Registry[Reference] = Registry(
+    "model reference prefix", Reference, group="evomerge.model_references"
+)
 
 _PREFIXED = re.compile(r"([A-Za-z][\w-]*):(.*)", re.DOTALL)
 

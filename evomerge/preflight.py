@@ -314,13 +314,11 @@ def held_models(config: RunConfig) -> int:
 
 
 def uses_sketches(methods: Sequence[str]) -> bool:
-    """Whether any of ``methods`` builds order-statistics sketches (ties, breadcrumbs,
+    """Whether any of ``methods`` declares that it builds order-statistics sketches (ties, breadcrumbs,
     breadcrumbs_ties, sce): the sort behind them is a worker's largest one-time transient."""
-    from evomerge.merge import sce
     from evomerge.merge.base import get_method
-    from evomerge.merge.sparsify import prepare_magnitude
 
-    return any(get_method(m).prepare in (prepare_magnitude, sce.prepare) for m in methods)
+    return any(get_method(m).sketches for m in methods)
 
 
 def subspace_cache(methods: Sequence[str], experts: int) -> float:

@@ -1,8 +1,21 @@
-"""A small generic registry: named entries, duplicates refused, unknown names answered with suggestions."""
+"""A small generic registry: named entries, duplicates refused, unknown names answered with suggestions.
+
+Every plugin kind (merge methods, estimators, fitness backends, algorithms, model-reference prefixes) is
+one :class:`Registry`, and a package outside evomerge adds to it through the registry's entry-point group
+(``evomerge.merge_methods``, ``evomerge.estimators``, ``evomerge.fitness_backends``,
+``evomerge.algorithms``, ``evomerge.model_references``) in its own ``pyproject.toml``, read at the
+registry's first lookup::
+
+    [project.entry-points."evomerge.merge_methods"]
+    my_method = "my_package.merging"          # a module: registers its entries when imported
+    [project.entry-points."evomerge.algorithms"]
+    my_algorithm = "my_package.search:SPEC"   # module:attr: registered under the entry point's name
+"""
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from collections.abc import Iterator, Sequence
 from typing import Generic, TypeVar
 
@@ -14,7 +27,13 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Maps names to entries of one kind; ``get`` accepts a registered name or a lazy ``module:attr``."""
 
-    def __init__(self, kind: str, entry_type: type | None = None, providers: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        kind: str,
+        entry_type: type | None = None,
+        providers: Sequence[str] = (),
+        group: str | None = None,
+    ) -> None:
         self.kind = kind
         self.entry_type = entry_type  # what a ``module:attr`` must name
         self._entries: dict[str, T] = {}
@@ -22,6 +41,9 @@ class Registry(Generic[T]):
         # Modules that register entries when imported (an entry-point table kept in code), imported at
         # the first lookup: the registry's own module need not import them.
         self._providers = list(providers)
+        # The entry-point group other packages register through, read once at the first lookup.
+        self.group = group
+        self._group_pending = group is not None
 
     def add(self, name: str, entry: T) -> T:
         self._refuse_duplicate(name)
@@ -40,6 +62,29 @@ class Registry(Generic[T]):
     def _load_providers(self) -> None:
         while self._providers:
             importlib.import_module(self._providers.pop(0))
+        if self._group_pending:
+            self._group_pending = False  # first: a provider's own lookups must not read the group again
+            self._load_entry_points()
+
+    def _load_entry_points(self) -> None:
+        """Register the group's entry points: ``name = "module:attr"`` lazily as ``name``, and
+        ``name = "module"`` by importing the module (which registers its entries itself)."""
+        seen: set[tuple[str, str]] = set()
+        for ep in importlib.metadata.entry_points(group=self.group):
+            if (ep.name, ep.value) in seen:  # the same distribution found twice on the path
+                continue
+            seen.add((ep.name, ep.value))
+            if ":" not in ep.value:
+                try:
+                    importlib.import_module(ep.value)
+                except Exception as e:
+                    first = (str(e).splitlines() or [""])[0]
+                    raise EvomergeError(
+                        f"{self.kind} plugin {ep.name!r} ({self.group}: {ep.value}) does not import: "
+                        f"{type(e).__name__}: {first}"
+                    ) from None
+            elif self._lazy.get(ep.name) != ep.value:
+                self.add_lazy(ep.name, ep.value)
 
     def get(self, name: str) -> T:
         self._load_providers()
@@ -71,6 +116,13 @@ class Registry(Generic[T]):
                 f"registered ones: {', '.join(self.names())}"
             )
         return entry
+
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
+    def items(self) -> list[tuple[str, T]]:
+        """Every entry, lazy ones imported."""
+        return [(name, self.get(name)) for name in self]
 
     def __contains__(self, name: object) -> bool:
         self._load_providers()

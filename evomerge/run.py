@@ -7,17 +7,21 @@ The store is opened read-only and read once, so a run still in progress can be l
 from __future__ import annotations
 
 from enum import Enum
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from evomerge import summary
-from evomerge.config import ObjectiveConfig, RunConfig, parse_config
+from evomerge import objectives
 from evomerge.errors import EvomergeError
+from evomerge.objectives import ObjectiveConfig
 from evomerge.runfolder import RunFolder
-from evomerge.store import Candidate
+from evomerge.store import Candidate, Kind, Status
+
+if TYPE_CHECKING:
+    from evomerge.config import RunConfig
 
 _HEAD_COLUMNS = ("id", "kind", "generation", "label", "split", "status")
 _TAIL_COLUMNS = (
@@ -76,14 +80,20 @@ class Run:
         if "config" not in meta:
             raise EvomergeError(f"run {str(self.path)!r} has not recorded its config yet")
         raw = self._raw = meta["config"]
-        self.config: RunConfig | dict[str, Any]
-        try:
-            self.config = parse_config(raw)
-        except EvomergeError:  # another evomerge version, or a fitness function not importable here
-            self.config = raw
         self.objectives = [ObjectiveConfig.model_validate(o) for o in raw["objectives"]]
         self.models: dict[str, Any] | None = meta.get("models")
         self.candidates = self._frame(raw["fitness"]["test_split"])
+
+    @cached_property
+    def config(self) -> RunConfig | dict[str, Any]:
+        """The RunConfig, parsed when first asked (it loads the merge methods' declarations), or the
+        stored dict when this evomerge cannot parse it."""
+        from evomerge.config import parse_config
+
+        try:
+            return parse_config(self._raw)
+        except EvomergeError:  # another evomerge version, or a fitness function not importable here
+            return self._raw
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -98,12 +108,14 @@ class Run:
     def _frame(self, test_split: str) -> pd.DataFrame:
         names = [o.name for o in self.objectives]
         tested = {
-            c.recipe_key: c.objectives for c in self._records if c.split == test_split and c.status == "ok"
+            c.recipe_key: c.objectives
+            for c in self._records
+            if c.split == test_split and c.status == Status.OK
         }
         rows = []
         for c in self._records:
             values = c.objectives or {}
-            test = tested.get(c.recipe_key, {}) if c.kind == "search" and c.status == "ok" else {}
+            test = tested.get(c.recipe_key, {}) if c.kind == Kind.SEARCH and c.status == Status.OK else {}
             rows.append(
                 [
                     *(_plain(getattr(c, col)) for col in _HEAD_COLUMNS),
@@ -124,10 +136,10 @@ class Run:
     def _searched(self) -> pd.DataFrame:
         """Successful search candidates."""
         df = self.candidates
-        return df[(df.kind == "search") & (df.status == "ok")].astype({"generation": int})
+        return df[(df.kind == Kind.SEARCH) & (df.status == Status.OK)].astype({"generation": int})
 
     def _front(self) -> list[Candidate]:
-        return summary.front_of(self._records, self.objectives)
+        return objectives.front_of(self._records, self.objectives)
 
     def pareto_front(self) -> pd.DataFrame:
         """The non-dominated successful search candidates (one per distinct recipe), best first by the
@@ -136,11 +148,11 @@ class Run:
 
     @property
     def best_id(self) -> int:
-        """The candidate the run saved as best_model/ (:func:`evomerge.summary.best_of`): the front
+        """The candidate the run saved as best_model/ (:func:`evomerge.objectives.best_of`): the front
         member with the best mean of the objectives, earliest on ties; with estimated objectives, once
         the run has re-scored its front on the whole search split, the best on measured values among
         the front and the calibration models (whose id it then is)."""
-        best = summary.best_of(self._records, self.objectives, self._raw["fitness"]["search_split"])
+        best = objectives.best_of(self._records, self.objectives, self._raw["fitness"]["search_split"])
         if best is None:
             raise EvomergeError(f"run {str(self.path)!r} has no successful search candidate yet")
         return best[0].id
@@ -151,7 +163,7 @@ class Run:
         (mean), best and mean of each objective, the best so far, and the evaluation seconds (summed
         over workers) of the generation and so far.
         Genomes whose recipe the run had already scored are not re-evaluated, so are not counted."""
-        df = self.candidates[self.candidates.kind == "search"]
+        df = self.candidates[self.candidates.kind == Kind.SEARCH]
         aggregations: dict[str, tuple[str, str]] = {
             "evaluated": ("status", "size"),
             "failed": ("failed", "sum"),
@@ -163,7 +175,7 @@ class Run:
             aggregations[f"mean_{o.name}"] = (o.name, "mean")
         aggregations["wall_s"] = ("wall_s", "sum")
         h = (
-            df.assign(failed=df.status != "ok", raced=df.stopped == "raced")
+            df.assign(failed=df.status != Status.OK, raced=df.stopped == "raced")
             .groupby("generation")
             .agg(**aggregations)
         )

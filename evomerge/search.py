@@ -7,6 +7,7 @@ and the evaluations between them; the loop (:mod:`evomerge.loop`), the IRT stage
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -15,19 +16,18 @@ from typing import Any
 
 import yaml
 
-from evomerge import calibration, loop, preflight, report, summary
+from evomerge import loop, objectives, preflight, report, summary
 from evomerge.algorithms import spec_for
-from evomerge.config import DEPTH, RunConfig
+from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
-from evomerge.evaluations import Evaluations, SystematicFailure
+from evomerge.evaluations import Evaluations, SystematicFailure, no_progress
 from evomerge.fitness import fitness_spec
-from evomerge.jobs import EvalResult, Job
 from evomerge.merge.merger import check_masks_reproducible
 from evomerge.merge.streams import KEYED_VERSION
 from evomerge.models import ModelSet, looks_local
 from evomerge.runfolder import RunFolder
 from evomerge.searchspace import SearchSpace
-from evomerge.store import Kind
+from evomerge.session import Refresh, RunSession, RunState, Scorer
 from evomerge.workers import Where, WorkerPool
 
 __all__ = ["Search", "SystematicFailure", "resume_search", "stored_config"]
@@ -127,7 +127,9 @@ class Search:
     """One run of a config into a run folder. ``run()`` starts it, ``resume()`` continues a stopped one;
     both return the run folder. ``fitness`` (a callable ``(model, tokenizer) -> dict``) replaces the
     config's fitness, for searches driven from Python. ``models`` (the resolved folders a run recorded,
-    see :func:`resume_search`) replaces the config's model references."""
+    see :func:`resume_search`) replaces the config's model references. ``refresh``, called with the run's
+    :class:`~evomerge.session.RunState` before the first generation, after each and at the end, rewrites
+    the run's report (the CLI passes :func:`evomerge.report.page.refresher`); None: no report."""
 
     def __init__(
         self,
@@ -136,12 +138,14 @@ class Search:
         console: Any = None,
         fitness: Callable[[Any, Any], Any] | None = None,
         models: dict[str, Any] | None = None,
+        refresh: Refresh | None = None,
     ):
         if fitness is not None:
             config = config.model_copy(
                 update={"fitness": config.fitness.model_copy(update={"function": fitness, "tasks": ()})}
             )
         self.fitness_fn = fitness
+        self._refresh = refresh
         self.run_dir = Path(out or config.out or "runs/run")
         self.folder = RunFolder(self.run_dir)
         self.console = console
@@ -191,7 +195,7 @@ class Search:
             for e in self.experts:  # refuse a space that cannot express them before anything is stored
                 self.space.expert_genome(e)
         self.objectives = config.objectives
-        self.subsets: dict[str, calibration.Subset] = {}  # objective name -> its IRT item subset
+        self.scorer = Scorer(config.objectives)  # a finished evaluation's objective values
 
     # --- what the workers get -------------------------------------------------------------------------
     def _models_spec(self) -> dict[str, Any]:
@@ -219,67 +223,48 @@ class Search:
     def _fitness_spec(self) -> dict[str, Any]:
         """The fitness config's fields for the workers, with lm-eval's batch the memory plan's."""
         cfg = self.config
-        spec = fitness_spec(cfg.fitness, [o for o in cfg.objectives if o.of != DEPTH], cfg.seed)
+        spec = fitness_spec(cfg.fitness, objectives.scored(cfg.objectives), cfg.seed)
         if "batch_size" in spec and self.plan is not None and self.plan.batch is not None:
             spec["batch_size"] = self.plan.batch
         return spec
 
-    # --- objective values ---------------------------------------------------------------------------------
-    def score(self, job: Job, result: EvalResult) -> dict[str, float]:
-        """A finished evaluation's objective values; a search candidate scored on its subsets gets, for
-        objectives with an estimator, the IRT estimate of its full-split value."""
-        values = result.values or {}
-        if job.origin.kind == Kind.SEARCH and self.subsets:
-            out = {}
-            for o in self.objectives:
-                sub = self.subsets.get(o.name)
-                if result.adaptive and o.name in result.adaptive:  # the worker's adaptive test
-                    out[o.name] = float(result.adaptive[o.name]["estimate"])
-                elif sub is not None:
-                    out[o.name] = sub.estimate(result.responses, job.origin.genome)[0]
-                else:
-                    out[o.name] = _value(o, values)
-            return out
-        return {o.name: _value(o, values) for o in self.objectives}
-
     # --- the run --------------------------------------------------------------------------------------
     def run(self) -> Path:
         """Start the run in a new run folder."""
-        with self.session():
-            self._finish(loop.run_generations(self))
+        with self.session() as session:
+            self._finish(session, loop.run_generations(session))
         return self.run_dir
 
     def resume(self) -> Path:
         """Continue the run in ``run_dir`` from its last checkpoint; nothing stored is evaluated again."""
-        with self.session(resume=True):
-            before = self.folder.meta(self.evals.store).search_seconds or 0.0
-            self._finish(loop.run_generations(self, before))
+        with self.session(resume=True) as session:
+            before = self.folder.meta(session.evals.store).search_seconds or 0.0
+            self._finish(session, loop.run_generations(session, before))
         return self.run_dir
 
-    def _finish(self, search_seconds: float) -> None:
-        done = summary.finish(self, search_seconds)
+    def _finish(self, session: RunSession, search_seconds: float) -> None:
+        done = summary.finish(session, search_seconds)
         self.refresh_report()
         if self.console is not None:
             report.print_summary(self.console, done)
 
     def refresh_report(self, generation: int | None = None, seconds_left: float | None = None) -> None:
-        """Rewrite RUN_DIR/report.html from the store and, after a generation, print its line (best so
-        far, front, items, time left). A report that cannot be written is a warning line, never a stop."""
-        from evomerge import html_report
-        from evomerge.run import Run
-
-        try:
-            run = Run(self.run_dir, self.evals.store.snapshot())
-            if generation is not None and self.console is not None:
-                total = self.config.algorithm.generations
-                line = report.generation_line(run, generation, total, seconds_left)
-                self.console.print(line, markup=False, highlight=False)
-            html_report.write_report(run)
-        except Exception as e:  # the run matters more than its report
-            html_report.warn(e, self.console)
+        """Hand the store as it is now to the ``refresh`` callback (nothing without one): after a
+        generation, ``generation`` and the estimated ``seconds_left``."""
+        if self._refresh is None:
+            return
+        self._refresh(
+            RunState(
+                self.run_dir,
+                self.evals.store.snapshot,
+                generation,
+                self.config.algorithm.generations,
+                seconds_left,
+            )
+        )
 
     @contextlib.contextmanager
-    def session(self, resume: bool = False) -> Iterator[Search]:
+    def session(self, resume: bool = False) -> Iterator[RunSession]:
         """The run's store (new, or the existing one when ``resume``), its workers and the evaluations
         between them, for the duration.
 
@@ -330,21 +315,25 @@ class Search:
                     genes=self.space.describe(),
                 )
                 stack.callback(store.close)
-            self.evals = Evaluations(self.folder, store, self.pool, self.score, self.console)
+            progress = (
+                no_progress if self.console is None else functools.partial(report.progress, self.console)
+            )
+            self.evals = Evaluations(self.folder, store, self.pool, self.scorer, progress)
             # who runs it, for the report's status (a process killed with -9 leaves it: "stopped" then)
             self.folder.meta(store).update(running={"host": socket.gethostname(), "pid": os.getpid()})
             try:
-                yield self
+                yield RunSession(
+                    cfg,
+                    self.space,
+                    self.experts,
+                    self.folder,
+                    self.pool,
+                    self.evals,
+                    self.scorer,
+                    self.refresh_report,
+                )
             finally:
                 with contextlib.suppress(Exception):
                     self.folder.meta(store).update(running=None)
                 if not self.folder.finished():
                     self.refresh_report()  # status: stopped
-
-
-def _value(o: Any, values: dict[str, float]) -> float:
-    if o.of not in values:
-        raise EvomergeError(
-            f"fitness returned no value {o.of!r} for objective {o.name!r}; it returned: {', '.join(values)}"
-        )
-    return values[o.of]

@@ -173,7 +173,7 @@ class Worker:
 
     def _adaptive(self, model: torch.nn.Module, job: Job) -> EvalResult:
         """Score the job's objectives by adaptive tests, a batch of items per fitness call."""
-        from evomerge.calibration import adaptive_evaluate
+        from evomerge.adaptive import adaptive_evaluate
 
         n_tokens = 0
         outputs: dict[str, dict[str, str]] = {}
@@ -187,8 +187,8 @@ class Worker:
             return result.responses or {}
 
         scores, answered = adaptive_evaluate(job.adaptive, ask, job.race)
-        values = {f"{name}_se": s["se"] for name, s in scores.items()}
-        values |= {name: s["estimate"] for name, s in scores.items()}
+        values = {f"{name}_se": s.se for name, s in scores.items()}
+        values |= {name: s.estimate for name, s in scores.items()}
         n = sum(len(v) for v in answered.values())
         return EvalResult(
             Status.OK,

@@ -128,7 +128,7 @@ def test_bad_limits_are_one_line(population, kw, message):
 
 
 def _spec(params, name, cols, **kw):
-    from evomerge.calibration import AdaptiveSpec
+    from evomerge.adaptive import AdaptiveSpec
 
     return AdaptiveSpec(name, tuple(cols), params, kw.pop("target_se", 0.05), kw.pop("max_items", 60), **kw)
 
@@ -136,7 +136,7 @@ def _spec(params, name, cols, **kw):
 def test_a_workers_adaptive_tests_share_answers_and_race(population):
     """Two objectives over the same items ask each item once; a race against a front the candidate
     cannot reach stops the last objective's test after its first batch."""
-    from evomerge.calibration import Race, adaptive_evaluate
+    from evomerge.adaptive import Race, adaptive_evaluate
 
     responses, params = population
     cols = [("t", str(i)) for i in range(params.n_items)]
@@ -150,20 +150,20 @@ def test_a_workers_adaptive_tests_share_answers_and_race(population):
     scores, answered = adaptive_evaluate(specs, ask)
     flat = [i for batch in asked for i in batch["t"]]
     assert len(flat) == len(set(flat)) == len(answered["t"])  # no item asked twice
-    assert scores["a"]["estimate"] == pytest.approx(scores["b"]["estimate"], abs=0.05)
-    assert {s["stopped"] for s in scores.values()} <= {"precise", "max_items"}
+    assert scores["a"].estimate == pytest.approx(scores["b"].estimate, abs=0.05)
+    assert {s.stopped for s in scores.values()} <= {"precise", "max_items"}
 
     unreachable = Race(("max", "max"), ((0.99, 0.99),), z=1.64)
     asked.clear()
     raced, _ = adaptive_evaluate(specs, ask, unreachable)
-    assert raced["b"]["stopped"] == "raced" and raced["b"]["items"] == 4
-    assert raced["a"]["stopped"] != "raced"  # only the last objective's test races: then all are known
+    assert raced["b"].stopped == "raced" and raced["b"].items == 4
+    assert raced["a"].stopped != "raced"  # only the last objective's test races: then all are known
     reachable = Race(("max", "max"), ((0.0, 0.0),), z=1.64)
-    assert adaptive_evaluate(specs, ask, reachable)[0]["b"]["stopped"] != "raced"
+    assert adaptive_evaluate(specs, ask, reachable)[0]["b"].stopped != "raced"
 
 
 def test_a_prior_is_fused_with_the_adaptive_estimate(population):
-    from evomerge.calibration import adaptive_evaluate
+    from evomerge.adaptive import adaptive_evaluate
 
     responses, params = population
     cols = [("t", str(i)) for i in range(params.n_items)]
@@ -174,8 +174,8 @@ def test_a_prior_is_fused_with_the_adaptive_estimate(population):
     plain = adaptive_evaluate((_spec(params, "a", cols),), ask)[0]["a"]
     sure = adaptive_evaluate((_spec(params, "a", cols, prior=(0.9, 1e-8)),), ask)[0]["a"]
     vague = adaptive_evaluate((_spec(params, "a", cols, prior=(0.9, 1e6)),), ask)[0]["a"]
-    assert sure["estimate"] == pytest.approx(0.9, abs=1e-4) and sure["se"] < plain["se"]
-    assert vague["estimate"] == pytest.approx(plain["estimate"], abs=1e-6)
+    assert sure.estimate == pytest.approx(0.9, abs=1e-4) and sure.se < plain.se
+    assert vague.estimate == pytest.approx(plain.estimate, abs=1e-6)
 
 
 @pytest.mark.parametrize(

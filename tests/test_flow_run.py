@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from evomerge.config import load_config
 from evomerge.recipe import FlowStep, Recipe
+from evomerge.report.page import refresher
 from evomerge.run import Run
 from evomerge.search import Search, resume_search
 from evomerge.store import Store
@@ -69,7 +70,7 @@ def test_a_flow_search_with_depth_resumes_and_reloads(tmp_path, models, ray_env)
         out=str(tmp_path / "run"),
         **{"search_space": {"name": "per_layer_flow"}, "algorithm.pop_size": 6, "algorithm.generations": 3},
     )
-    run = Search(cfg).run()
+    run = Search(cfg, refresh=refresher()).run()
     store = Store(run / "store.sqlite")
     rows = store.candidates(kind="search")
     assert {len(c.recipe["flow"]) for c in rows if c.status == "ok"} > {4}  # the depth varies
@@ -78,7 +79,7 @@ def test_a_flow_search_with_depth_resumes_and_reloads(tmp_path, models, ray_env)
     store.db.execute("DELETE FROM checkpoints WHERE generation > 1")
     store.close()
     (run / "summary.json").unlink()
-    resume_search(run).resume()
+    resume_search(run, refresh=refresher()).resume()  # the report: the CLI's refresh
     after = Store(run / "store.sqlite").candidates(kind="search")
     assert {c.recipe_key for c in after} == {c.recipe_key for c in rows}
     assert json.loads((run / "summary.json").read_text())["front"] == summary["front"]

@@ -339,7 +339,7 @@ def test_show_and_the_report_give_the_answers(generative_run) -> None:
     from click.testing import CliRunner
 
     from evomerge.cli import app
-    from evomerge.html_report import build_report
+    from evomerge.report.page import build_report
     from evomerge.run import Run
 
     run = Run(generative_run)

@@ -226,6 +226,7 @@ def own_estimators(monkeypatch: pytest.MonkeyPatch) -> Registry:
     for name in irt.ESTIMATORS:
         registry.add(name, irt.get_estimator(name))
     monkeypatch.setattr(irt, "ESTIMATORS", registry)
+    monkeypatch.setattr(irt.estimators, "ESTIMATORS", registry)  # where ``estimator`` registers
     return registry
 
 

@@ -13,10 +13,11 @@ import pytest
 from browser import missing, open_pages
 from click.testing import CliRunner
 
-from evomerge import html_report
 from evomerge.cli import app
 from evomerge.config import load_config
-from evomerge.report import generation_line
+from evomerge.report import compare as compare_page
+from evomerge.report import figures, generation_line
+from evomerge.report import page as report_page
 from evomerge.run import Run
 from evomerge.runfolder import RunFolder
 from evomerge.store import Candidate
@@ -99,12 +100,12 @@ def test_the_finished_tiny_run_has_its_report_and_a_report_changes_nothing_else(
 
 def test_three_objectives_with_a_failure(three):
     run = Run(three)
-    page = html_report.build_report(run)
+    page = report_page.build_report(run)
     assert "stopped, generation 3 of 8" in page  # nothing records a live process
     assert "RuntimeError: boom" in page and f"evomerge show {three} --candidate 3" in page
     assert "layers_0-1 (ties)" in page  # the method is a gene of per_layer_methods
     assert "The test split is evaluated when the search ends" in page
-    table = html_report.progress_table(run)
+    table = figures.progress_table(run)
     assert list(table.models_so_far) == [2, 4, 5] and list(table.best_so_far_cost) == [2.0, 1.0, 1.0]
     line = generation_line(run, 3, 8, 75)
     assert line == (
@@ -156,9 +157,9 @@ def test_reports_render_in_a_headless_browser(tiny_run, three, tmp_path):
         pytest.skip(f"no headless browser: {why}")
     other = fake_run(tmp_path / "other", THREE, {1: (0.55, 0.5, 2.5), 2: (0.65, 0.6, 1.5)})
     pages = [
-        html_report.write_report(tiny_run, tmp_path / "tiny.html"),
-        html_report.write_report(three, tmp_path / "three.html"),
-        html_report.write_compare([three, other], tmp_path / "compare.html"),
+        report_page.write_report(tiny_run, tmp_path / "tiny.html"),
+        report_page.write_report(three, tmp_path / "three.html"),
+        compare_page.write_compare([three, other], tmp_path / "compare.html"),
     ]
     expected = {"tiny": 3, "three": 3, "compare": 2}
     for page, seen in zip(pages, open_pages(pages, tmp_path), strict=True):
@@ -174,7 +175,28 @@ def test_the_page_is_self_contained(three):
     """plotly.js is inlined whole; outside it the page loads nothing from anywhere."""
     from plotly.offline import get_plotlyjs
 
-    page = html_report.build_report(Run(three))
+    page = report_page.build_report(Run(three))
     assert get_plotlyjs() in page
     own = page.replace(get_plotlyjs(), "")
     assert not re.search(r"src=|href=(?!\"#)|<link|@import|url\(", own)  # links within the page only
+
+
+def test_the_read_side_loads_no_torch_and_the_engine_no_page():
+    """Run, the terminal output and the pages import neither torch nor a merge kernel (evomerge front,
+    show and report start fast); the engine (search, loop, summary, evaluations) imports no page."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, evomerge.run, evomerge.report, evomerge.report.page, evomerge.report.compare; "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('evomerge.merge', "
+        "'evomerge.searchspace', 'evomerge.config'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    engine = (
+        "import sys, evomerge.search, evomerge.loop, evomerge.summary, evomerge.evaluations; "
+        "print(sorted(m for m in sys.modules if m.startswith(('evomerge.report.', 'evomerge.run'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", engine], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['evomerge.report.terminal', 'evomerge.runfolder']", out.stdout

@@ -18,10 +18,10 @@ import pytest
 import yaml
 from tiny import save_model_set
 
-from evomerge import html_report
 from evomerge.algorithms import ALGORITHMS, make_algorithm, setup
 from evomerge.config import load_config
 from evomerge.errors import EvomergeError
+from evomerge.report import page as report_page
 from evomerge.search import Search, resume_search
 from evomerge.store import Store
 
@@ -440,7 +440,7 @@ def test_kill_9_mid_generation_and_during_the_test_evaluations_then_resume_repro
     assert before and not (run_dir / "summary.json").exists()
     # the report the run wrote after generation 2, and one built now: a stopped run (nothing else written)
     assert "running, generation 2 of 4" in (run_dir / "report.html").read_text()
-    html_report.write_report(run_dir, tmp_path / "stopped.html")
+    report_page.write_report(run_dir, tmp_path / "stopped.html")
     assert "stopped, generation 3 of 4" in (tmp_path / "stopped.html").read_text()
     out = _kill_when(_cli("resume", run_dir, "--quiet", env=env), db, "kind IN ('test', 'reference')")
     assert "generation" not in out and "memory plan" not in out, out

@@ -62,6 +62,7 @@ def toy_run(config: str, zoo_dir: Path, out: Path, items: int) -> Path:
     import ray
 
     from evomerge.config import load_config
+    from evomerge.report.page import refresher
     from evomerge.search import Search
 
     cfg = load_config(
@@ -75,6 +76,6 @@ def toy_run(config: str, zoo_dir: Path, out: Path, items: int) -> Path:
         },
     )
     try:
-        return Search(cfg).run()
+        return Search(cfg, refresh=refresher()).run()
     finally:
         ray.shutdown()

@@ -82,7 +82,11 @@ class Backend:
         return self.cls(**{k: spec[k] for k in (*self.fields, *self.derived) if k in spec})
 
 
-BACKENDS: Registry[Backend] = Registry("fitness backend", Backend)
+# Built-in backends register when evomerge.fitness imports their modules; other packages' through the
+# ``evomerge.fitness_backends`` entry points.
+BACKENDS: Registry[Backend] = Registry(
+    "fitness backend", Backend, providers=("evomerge.fitness",), group="evomerge.fitness_backends"
+)
 
 
 def fitness_backend(

@@ -174,6 +174,8 @@ class MergeMethod:
     export as merged weights, not as a mergekit configuration).
     ``cache_models``: (a, b), the genome-independent cache the method keeps per tensor on the merging
     device is at most a + b K float32 model sizes (the subspace methods' SVD factors), for the plan.
+    ``sketches``: its ``prepare`` builds order-statistics (magnitude) sketches of each tensor, whose sort
+    is a worker's largest one-time transient (the plan counts it).
     """
 
     name: str
@@ -191,6 +193,7 @@ class MergeMethod:
     random_masks: bool = False
     cache_models: tuple[float, float] = (0.0, 0.0)
     mergekit: bool = True
+    sketches: bool = False
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -284,7 +287,11 @@ class MergeMethod:
             )
 
 
-METHODS: Registry[MergeMethod] = Registry("merge method", MergeMethod)
+# Built-in methods register when evomerge.merge imports their modules; other packages' through the
+# ``evomerge.merge_methods`` entry points.
+METHODS: Registry[MergeMethod] = Registry(
+    "merge method", MergeMethod, providers=("evomerge.merge",), group="evomerge.merge_methods"
+)
 
 
 def merge_method(
@@ -300,6 +307,7 @@ def merge_method(
     random_masks: bool = False,
     cache_models: tuple[float, float] = (0.0, 0.0),
     mergekit: bool = True,
+    sketches: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn(inputs: MergeInputs, **params) -> Tensor`` under ``name`` with its parameters."""
 
@@ -320,6 +328,7 @@ def merge_method(
                 random_masks,
                 cache_models,
                 mergekit,
+                sketches,
             ),
         )
         return fn

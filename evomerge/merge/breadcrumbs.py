@@ -16,6 +16,7 @@ from evomerge.merge.sparsify import prepare_magnitude
     params=gta_params(normalize=False, rescale=False, extra=[GAMMA]),
     reference="https://arxiv.org/abs/2312.06795",
     prepare=prepare_magnitude,
+    sketches=True,
 )
 def breadcrumbs(x: MergeInputs, **params: Any) -> torch.Tensor:
     """Ranking |d_i| ascending, keep ranks [n - k - g, n - g) with k = int(density_i n),

@@ -16,6 +16,7 @@ from evomerge.merge.sparsify import prepare_magnitude
     params=gta_params(normalize=False, rescale=False, extra=[GAMMA]),
     reference="https://arxiv.org/abs/2312.06795",
     prepare=prepare_magnitude,
+    sketches=True,
 )
 def breadcrumbs_ties(x: MergeInputs, **params: Any) -> torch.Tensor:
     """d'_i = w_i s_i b_i d_i with b_i breadcrumbs' band mask (ranks [n - k - g, n - g) of |d_i|,

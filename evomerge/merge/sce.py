@@ -104,6 +104,7 @@ def _topk_losers(x: MergeInputs, tied: torch.Tensor, k: int, var: torch.Tensor |
     params=[Param("select_topk", "shared", default=1.0, low=0.0, high=1.0), INT8_MASK],
     reference="https://arxiv.org/abs/2408.07990",
     prepare=prepare,
+    sketches=True,
 )
 def sce(x: MergeInputs, select_topk: float, int8_mask: bool) -> torch.Tensor:
     """Select: b = [var_i(delta_i) among the top int(select_topk * #nonzero) variances], v_i = b delta_i;

@@ -16,6 +16,7 @@ __all__ = ["sign_consensus", "ties"]
     params=[WEIGHT, DENSITY, Param("normalize", "shared", default=True, kind=bool), LAMBDA, INT8_MASK],
     reference="https://arxiv.org/abs/2306.01708",
     prepare=prepare_magnitude,
+    sketches=True,
 )
 def ties(
     x: MergeInputs, weight: torch.Tensor, density: torch.Tensor, normalize: bool, **shared: float

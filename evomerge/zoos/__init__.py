@@ -7,11 +7,8 @@ the tests and the benchmarks.
 - :mod:`evomerge.zoos.scoring`: those items scored in-process as lm-eval scores them
 - :mod:`evomerge.zoos.build`: what both zoos' builds share (recipe hash, manifest, training plumbing)
 
-Importing this package registers the two prefixes in :data:`evomerge.models.REFERENCES` by ``module:attr``:
-a zoo's module (torch training code) is imported only when a reference first names its prefix.
+The two prefixes register in :data:`evomerge.models.REFERENCES` through evomerge's
+``evomerge.model_references`` entry points (``zoo = "evomerge.zoos.tiny:REFERENCE"``, ``realzoo = ...``),
+as any package's would: a zoo's module (torch training code) is imported only when a reference first
+names its prefix, and the core names no zoo.
 """
-
-from evomerge.models import REFERENCES
-
-REFERENCES.add_lazy("zoo", "evomerge.zoos.tiny:REFERENCE")
-REFERENCES.add_lazy("realzoo", "evomerge.zoos.smollm2:REFERENCE")

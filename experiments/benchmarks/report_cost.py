@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from evomerge import html_report
+from evomerge.report import page
 from evomerge.run import Run
 from evomerge.runfolder import RunFolder
 
@@ -44,7 +44,7 @@ def measure(run_dir: Path, repeat: int, out: Path) -> dict:
     for _ in range(repeat):
         start = time.perf_counter()
         run = Run(run_dir)
-        html_report.write_report(run, out)
+        page.write_report(run, out)
         times.append(time.perf_counter() - start)
     summary = json.loads((run_dir / "summary.json").read_text())
     generations = int(run.candidates.generation.max())

@@ -152,7 +152,7 @@ def anytime(run_dir: Path) -> pd.DataFrame:
     included), the best candidate by its search value so far, and that candidate's test accuracy. Not
     on the curve: the whole-split re-scoring of an IRT run's final front (``attrs["rescored"]``) and
     every run's test-split scoring."""
-    from evomerge.html_report import progress_table
+    from evomerge.report.figures import progress_table
     from evomerge.run import load_run
 
     run = load_run(run_dir)
@@ -219,7 +219,7 @@ def main() -> None:
     print(f"\nanytime curves (median, min-max over seeds): {out / 'efficiency.png'}")
     firsts = [out / f"{name}-0" for name in curves if RunFolder(out / f"{name}-0").finished()]
     if len(firsts) > 1:  # `evomerge compare` of each recipe's first seed: fronts and progress, interactive
-        from evomerge.html_report import write_compare
+        from evomerge.report.compare import write_compare
 
         print(f"seed 0 of each recipe, side by side: {write_compare(firsts, out / 'compare.html')}")
 

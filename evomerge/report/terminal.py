@@ -1,4 +1,4 @@
-"""Fronts, the best-model pick, summaries, tables and progress display."""
+"""Summaries, tables and progress display on the terminal (the objective arithmetic: evomerge.objectives)."""
 
 from __future__ import annotations
 
@@ -11,64 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from evomerge.config import DEPTH
-from evomerge.store import Candidate
-
-
-def _signed(c: Candidate, objectives: Sequence[Any]) -> np.ndarray:
-    """Objective values as a minimisation problem."""
-    return np.array(
-        [-c.objectives[o.name] if o.direction == "max" else c.objectives[o.name] for o in objectives]
-    )
-
-
-def pareto_front(candidates: Sequence[Candidate], objectives: Sequence[Any]) -> list[Candidate]:
-    """Non-dominated candidates (distinct recipes), best first for one objective."""
-    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
-
-    unique = list({c.recipe_key: c for c in candidates}.values())
-    F = np.stack([_signed(c, objectives) for c in unique])
-    if len(objectives) == 1:
-        best = F[:, 0].min()
-        return [unique[i] for i in np.flatnonzero(F[:, 0] == best)]
-    front = NonDominatedSorting().do(F, only_non_dominated_front=True)
-    return sorted((unique[i] for i in front), key=lambda c: tuple(_signed(c, objectives)))
-
-
-PICK_RULE = (
-    "the front member with the best mean of its objective values (signed so that lower is better; "
-    "objectives of depth, a size rather than a score, only break ties), the lowest candidate id on ties"
-)
-
-
-def pick_best(
-    front: Sequence[Candidate], objectives: Sequence[Any], measured: dict[int, Candidate] | None = None
-) -> Candidate:
-    """The candidate with the best mean of its (signed) objective values, objectives of depth left to
-    break ties (a mean with them would rank by size: layers outnumber accuracy points); earliest on
-    ties. ``measured`` (candidate id -> its evaluation on the whole search split) ranks by those values
-    instead of the candidates' own, e.g. when the search's values are IRT estimates."""
-    scored = [o for o in objectives if o.of != DEPTH] or list(objectives)
-    sizes = [o for o in objectives if o not in scored]
-
-    def score(c: Candidate) -> tuple[float, float, int]:
-        values = measured[c.id] if measured else c
-        size = float(_signed(values, sizes).mean()) if sizes else 0.0
-        return float(_signed(values, scored).mean()), size, c.id
-
-    return min(front, key=score)
-
-
-def pick_best_measured(
-    front: Sequence[Candidate],
-    calibrated: Sequence[Candidate],
-    full: dict[int, Candidate],
-    objectives: Sequence[Any],
-) -> Candidate:
-    """With estimated objectives: the best on measured values only, among the front (``full``: each
-    member's evaluation on the whole search split) and the calibration models (base, experts, random
-    merges), which calibration measured on that split already."""
-    return pick_best([*front, *calibrated], objectives, {**full, **{c.id: c for c in calibrated}})
+from evomerge.objectives import PICK_RULE
+from evomerge.store import Candidate, Kind, Status
 
 
 def recipe_summary(recipe: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -278,7 +222,7 @@ def generation_line(run: Any, generation: int, total: int, seconds_left: float |
     """One line after a generation: the best value so far of each objective (rated search candidates),
     the front's size, the items evaluated so far (calibration included) and the search's time left."""
     df = run.candidates
-    rated = df[(df.kind == "search") & (df.status == "ok") & (df.stopped != "raced")]
+    rated = df[(df.kind == Kind.SEARCH) & (df.status == Status.OK) & (df.stopped != "raced")]
     best = ", ".join(
         f"{o.name} {getattr(rated[o.name], o.direction)():.4f}" if len(rated) else f"{o.name} -"
         for o in run.objectives

@@ -1,0 +1,2 @@
+"""A tiny evomerge plugin: ``plugin_average`` (merge method), ``plugin_mean`` (estimator) and
+``plugin_random`` (search algorithm), registered through entry points (see its pyproject.toml)."""
