@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.errors import EvomergeError, read_yaml
 from evomerge.objectives import DEPTH, ObjectiveConfig
-from evomerge.searchspace import SearchSpaceConfig, load_space_config, space_data
+from evomerge.spaceconfig import SearchSpaceConfig, load_space_config, space_data
 
 
 class _Frozen(BaseModel):
