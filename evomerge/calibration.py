@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from evomerge import irt
-from evomerge.adaptive import AdaptiveSpec, Column, Race  # noqa: F401  (Race: re-exported for the loop)
+from evomerge.adaptive import AdaptiveSpec, Column
 from evomerge.errors import EvomergeError
 
 

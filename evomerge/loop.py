@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from evomerge import calibration
+from evomerge.adaptive import Race
 from evomerge.algorithms import FAILED_F, make_algorithm, setup, spec_for
 from evomerge.errors import EvomergeError
 from evomerge.jobs import Job, Origin
@@ -54,7 +55,7 @@ def initial_population(session: RunSession) -> np.ndarray | None:
     return np.concatenate([experts, rest])
 
 
-def race_bound(session: RunSession, generation: int) -> calibration.Race | None:
+def race_bound(session: RunSession, generation: int) -> Race | None:
     """What generation ``generation``'s raced candidates must be able to beat: the front of the rated
     search candidates of the generations before it (None before any), so a resumed run races alike."""
     from scipy.stats import norm
@@ -65,7 +66,7 @@ def race_bound(session: RunSession, generation: int) -> calibration.Race | None:
     if not front:
         return None
     confidence = max(o.race_confidence for o in cfg.objectives if o.race)
-    return calibration.Race(
+    return Race(
         tuple(o.direction for o in cfg.objectives),
         tuple(tuple(c.objectives[o.name] for o in cfg.objectives) for c in front),
         float(norm.ppf(confidence)),
