@@ -138,6 +138,8 @@ class ModelSet:
     _resolved: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     _alignment: Alignment | None = field(default=None, init=False, repr=False)
     _vocab_names: list[str] | None = field(default=None, init=False, repr=False)
+    _adapters: dict[str, Adapter | None] = field(default_factory=dict, init=False, repr=False)
+    _vocabs: dict[str, Vocab] = field(default_factory=dict, init=False, repr=False)
 
     def resolve(self, ref: str) -> str:
         """A local folder path or a hub id for ``ref``; local folders must exist."""
@@ -185,12 +187,12 @@ class ModelSet:
         return DTYPES[self.dtype]
 
     def adapter(self, ref: str) -> Adapter | None:
-        """The PEFT adapter ``ref`` names (an expert), or None for a model."""
-        path = self.resolve(ref)
-        if not is_adapter(path):
-            return None
-        name = next((k for k, v in self.experts.items() if v == ref), ref)
-        return Adapter.read(name, path)
+        """The PEFT adapter ``ref`` names (an expert), or None for a model; read once."""
+        if ref not in self._adapters:
+            path = self.resolve(ref)
+            name = next((k for k, v in self.experts.items() if v == ref), ref)
+            self._adapters[ref] = Adapter.read(name, path) if is_adapter(path) else None
+        return self._adapters[ref]
 
     def config(self, ref: str):
         """The model config of ``ref`` (an adapter's: its base's)."""
@@ -223,8 +225,14 @@ class ModelSet:
         self.alignment()
 
     # --- vocabularies --------------------------------------------------------------------------------------
-    def _vocab_of(self, ref: str) -> Vocab:
-        """``ref``'s tokenizer vocabulary (None where its folder holds no tokenizer) and embedding rows."""
+    def vocab_of(self, ref: str) -> Vocab:
+        """``ref``'s tokenizer vocabulary (None where its folder holds no tokenizer) and embedding rows;
+        read once."""
+        if ref not in self._vocabs:
+            self._vocabs[ref] = self._read_vocab(ref)
+        return self._vocabs[ref]
+
+    def _read_vocab(self, ref: str) -> Vocab:
         from transformers import AutoTokenizer
 
         adapter = self.adapter(ref) if ref != self.base else None
@@ -245,8 +253,8 @@ class ModelSet:
         """How the experts' vocabulary rows map onto the merged model's (``models.vocab``); refuses
         experts whose tokenizers disagree with the base's on shared tokens."""
         if self._alignment is None:
-            base = self._vocab_of(self.base)
-            experts = {name: self._vocab_of(ref) for name, ref in self.experts.items()}
+            base = self.vocab_of(self.base)
+            experts = {name: self.vocab_of(ref) for name, ref in self.experts.items()}
             self._alignment = align(self.vocab, base, experts)
         return self._alignment
 

@@ -416,7 +416,7 @@ def compatibility(config: RunConfig) -> list[str]:
             "compatibility: the base's config.json cannot be read offline; the run checks it when it loads"
         ]
     base = _facts(base_cfg)
-    base_vocab = models._vocab_of(m.base) if models is not None else None
+    base_vocab = models.vocab_of(m.base) if models is not None else None
     shown = {k: "?" if v is None else str(v) for k, v in base.items()}
     rows = [{"model": "base", "kind": "model", **shown, "tokenizer": "", "evomerge": ""}]
     for name, ref in m.experts.items():
@@ -433,7 +433,7 @@ def compatibility(config: RunConfig) -> list[str]:
             row["rows"] = str(adapter.embedding_rows() or "same")
         row["tokenizer"] = "?"
         if models is not None and base_vocab is not None:
-            mine = models._vocab_of(ref)
+            mine = models.vocab_of(ref)
             added = check_vocab(name, base_vocab, mine, m.vocab)
             if mine.tokens is None:
                 row["tokenizer"] = "none (the base's)"

@@ -46,10 +46,6 @@ class Vocab:
     rows: int
 
 
-def _tokenizer_vocab(tokenizer: Any) -> dict[str, int]:
-    return dict(tokenizer.get_vocab())
-
-
 @dataclass
 class Alignment:
     """How each expert's vocabulary rows map onto the merged model's: ``rows`` of the merged matrices,
