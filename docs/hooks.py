@@ -1,8 +1,9 @@
 """mkdocs hook: the configuration reference, generated from the pydantic models of evomerge.config.
 
 A page holding the marker below gets, in its place, one table per config section (field, type,
-default, description), read from ``RunConfig`` and the sections it nests: the field descriptions in
-the code are the one source of truth.
+default, description), read from ``RunConfig`` and the sections it nests, and after ``fitness`` one
+table per fitness backend, read from its options model: the field descriptions in the code are the one
+source of truth.
 """
 
 from __future__ import annotations
@@ -98,22 +99,43 @@ def _sections(model: type[BaseModel], prefix: str) -> list[tuple[str, type[BaseM
     return out
 
 
+def _table(model: type[BaseModel]) -> str:
+    rows = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+    for name, field in model.model_fields.items():
+        limits = _constraints(field)
+        desc = "; ".join(t for t in (field.description, limits) if t)
+        rows.append(
+            f"| `{name}` | {_cell(_type(field.annotation))} | {_cell(_default(field))} | {_cell(desc)} |"
+        )
+    return "\n".join(rows)
+
+
+def _first_paragraph(model: type[BaseModel]) -> str:
+    return " ".join((model.__doc__ or "").strip().split("\n\n")[0].split())
+
+
+def _backends() -> list[str]:
+    """One table per fitness backend: the options its model declares, in the same ``fitness:`` section."""
+    from evomerge.fitness import BACKENDS
+
+    parts = []
+    for name, backend in BACKENDS.items():
+        intro = _first_paragraph(backend.model)
+        intro += f" Selected by `{backend.selected_by}` ({backend.what}); options model `{backend.model.__name__}`."
+        parts.append(f"### `fitness`: the {name} backend\n\n{intro.strip()}\n\n{_table(backend.model)}")
+    return parts
+
+
 def config_reference() -> str:
-    from evomerge.config import RunConfig
+    from evomerge.config import FitnessConfig, RunConfig
 
     parts = []
     for key, model in _sections(RunConfig, ""):
         title = f"`{key}`" if key else "Top level (`RunConfig`)"
-        doc = (model.__doc__ or "").strip().split("\n\n")[0]  # the docstring's first paragraph
-        intro = " ".join(doc.split()) if model is not RunConfig else ""
-        rows = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
-        for name, field in model.model_fields.items():
-            limits = _constraints(field)
-            desc = "; ".join(t for t in (field.description, limits) if t)
-            rows.append(
-                f"| `{name}` | {_cell(_type(field.annotation))} | {_cell(_default(field))} | {_cell(desc)} |"
-            )
-        parts.append(f"## {title}\n\n" + (f"{intro}\n\n" if intro else "") + "\n".join(rows))
+        intro = _first_paragraph(model) if model is not RunConfig else ""
+        parts.append(f"## {title}\n\n" + (f"{intro}\n\n" if intro else "") + _table(model))
+        if model is FitnessConfig:
+            parts += _backends()
     return "\n\n".join(parts)
 
 

@@ -71,6 +71,7 @@ class AdaptiveSpec:
     prior: tuple[float, float] | None = None
     batch: int = ADAPTIVE_BATCH
     se_scale: float = 1.0
+    explore: float = 1.0  # the random share of each batch (evomerge.irt.adaptive_test)
 
     def key(self) -> str:
         import hashlib
@@ -83,6 +84,7 @@ class AdaptiveSpec:
             self.max_items,
             self.lam,
             self.se_scale,
+            self.explore,
         )
         digest = hashlib.sha1(repr(parts).encode() + self.params.a.tobytes() + self.params.b.tobytes())
         return digest.hexdigest()[:12]
@@ -120,6 +122,7 @@ def adaptive_evaluate(
             max_items=spec.max_items,
             batch=spec.batch,
             se_scale=spec.se_scale,
+            explore=spec.explore,
             race=_racer(race, specs, out, n) if race is not None and n == len(specs) - 1 else None,
             posterior=lambda estimate, se, spec=spec: _fused(spec, estimate, se),
         )

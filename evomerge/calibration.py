@@ -1,18 +1,16 @@
-"""IRT fitness: calibrate item parameters on the user's own tasks, then estimate each candidate's
-full-split accuracy from a small item subset (MERGE^3), per objective.
+"""IRT fitness: estimate each candidate's full-split accuracy from a small item subset (MERGE^3), per
+objective, with item parameters calibrated on the user's own tasks.
 
 An objective with ``estimator`` set is scored on ``items`` items of its scope (its task, or every task's
-items together for ``of: mean``), chosen once with ``selection`` from the fitted parameters. Calibration
-evaluates the base, every expert and ``random_merges`` random merges on the whole search split (stored
-as ``kind="calibration"``), fits one IRT model per scope with py-irt, and saves it as
-``RUN_DIR/irt/<scope>.json`` (reused on resume; ``calibration.params`` names a folder of such files
-fitted elsewhere, which makes calibration free). What an objective's estimator gets besides the
-candidate's answers is what its registration declares (:func:`evomerge.irt.estimator`): the endpoint
-abilities (fitted on the base and the experts), anchor weights, and, for one that needs a prior
+items together for ``of: mean``), chosen once with ``selection`` from the fitted parameters, or on the
+items an adaptive test picks (``items: adaptive``). A calibration evaluates the base, the experts and
+``random_merges`` random merges on the search split's items (all, or a sample stratified by task, which
+the estimates are then about), stored as ``kind="calibration"``. What an objective's estimator gets
+besides the candidate's answers is what its registration declares (:func:`evomerge.irt.estimator`): the
+endpoint abilities (of the base and the experts), anchor weights, and, for one that needs a prior
 (``sgpirt``), the prediction for the candidate's genome of a Gaussian process of accuracy over genomes
-(:class:`evomerge.irt.Surrogate`), fitted per scope on the calibration models that have a genome: the
-random merges, and the base and the experts where the search space can reproduce them. It is refitted
-from the stored calibration on every start.
+(:class:`evomerge.irt.Surrogate`). Where the parameters come from (a bank, a calibration) is
+:mod:`evomerge.estimation`'s part.
 """
 
 from __future__ import annotations
@@ -54,9 +52,12 @@ class Scope:
     surrogate: irt.Surrogate | None = None  # accuracy over genomes, for sgpirt (refitted, not saved)
 
     def save(self, folder: Path) -> None:
+        import json
+
         folder.mkdir(parents=True, exist_ok=True)
         self.params.save(folder / f"{self.name}.json")
         np.save(folder / f"{self.name}.endpoints.npy", self.endpoint_thetas)
+        (folder / f"{self.name}.items.json").write_text(json.dumps([list(c) for c in self.cols]))
 
     @classmethod
     def load(cls, folder: Path, name: str, cols: list[Column]) -> Scope | None:
@@ -64,6 +65,11 @@ class Scope:
         if not path.is_file():
             return None
         params = irt.IrtParams.load(path)
+        items = folder / f"{name}.items.json"
+        if items.is_file():  # a sample of the scope's items (or a bank's): what the estimates are about
+            import json
+
+            cols = [(str(t), str(i)) for t, i in json.loads(items.read_text())]
         if params.n_items != len(cols):
             raise EvomergeError(
                 f"IRT parameters {str(path)!r} cover {params.n_items} items, scope {name!r} has {len(cols)}"
@@ -71,31 +77,6 @@ class Scope:
         ends = folder / f"{name}.endpoints.npy"
         thetas = np.load(ends) if ends.is_file() else np.zeros((0, params.dims))
         return cls(name, cols, params, thetas)
-
-
-def fit_scope(
-    name: str,
-    cols: list[Column],
-    responses: list[dict[str, dict[str, float]]],
-    n_endpoints: int,
-    model: str,
-    seed: int,
-) -> Scope:
-    """Fit ``model`` on the calibration responses; the first ``n_endpoints`` subjects are the base and
-    the experts, whose abilities (from every item) the mp estimators combine."""
-    y = response_matrix(responses, cols)
-    params = irt.fit_irt(y, model=model, seed=seed)
-    everything = np.arange(len(cols))
-    thetas = np.stack([irt.fit_ability(params, everything, y[j]) for j in range(n_endpoints)])
-    return Scope(name, cols, params, thetas)
-
-
-def fit_surrogate(
-    scope: Scope, genomes: list[list[float]], responses: list[dict[str, dict[str, float]]], seed: int
-) -> None:
-    """Fit ``scope.surrogate`` on calibration models: their genomes and whole-split responses."""
-    acc = response_matrix(responses, scope.cols).mean(axis=1)
-    scope.surrogate = irt.fit_surrogate(np.asarray(genomes, dtype=float), acc, seed)
 
 
 @dataclass
@@ -182,7 +163,7 @@ def calibration_genomes(space: Any, seed: int, n: int) -> list[np.ndarray]:
     return [rng.random(space.n_var) for _ in range(n)]
 
 
-def _input_genome(space: Any, label: str) -> list[float] | None:
+def input_genome(space: Any, label: str) -> list[float] | None:
     """The genome that reproduces the base or an expert, where the search space can express it (the
     surrogate then learns the corners the search starts from); None elsewhere."""
     try:
@@ -192,20 +173,35 @@ def _input_genome(space: Any, label: str) -> list[float] | None:
     return [float(v) for v in x]
 
 
-def calibrate(evals: Any, space: Any, experts: list[str], config: Any) -> list[Any]:
-    """Evaluate the base, the experts and random merges on the whole search split (stored as
-    ``kind="calibration"``); the endpoints come first."""
+def calibrate(
+    evals: Any,
+    space: Any,
+    config: Any,
+    items: dict[str, list[int]] | None,
+    labels: Sequence[str] | None = None,
+    random_merges: int | None = None,
+    first: int = 0,
+) -> list[Any]:
+    """Evaluate the base and the experts (those in ``labels``; all by default) and ``random_merges``
+    random merges (default: the config's) on ``items`` of the search split (None: all of it), stored as
+    ``kind="calibration"``; the base and the experts come first. ``first``: the index of the first
+    random merge (a calibration that adds merges to a bank's draws the next ones)."""
     from evomerge.jobs import Job, Origin
     from evomerge.store import Kind, Status
 
     fit = config.fitness
-    recipes = [(label, r, _input_genome(space, label)) for label, r in space.reference_recipes().items()]
+    n = random_merges if random_merges is not None else random_merge_count(config)
+    recipes = [
+        (label, r, input_genome(space, label))
+        for label, r in space.reference_recipes().items()
+        if labels is None or label in labels
+    ]
+    genomes = calibration_genomes(space, config.seed, first + n)[first:]
     recipes += [
-        (f"random-{i}", space.decode(g), [float(v) for v in g])
-        for i, g in enumerate(calibration_genomes(space, config.seed, fit.calibration.random_merges))
+        (f"random-{first + i}", space.decode(g), [float(v) for v in g]) for i, g in enumerate(genomes)
     ]
     jobs = [
-        Job(i, r, fit.search_split, None, Origin(Kind.CALIBRATION, label=label, genome=g))
+        Job(i, r, fit.search_split, items, Origin(Kind.CALIBRATION, label=label, genome=g))
         for i, (label, r, g) in enumerate(recipes)
     ]
     done = evals.evaluate(jobs, "calibration")
@@ -215,62 +211,43 @@ def calibrate(evals: Any, space: Any, experts: list[str], config: Any) -> list[A
     return [done[i] for i in range(len(jobs))]
 
 
-def prepare_estimators(
-    evals: Any, space: Any, experts: list[str], config: Any, n_items: dict[str, int], folder: Path
-) -> dict[str, Subset | AdaptiveObjective]:
-    """Each estimated objective's item subset, from saved IRT parameters (``calibration.params`` or the
-    run's ``irt/`` folder) or a calibration, with sgpirt's surrogate refitted from the stored
-    calibration (which re-evaluates nothing) on every start."""
-    cal = config.fitness.calibration
-    objectives = config.objectives
-    for o in objectives:  # before anything is evaluated
-        n = len(columns(n_items, o.of))
-        if o.items == "adaptive" and (o.max_items or 0) > n:
-            raise EvomergeError(
-                f"objective {o.name!r}: max_items={o.max_items} exceeds the {n} items of {o.of!r}"
-            )
-    scopes: dict[str, Scope | None] = {}
-    for o in objectives:
-        if o.estimator and o.of not in scopes:
-            scopes[o.of] = Scope.load(Path(cal.params or folder), o.of, columns(n_items, o.of))
-    subjects = None
-    if any(sc is None for sc in scopes.values()):
-        if cal.params is not None:
-            missing = [name for name, sc in scopes.items() if sc is None]
-            raise EvomergeError(f"calibration.params {str(cal.params)!r} has no parameters for {missing}")
-        subjects = calibrate(evals, space, experts, config)
-        responses = [c.responses for c in subjects]
-        for name, sc in scopes.items():
-            if sc is None:
-                sc = fit_scope(
-                    name, columns(n_items, name), responses, 1 + len(experts), cal.model, config.seed
-                )
-                sc.save(folder)
-                scopes[name] = sc
-    surrogate = {o.of for o in objectives if o.estimator and irt.get_estimator(o.estimator).needs_prior}
-    if surrogate:
-        subjects = subjects or calibrate(evals, space, experts, config)
-        known = [c for c in subjects if c.genome is not None]  # the random merges, base and experts
-        genomes = [c.genome for c in known]
-        for name in surrogate:
-            fit_surrogate(scopes[name], genomes, [c.responses for c in known], config.seed)
-    out: dict[str, Subset | AdaptiveObjective] = {}
-    for o in objectives:
-        if not o.estimator:
-            continue
-        if o.items != "adaptive":
-            out[o.name] = select(o.name, scopes[o.of], o.items, o.selection, o.estimator, config.seed)
-            continue
-        scope = scopes[o.of]
-        max_items = o.max_items or min(DEFAULT_MAX_ITEMS, len(scope.cols))
-        target = o.target_se or DEFAULT_TARGET_SE
-        check = None
-        if cal.params is None:  # held-out subjects exist only where this run calibrated
-            subjects = subjects or calibrate(evals, space, experts, config)
-            check = check_held_out(
-                scope, [c.responses for c in subjects], target, max_items, cal.model, config.seed, folder
-            )
-        out[o.name] = AdaptiveObjective(o.name, scope, o.estimator, target, max_items, check)
+def random_merge_count(config: Any) -> int:
+    """The calibration's random merges: the config's number, or for ``auto`` the fewest the estimators
+    need (what sgpirt's surrogate learns from; 4 otherwise, so that a fit has the base, the experts and
+    as many merges between them)."""
+    n = config.fitness.calibration.random_merges
+    if n != "auto":
+        return int(n)
+    needed = [irt.get_estimator(o.estimator).min_calibration_merges for o in config.objectives if o.estimator]
+    return max([4, *needed])
+
+
+def search_item_budget(config: Any) -> int:
+    """The item evaluations the search itself makes at most: candidates x items per candidate."""
+    per = [
+        (o.max_items or DEFAULT_MAX_ITEMS) if o.items == "adaptive" else int(o.items)
+        for o in config.objectives
+        if o.estimator
+    ]
+    return config.algorithm.pop_size * config.algorithm.generations * max(per, default=0)
+
+
+def calibration_items(config: Any, n_items: dict[str, int], n_models: int) -> dict[str, list[int]] | None:
+    """The items a calibration of ``n_models`` models evaluates, which the estimates are then about:
+    every item (None), or a sample stratified by task (each task its share, drawn with the run's seed
+    + 2). ``auto``: every item up to 200 in all; else as many as make the calibration cost about what the
+    search costs (``search_item_budget``), at least 100."""
+    total = sum(n_items.values())
+    k = config.fitness.calibration.items
+    if k == "auto":
+        k = total if total <= 200 else max(100, search_item_budget(config) // max(n_models, 1))
+    if k == "all" or k >= total:
+        return None
+    rng = np.random.default_rng(config.seed + 2)
+    out = {}
+    for task, n in n_items.items():
+        share = max(1, round(k * n / total))
+        out[task] = sorted(int(i) for i in rng.choice(n, size=min(share, n), replace=False))
     return out
 
 
@@ -319,7 +296,7 @@ def check_held_out(
 ) -> irt.AdaptiveCheck:
     """The adaptive test checked on held-out calibration models: two folds, each scored with parameters
     fitted on the other (``irt.check_adaptive``); saved as ``<scope>.adaptive.json`` for the same
-    settings, so a resumed run does not fit again."""
+    settings, so a resumed run does not fit again (nor sees the subjects a bank gained since)."""
     import json
 
     path = folder / f"{scope.name}.adaptive.json"
@@ -328,7 +305,6 @@ def check_held_out(
         "max_items": max_items,
         "model": model,
         "seed": seed,
-        "subjects": len(responses),
     }
     if path.is_file():
         saved = json.loads(path.read_text())

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from evomerge.errors import EvomergeError, read_yaml
 from evomerge.objectives import DEPTH, ObjectiveConfig
@@ -41,59 +50,46 @@ class ZooConfig(_Frozen):
 
 
 class CalibrationConfig(_Frozen):
-    random_merges: int = Field(
-        20, ge=0, description="random merges evaluated on the full split, besides base and experts"
+    random_merges: int | Literal["auto"] = Field(
+        "auto",
+        description="random merges a calibration evaluates besides the base and the experts; auto: the "
+        "fewest the estimators need (8 for sgpirt's surrogate, else 4)",
+    )
+    items: int | Literal["auto", "all"] = Field(
+        "auto",
+        description="items a calibration evaluates (a sample stratified by task, which the estimates are then "
+        "about), or all; auto: all up to 200, else about as many item evaluations as the search itself "
+        "makes, at least 100 items",
     )
     model: Literal["2pl", "multidim_2pl"] = "2pl"
     params: Path | None = Field(None, description="a folder of fitted <scope>.json files: skip calibration")
 
+    @field_validator("random_merges", "items")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"must be 0 or more, or auto; got {v}")
+        return v
+
+
+class EstimationConfig(_Frozen):
+    bank: Literal["auto", "none"] | Path = Field(
+        "auto",
+        description="the item bank IRT estimators use: auto (the cached bank for these tasks' items, built by "
+        "the first run or `evomerge calibrate`, and grown by every run), a bank file (`evomerge bank import`, "
+        "`evomerge calibrate --out`), or none (each run calibrates for itself)",
+    )
+
 
 class FitnessConfig(_Frozen):
-    tasks: tuple[str, ...] = Field((), description="lm-eval task names (fitness/ catalogue or lm-eval's)")
-    function: str | None = Field(
-        None, description="a Python fitness 'module:function' (model, tokenizer) -> {name: value}"
-    )
-    include: tuple[Path, ...] = Field((), description="extra folders of lm-eval task YAMLs")
+    """What every fitness backend shares. Each backend's own options (the tables below) sit beside these
+    keys in the same section, and the key that selects a backend (`tasks`, `function`) picks the one that
+    scores the candidates."""
+
     search_split: str = "search"
     test_split: str = "test"
     items: int | None = Field(
         None, ge=1, description="items per task per candidate on the search split (all if null)"
-    )
-    batch_size: int | None = Field(
-        None,
-        ge=1,
-        description="sequences per lm-eval batch; default: on a GPU the memory plan picks the largest, up to "
-        "64, whose activations fit beside the merge state; elsewhere 64",
-    )
-    memory: str | None = Field(
-        None,
-        description="device memory a Python fitness (fitness.function) uses per worker, e.g. 6GiB: what the "
-        "memory plan reserves for it (default: 2GiB)",
-    )
-    max_length: int | None = Field(
-        None,
-        ge=1,
-        description="tokens per sequence the fitness sees (lm-eval truncates longer ones from the left); "
-        "the memory plan reserves activations for batch_size sequences of this length "
-        "(default: the model's context, at most 2048)",
-    )
-    num_fewshot: int | None = Field(
-        None, ge=0, description="few-shot examples per prompt (default: each task's own num_fewshot)"
-    )
-    max_gen_toks: int | None = Field(
-        None,
-        ge=1,
-        description="tokens a generative task may generate per item (default: each task's own, else 256)",
-    )
-    apply_chat_template: bool = Field(
-        False, description="write each prompt with the tokenizer's chat template (instruct models)"
-    )
-    fewshot_as_multiturn: bool = Field(
-        False, description="with apply_chat_template: the few-shot examples as earlier turns of the chat"
-    )
-    system_instruction: str | None = Field(None, description="a system message put before each prompt")
-    confirm_run_unsafe_code: bool = Field(
-        False, description="allow tasks that run the code the model writes (MBPP, HumanEval)"
     )
     calibration: CalibrationConfig = CalibrationConfig()
     timeout: float | Literal["auto", "none"] | None = Field(
@@ -110,33 +106,61 @@ class FitnessConfig(_Frozen):
             raise ValueError(f"must be a positive number of seconds, auto or none; got {v}")
         return None if v == "none" else v
 
-    @field_validator("memory", mode="before")
-    @classmethod
-    def _a_size(cls, v: Any) -> Any:
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            v = str(v)  # a number of bytes
-        if isinstance(v, str):
-            from evomerge.plan import parse_bytes
 
-            try:
-                parse_bytes(v, "fitness.memory")
-            except EvomergeError:
-                shown = repr(v) if len(v) <= 40 else repr(v[:37] + "...")
-                raise ValueError(f"{shown} is not a size; write e.g. 6GiB, 6GB or 512MiB") from None
-        return v
+def fitness_model() -> type[FitnessConfig]:
+    """The fitness section a run config is validated against: :class:`FitnessConfig` with every
+    registered backend's options model (``tasks``, ``batch_size``, ``function``, ... in one flat
+    section, as ``config.fitness.batch_size`` reads them), composed once per set of backends."""
+    from evomerge.fitness.base import BACKENDS
 
-    @model_validator(mode="after")
-    def _multiturn_needs_chat(self) -> FitnessConfig:
-        if self.fewshot_as_multiturn and not self.apply_chat_template:
-            raise EvomergeError(
-                "fewshot_as_multiturn needs apply_chat_template: true (the turns are chat turns)"
-            )
-        if self.memory is not None and self.tasks:
-            raise EvomergeError(
-                "memory is what a Python fitness (function) declares; lm-eval's memory is planned from "
-                "batch_size and max_length: remove memory"
-            )
-        return self
+    return _compose(tuple((name, BACKENDS.get(name).model) for name in BACKENDS))
+
+
+@functools.cache
+def _compose(backends: tuple[tuple[str, type[BaseModel]], ...]) -> type[FitnessConfig]:
+    """FitnessConfig and the backends' options models as one model, whose validators are all of
+    theirs. Two that declare one field differently, or validators of one name, are refused: one would
+    hide the other."""
+    owners: dict[str, tuple[str, Any]] = {}
+    checks: dict[str, tuple[str, Any]] = {}
+    for owner, model in [("the fitness section", FitnessConfig)] + [
+        (f"fitness backend {n!r}", m) for n, m in backends
+    ]:
+        for name, field in model.model_fields.items():
+            first = owners.setdefault(name, (owner, field))
+            if (first[1].annotation, first[1].default, first[1].metadata) != (
+                field.annotation,
+                field.default,
+                field.metadata,
+            ):
+                raise EvomergeError(
+                    f"{owner} declares fitness option {name!r} as {_shown(field)}, and {first[0]} as "
+                    f"{_shown(first[1])}; one name, one meaning: rename one"
+                )
+        decorators = model.__pydantic_decorators__
+        for kind in (decorators.field_validators, decorators.model_validators):
+            for name, decorator in kind.items():
+                func = getattr(decorator.func, "__func__", decorator.func)
+                if checks.setdefault(name, (owner, func))[1] is not func:
+                    raise EvomergeError(
+                        f"{owner}'s options model and {checks[name][0]} both have a validator named "
+                        f"{name!r}; one would hide the other: rename one"
+                    )
+    models = dict.fromkeys(model for _, model in backends)
+    bases = (FitnessConfig, *reversed(models))  # fields in the order of the backends, then the common ones
+    return types.new_class(
+        "FitnessConfig",
+        bases,
+        {},
+        lambda ns: ns.update(
+            __module__=__name__, __doc__=FitnessConfig.__doc__, model_config=_Frozen.model_config
+        ),
+    )
+
+
+def _shown(field: Any) -> str:
+    """A field's type and default, as the refusal of a second meaning names them."""
+    return f"{getattr(field.annotation, '__name__', field.annotation)} = {field.default!r}"
 
 
 class AlgorithmConfig(_Frozen):
@@ -155,13 +179,13 @@ class AlgorithmConfig(_Frozen):
 
 class RayConfig(_Frozen):
     address: str | None = Field(None, description="join this Ray cluster (default: start a local Ray)")
-    num_cpus_per_worker: float = 1.0
+    num_cpus_per_worker: float = Field(1.0, gt=0, allow_inf_nan=False)
 
 
 class RunConfig(_Frozen):
     models: ModelsConfig
     search_space: SearchSpaceConfig = Field(default_factory=lambda: load_space_config("per_layer"))
-    fitness: FitnessConfig
+    fitness: SerializeAsAny[FitnessConfig]  # validated as fitness_model(), dumped whole
     objectives: tuple[ObjectiveConfig, ...] = (ObjectiveConfig(name="mean_accuracy"),)
     algorithm: AlgorithmConfig = AlgorithmConfig()
     seed: int = Field(0, ge=0, lt=2**32, description="0 to 2**32 - 1 (numpy's range)")
@@ -182,6 +206,7 @@ class RunConfig(_Frozen):
     gpus_per_worker: float | None = Field(
         None,
         gt=0,
+        allow_inf_nan=False,
         description="GPUs Ray gives each worker (0.5: two workers share a GPU; an integer above 1 spreads a "
         "worker's model over that many GPUs); default on cuda: 1, or the fewest whole GPUs that hold a "
         "worker where one does not (the memory plan's choice)",
@@ -190,6 +215,7 @@ class RunConfig(_Frozen):
     threads_per_worker: int = Field(1, ge=1)
     ray: RayConfig = RayConfig()
     zoo: ZooConfig = ZooConfig()
+    estimation: EstimationConfig = EstimationConfig()
     out: Path | None = Field(None, description="run folder (default: runs/<config name>)")
 
     @model_validator(mode="before")
@@ -202,6 +228,11 @@ class RunConfig(_Frozen):
         ):
             data = {**data, "search_space": space_data(data["search_space"])}
         return data
+
+    @field_validator("fitness", mode="before")
+    @classmethod
+    def _with_backend_options(cls, v: Any) -> Any:
+        return fitness_model().model_validate(v) if isinstance(v, dict) else v
 
     @field_validator("workers")
     @classmethod
@@ -251,13 +282,19 @@ class RunConfig(_Frozen):
 
         estimated = [o for o in self.objectives if o.estimator]
         merges = fitness.calibration.random_merges
+        if estimated and isinstance(self.estimation.bank, Path):
+            from evomerge.bank import check_bank_file
+
+            every = getattr(fitness, "tasks", ()) or ()
+            scopes = {o.of: list(every) if o.of == "mean" else [o.of] for o in estimated}
+            check_bank_file(self.estimation.bank, scopes, fitness.search_split)
         for o in estimated:
             if o.items is None:
                 raise EvomergeError(
                     f"objective {o.name!r} has estimator {o.estimator!r} but no `items` (subset size)"
                 )
             needed = get_estimator(o.estimator).min_calibration_merges
-            if merges < needed:
+            if merges != "auto" and merges < needed:
                 raise EvomergeError(
                     f"objective {o.name!r}: estimator {o.estimator!r} learns from the calibration merges; "
                     f"set fitness.calibration.random_merges >= {needed} (got {merges})"
@@ -367,6 +404,7 @@ def _unwrap(annotation: Any) -> tuple[Any, list[Any]]:
 
 def _child(annotation: Any, part: Any) -> Any:
     """The annotation of ``part`` (a field name, a list index or a mapping key) inside ``annotation``."""
+    annotation = _validated_as(annotation)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         field = annotation.model_fields.get(str(part))
         return field.annotation if field is not None else None
@@ -381,12 +419,17 @@ def _child(annotation: Any, part: Any) -> Any:
     return None
 
 
+def _validated_as(annotation: Any) -> Any:
+    """The model a section is validated against: the fitness section's has every backend's options."""
+    return fitness_model() if annotation is FitnessConfig else annotation
+
+
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     """The keys of the config section at ``loc`` (list indexes step into a tuple of sections)."""
     annotation: Any = RunConfig
     for part in loc:
         annotation = _child(_unwrap(annotation)[0], part)
-    annotation = _unwrap(annotation)[0]
+    annotation = _validated_as(_unwrap(annotation)[0])
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return list(annotation.model_fields)
     return []

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from evomerge.cache import build_once, default_cache_dir
 from evomerge.errors import EvomergeError
-from evomerge.hf import DTYPES, no_progress_bars
+from evomerge.hf import no_progress_bars, torch_dtype
 
 # Written into each converted folder: the source file, the dtype, and whether the file had a tokenizer.
 GGUF_INFO = "evomerge_gguf.json"
@@ -72,7 +72,7 @@ def _convert_gguf(path: Path, out: Path, dtype: str) -> None:
     try:
         with no_progress_bars():
             loaded = AutoModelForCausalLM.from_pretrained(
-                folder, gguf_file=name, dtype=DTYPES[dtype], **kwargs
+                folder, gguf_file=name, dtype=torch_dtype(dtype), **kwargs
             )
     except (OSError, ValueError, KeyError, NotImplementedError) as e:
         arch, supported = meta["general.architecture"], gguf_architectures()
@@ -85,7 +85,7 @@ def _convert_gguf(path: Path, out: Path, dtype: str) -> None:
     # A GGUF-loaded model keeps a quantizer that refuses to save: copy its weights into a plain model.
     config = loaded.config.to_dict()
     config.pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch_dtype(dtype))
     model.load_state_dict(loaded.state_dict())
     del loaded
     with no_progress_bars():

@@ -9,11 +9,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from evomerge.errors import EvomergeError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # the weight dtypes a run may load and merge in
+
+
+def torch_dtype(name: str) -> Any:
+    """torch's dtype of that name (one of ``DTYPES``); torch is imported here, not with this module,
+    which the memory plan and config checks read without it."""
+    import torch
+
+    return getattr(torch, name)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from evomerge import calibration
+from evomerge import calibration, estimation
 from evomerge.adaptive import Race
 from evomerge.algorithms import FAILED_F, make_algorithm, setup, spec_for
 from evomerge.errors import EvomergeError
@@ -120,6 +120,28 @@ def _checkpoint(session: RunSession, generation: int, algorithm: Any) -> None:
         raise EvomergeError(session.evals.disk_full_message()) from None
 
 
+def calibrate_bank(session: RunSession, refit: bool = True) -> Any:
+    """The IRT stage alone, for `evomerge calibrate`: the bank it built or extended, saved."""
+    cfg = session.config
+    n_items = session.pool.call("n_items", cfg.fitness.search_split)
+    models = session.folder.meta(session.evals.store).models or {}
+    stage = estimation.IrtStage(
+        session.evals,
+        session.space,
+        session.experts,
+        cfg,
+        n_items,
+        session.folder.irt,
+        estimation.input_ids(models, cfg.zoo.cache_dir),
+        origin="calibrate",
+    )
+    scopes = list(dict.fromkeys(o.of for o in cfg.objectives if o.estimator)) or ["mean"]
+    stage.fit_scopes(scopes, refit=refit)
+    stage.changed = True
+    stage.save_bank()
+    return stage.bank
+
+
 def run_generations(session: RunSession, seconds_before: float = 0.0) -> float:
     """Run the search's generations (from its last checkpoint) and return the search's wall seconds,
     ``seconds_before`` (a resumed run's earlier seconds) included."""
@@ -134,9 +156,11 @@ def run_generations(session: RunSession, seconds_before: float = 0.0) -> float:
         n_items = session.pool.call("n_items", cfg.fitness.search_split)
         items = choose_items(n_items, cfg.fitness.items, cfg.seed)
         if any(o.estimator for o in cfg.objectives):
+            models = session.folder.meta(evals.store).models or {}
+            inputs = estimation.input_ids(models, cfg.zoo.cache_dir) if models else {}
             session.scorer.use(
-                calibration.prepare_estimators(
-                    evals, space, session.experts, cfg, n_items, session.folder.irt
+                estimation.prepare_estimators(
+                    evals, space, session.experts, cfg, n_items, session.folder.irt, inputs
                 )
             )
             items = calibration.union_items(list(session.scorer.subsets.values()))

@@ -19,7 +19,7 @@ import torch
 from evomerge.adapters import Adapter, apply_adapter, is_adapter
 from evomerge.errors import EvomergeError
 from evomerge.gguf import convert_gguf, gguf_has_tokenizer
-from evomerge.hf import DTYPES, no_progress_bars, safetensors_header
+from evomerge.hf import no_progress_bars, safetensors_header
 from evomerge.registry import Registry
 from evomerge.vocab import AlignedVocab, Alignment, Vocab, align, extend_base, union_tokenizer, vocab_names
 
@@ -184,7 +184,7 @@ class ModelSet:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return getattr(torch, self.dtype)
 
     def adapter(self, ref: str) -> Adapter | None:
         """The PEFT adapter ``ref`` names (an expert), or None for a model; read once."""

@@ -6,13 +6,16 @@ terminal report, the HTML page) needs neither torch nor the merge kernels."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import EvomergeError
 from evomerge.store import Candidate, Kind, Status
+
+if TYPE_CHECKING:
+    from evomerge.recipe import Recipe
 
 DEPTH = "depth"  # an objective of the data flow's decoder layers, counted by the worker
 
@@ -186,6 +189,12 @@ def best_of(
             measured = {c.id: full[c.recipe_key] for c in front}
             return pick_best_measured(front, calibrated, measured, objectives), True
     return pick_best(front, objectives), False
+
+
+def depth_values(recipe: Recipe) -> dict[str, float]:
+    """What a worker adds to a candidate's values for objectives ``of: depth``: a data-flow recipe's
+    decoder layers under ``DEPTH``; nothing for a recipe without a flow."""
+    return {} if recipe.flow is None else {DEPTH: float(len(recipe.flow))}
 
 
 def depth(recipe: dict[str, Any]) -> int | None:

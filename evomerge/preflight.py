@@ -174,7 +174,10 @@ def estimate_run_bytes(config: RunConfig, weights: int) -> int:
     """What a run writes: its store (every evaluation) and the best model (``weights`` bytes)."""
     a = config.algorithm
     evaluations = a.pop_size * a.generations + 2 * (len(config.models.experts) + 1) + 4 * a.pop_size
-    evaluations += config.fitness.calibration.random_merges
+    if any(o.estimator for o in config.objectives):
+        from evomerge.calibration import random_merge_count
+
+        evaluations += random_merge_count(config)
     return evaluations * STORE_BYTES_PER_EVALUATION + weights
 
 

@@ -50,6 +50,12 @@ class Registry(Generic[T]):
         self._entries[name] = entry
         return entry
 
+    def setdefault(self, name: str, entry: T) -> None:
+        """Add ``entry`` unless ``name`` is registered already (an entry point's ``module:attr`` that
+        names the same entry, say); reads no providers."""
+        if name not in self._entries and name not in self._lazy:
+            self._entries[name] = entry
+
     def add_lazy(self, name: str, target: str) -> None:
         """Register ``name`` as ``target`` (``module:attr``), imported when ``name`` is first asked for."""
         self._refuse_duplicate(name)

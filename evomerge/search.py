@@ -36,6 +36,19 @@ __all__ = ["Search", "SystematicFailure", "resume_search", "stored_config"]
 def stored_config(config: RunConfig) -> dict[str, Any]:
     """The config as the store keeps it (a Python fitness callable by its qualified name)."""
     data = config.model_dump(mode="json", exclude={"fitness": {"function"}})
+    from evomerge.fitness.base import BACKENDS, select_backend
+
+    chosen = select_backend(dict(config.fitness))
+    for name in BACKENDS:  # another backend's options at their defaults: not the run's (a plugin's,
+        backend = BACKENDS.get(name)  # uninstalled later, would make the stored config unreadable)
+        if backend is not chosen:
+            for field, info in backend.model.model_fields.items():
+                if (
+                    field in data["fitness"]
+                    and field != "function"
+                    and getattr(config.fitness, field) == info.default
+                ):
+                    del data["fitness"][field]
     fn = config.fitness.function
     data["fitness"]["function"] = (
         fn if fn is None or isinstance(fn, str) else f"{fn.__module__}:{fn.__qualname__}"
@@ -242,6 +255,12 @@ class Search:
             self._finish(session, loop.run_generations(session, before))
         return self.run_dir
 
+    def calibrate(self, refit: bool = True) -> Any:
+        """Only the IRT stage: calibrate the config's items (sized as a run would) into its item bank,
+        fit each estimated scope (``mean`` where no objective has an estimator) and return the bank."""
+        with self.session() as session:
+            return loop.calibrate_bank(session, refit)
+
     def _finish(self, session: RunSession, search_seconds: float) -> None:
         done = summary.finish(session, search_seconds)
         self.refresh_report()
@@ -262,6 +281,15 @@ class Search:
                 seconds_left,
             )
         )
+
+    def _check_bank(self) -> None:
+        cfg = self.config
+        path = cfg.estimation.bank
+        if isinstance(path, Path) and path.is_file() and any(o.estimator for o in cfg.objectives):
+            from evomerge.bank import ItemBank
+
+            n_items = self.pool.call("n_items", cfg.fitness.search_split)
+            ItemBank.load(path).check_covers(n_items, cfg.fitness.search_split, f"item bank {str(path)!r}")
 
     @contextlib.contextmanager
     def session(self, resume: bool = False) -> Iterator[RunSession]:
@@ -301,6 +329,8 @@ class Search:
             )
             stack.callback(self.pool.shutdown)
             self.pool.call("prepare", [cfg.fitness.search_split, cfg.fitness.test_split])
+            if not resume:
+                self._check_bank()  # a bank for other items is refused before the run folder exists
             changed = self.folder.meta(store).changed_layers if resume else self.pool.call("changed_layers")
             self.space = SearchSpace(cfg.search_space, self.experts, self.models.num_layers(), changed)
             if not resume:

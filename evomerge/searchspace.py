@@ -28,7 +28,7 @@ import numpy as np
 
 from evomerge.errors import EvomergeError
 from evomerge.merge import get_method
-from evomerge.merge.lines import MODIFIER
+from evomerge.methods import MODIFIER
 from evomerge.recipe import MERGE, OTHER, FlowStep, GroupRecipe, Recipe, reference_recipes, split_layers
 from evomerge.spaceconfig import DataFlowConfig, SearchSpaceConfig
 from evomerge.spaceconfig import load_space_config as load_space_config  # re-exported

@@ -12,8 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from evomerge import catalog
 from evomerge.errors import EvomergeError, read_yaml
-from evomerge.merge import get_method
-from evomerge.merge.lines import MODIFIER
+from evomerge.methods import MODIFIER, declaration
 
 
 class DataFlowConfig(BaseModel):
@@ -90,7 +89,7 @@ class SearchSpaceConfig(BaseModel):
     @classmethod
     def _known_methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
         for m in methods:
-            get_method(m)
+            declaration(m)
         return methods
 
     @model_validator(mode="after")
@@ -120,7 +119,7 @@ class SearchSpaceConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_genes(self) -> SearchSpaceConfig:
-        declared = {p.name: p for m in self.methods for p in get_method(m).params}
+        declared = {p.name: p for m in self.methods for p in declaration(m).params}
         for name, (low, high) in self.genes.items():
             if name not in declared:
                 raise EvomergeError(
@@ -154,7 +153,7 @@ class SearchSpaceConfig(BaseModel):
         for m in self.methods if self.parameter_space else ():  # else every candidate would fail to merge
             missing = [
                 p.name
-                for p in get_method(m).params
+                for p in declaration(m).params
                 if p.required and p.name not in {**self.genes, **self.fixed}
             ]
             if missing:
@@ -173,14 +172,14 @@ class SearchSpaceConfig(BaseModel):
                     f"search space parameter {name!r} is both searched (genes) and fixed; keep one of them"
                 )
             for m in self.methods:  # the merge would refuse the value on every candidate: refuse it now
-                method = get_method(m)
+                method = declaration(m)
                 p = next((p for p in method.params if p.name == name), None)
                 if p is None:
                     continue
                 per_model = p.scope == "model" and isinstance(value, Mapping | list | tuple)
                 for v in (value.values() if isinstance(value, Mapping) else value) if per_model else [value]:
                     try:
-                        method._check_range(p, v)
+                        method.check_range(p, v)
                     except EvomergeError as e:
                         raise EvomergeError(f"search space fixed parameter {name!r}: {e}") from None
         return self

@@ -13,6 +13,7 @@ from typing import Any
 
 from evomerge import calibration, preflight, report
 from evomerge.errors import EvomergeError
+from evomerge.estimation import add_to_bank, input_ids
 from evomerge.evaluations import first_line
 from evomerge.jobs import Job, Origin
 from evomerge.objectives import PICK_RULE, best_of, depth, front_of
@@ -85,6 +86,9 @@ def finish(session: RunSession, search_seconds: float) -> dict[str, Any]:
         **({"estimation": estimation} if estimation else {}),
         "search_seconds": round(search_seconds, 1),
     }
+    added = _grow_bank(session)
+    if added:
+        summary["bank"] = added
     try:  # summary.json last: a run folder with it is a finished run
         report.write_front_csv(folder, front, {c.id: test[("front", c.id)] for c in front}, cfg.objectives)
         folder.write_text("summary.json", json.dumps(summary, indent=2))
@@ -94,6 +98,22 @@ def finish(session: RunSession, search_seconds: float) -> dict[str, Any]:
         raise
     evals.write_meta(stopped_on=None)
     return summary
+
+
+def _grow_bank(session: RunSession) -> dict[str, Any] | None:
+    """Add the run's whole-split evaluations on the search split (the base, the experts, the re-scored
+    front, full-fitness candidates) to its item bank: the next fit learns from them."""
+    cfg, evals = session.config, session.evals
+    if cfg.estimation.bank == "none" or not cfg.fitness.tasks:
+        return None
+    n_items = session.pool.call("n_items", cfg.fitness.search_split)
+    models = session.folder.meta(evals.store).models
+    if not n_items or not models:
+        return None
+    inputs = input_ids(models, cfg.zoo.cache_dir)
+    ok = [c for c in evals.store.candidates() if c.status == Status.OK]
+    added, path = add_to_bank(cfg, n_items, ok, inputs, session.space, session.folder.path)
+    return {"path": str(path), "added": added} if added else None
 
 
 def _save_best(session: RunSession, recipe: Recipe) -> None:

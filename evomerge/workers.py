@@ -27,6 +27,7 @@ from evomerge.merge import Merger
 from evomerge.merge.kernels import limit_heap_fragmentation
 from evomerge.merge.merger import SEARCH_RANDOM, SEARCH_SEED
 from evomerge.models import ModelSet, save_hf
+from evomerge.objectives import depth_values
 from evomerge.plan import size
 from evomerge.recipe import Recipe
 from evomerge.store import Status
@@ -162,8 +163,7 @@ class Worker:
                     if bad:
                         raise FloatingPointError(f"fitness returned non-finite values for {bad}")
                     out = EvalResult(Status.OK, **asdict(result))
-            if job.recipe.flow is not None:  # the objective `of: depth`
-                out.values["depth"] = float(len(job.recipe.flow))
+            out.values.update(depth_values(job.recipe))  # objectives `of: depth`
         except FitnessOutputError as e:  # the user's function is wrong: every candidate would fail
             out = EvalResult.failed(str(e), fatal=True)
         except Exception as e:  # a failed candidate is a record with its reason, never a gap

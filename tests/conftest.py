@@ -3,10 +3,57 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_banks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Item banks (estimation.bank: auto) never go to the user's cache in tests: session fixtures' runs
+    use a folder of the session's; modules and tests get their own (below)."""
+    folder = tmp_path_factory.mktemp("banks")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EVOMERGE_BANKS", str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_banks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A module's shared runs use a folder of the module's own: one module's run must not find the bank
+    another module's run made."""
+    folder = tmp_path_factory.mktemp("banks")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EVOMERGE_BANKS", str(folder))
+        yield folder
+
+
+@pytest.fixture(autouse=True)
+def private_banks(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """And each test's own runs to a folder of the test's own."""
+    folder = tmp_path_factory.mktemp("banks")
+    monkeypatch.setenv("EVOMERGE_BANKS", str(folder))
+    return folder
+
+
+@pytest.fixture
+def registries():
+    """The registries that examples and plugins add to, restored after the test: other tests see none
+    of it."""
+    from evomerge.fitness import BACKENDS
+    from evomerge.irt import ESTIMATORS
+    from evomerge.merge import METHODS
+    from evomerge.methods import DECLARATIONS
+
+    kept = [(r, dict(r._entries), dict(r._lazy)) for r in (METHODS, DECLARATIONS, ESTIMATORS, BACKENDS)]
+    yield
+    for r, entries, lazy in kept:
+        r._entries.clear()
+        r._entries.update(entries)
+        r._lazy.clear()
+        r._lazy.update(lazy)
 
 
 @pytest.fixture(scope="session")

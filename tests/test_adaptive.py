@@ -28,13 +28,18 @@ def _asker(row, log):
 def test_items_come_in_batches_of_the_most_informative_and_stop_when_precise(population):
     responses, params = population
     log: list[list[int]] = []
-    res = irt.adaptive_test(params, _asker(responses[0], log), target_se=0.05, max_items=120, batch=4)
+    res = irt.adaptive_test(
+        params, _asker(responses[0], log), target_se=0.05, max_items=120, batch=4, explore=0.5
+    )
     assert res.stopped == "precise" and res.se <= 0.05
     assert all(len(b) == 4 for b in log) and len(res.idx) == 4 * len(log)
     assert len(set(res.idx.tolist())) == len(res.idx)  # no item asked twice
-    first = irt.most_informative(params, np.zeros(1), [], 4)
-    assert log[0] == first  # the first batch: most informative at the population's mean ability
+    # the first batch: 2 random items, then the 2 most informative at the population's mean ability
+    assert log[0][2:] == irt.most_informative(params, np.zeros(1), log[0][:2], 2)
     np.testing.assert_array_equal(res.y, responses[0, res.idx])
+    pure: list[list[int]] = []
+    irt.adaptive_test(params, _asker(responses[0], pure), target_se=0.05, max_items=8, explore=0.0)
+    assert pure[0] == irt.most_informative(params, np.zeros(1), [], 4)  # explore=0: the information rule
 
 
 def test_adaptive_items_beat_random_items_at_the_same_count(population):
@@ -43,7 +48,9 @@ def test_adaptive_items_beat_random_items_at_the_same_count(population):
     rng = np.random.default_rng(0)
     adaptive, random, counts = [], [], []
     for s in range(60):
-        res = irt.adaptive_test(params, lambda items, r=responses[s]: r[items], target_se=0.05, max_items=200)
+        res = irt.adaptive_test(
+            params, lambda items, r=responses[s]: r[items], target_se=0.05, max_items=200, explore=0.0
+        )
         counts.append(len(res.idx))
         adaptive.append(abs(res.estimate - truth[s]))
         idx = np.sort(rng.choice(200, len(res.idx), replace=False))
@@ -100,13 +107,13 @@ def test_a_sharp_prior_stops_the_test_early_and_the_items_estimate_is_kept(popul
 
 def test_the_held_out_check_mixes_towards_the_mean_where_irt_is_worse(population):
     responses, params = population
-    good = irt.check_adaptive(params, responses[:40], target_se=0.06, max_items=60)
+    good = irt.check_adaptive(params, responses[:40], target_se=0.06, max_items=60, explore=0.0)
     assert good.mae_mix <= min(good.mae_irt, good.mae_mean) + 1e-12 and good.subjects == 40
     assert good.mae_irt < good.mae_mean  # true parameters: IRT beats the mean of the same items
     # parameters whose items barely depend on ability (another test's, say): the IRT estimate is mostly
     # their fixed prediction, the check measures that and leans on the mean of the items answered
     wrong = irt.IrtParams("2pl", np.full(params.n_items, 0.01), params.b)
-    bad = irt.check_adaptive(wrong, responses[:40], target_se=0.06, max_items=60)
+    bad = irt.check_adaptive(wrong, responses[:40], target_se=0.06, max_items=60, explore=0.0)
     assert bad.mae_irt > 2 * good.mae_irt and bad.lam > 0
     assert bad.mae_mix <= min(bad.mae_irt, bad.mae_mean) + 1e-12
 
@@ -223,3 +230,32 @@ def test_bad_adaptive_configs_are_one_line(objectives, message):
     with pytest.raises(EvomergeError) as e:
         parse_config(data)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_biased_model_is_corrected_by_the_random_items_and_its_se_covers_the_truth(population):
+    """Parameters that are wrong (every item 0.5 too hard) and say so through irt_bias: the estimate, shrunk
+    toward the random items' residual correction, stays as good, and the standard error includes the bias."""
+    responses, params = population
+    wrong = irt.IrtParams("2pl", params.a, params.b + 0.5, irt_bias=0.08)
+    blind = irt.IrtParams("2pl", params.a, params.b + 0.5)  # the same, not knowing its bias
+    truth = responses.mean(axis=1)
+    errs, blind_errs, covered = [], [], []
+    for s in range(30):
+        ask = lambda items, r=responses[s]: r[items]  # noqa: E731
+        res = irt.adaptive_test(wrong, ask, target_se=1e-6, max_items=60, seed=s)
+        errs.append(abs(res.estimate - truth[s]))
+        covered.append(errs[-1] <= 1.96 * res.se)
+        blind_errs.append(
+            abs(irt.adaptive_test(blind, ask, target_se=1e-6, max_items=60, seed=s).estimate - truth[s])
+        )
+    assert np.mean(errs) <= 1.15 * np.mean(blind_errs)
+    assert np.mean(covered) >= 0.85
+
+
+def test_3pl_adaptive_test_runs_on_information_with_guessing():
+    responses, params = irt.simulate_2pl(50, 150, seed=4, guessing=0.2)
+    res = irt.adaptive_test(
+        params, lambda items: responses[0][items], target_se=0.05, max_items=60, explore=0.0
+    )
+    assert res.stopped in ("precise", "max_items") and 0 <= res.estimate <= 1 and res.se > 0
+    assert res.idx[:4].tolist() == irt.most_informative(params, np.zeros(1), [], 4)

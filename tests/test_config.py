@@ -103,7 +103,7 @@ def parse_error(changes=None, **named) -> str:
             {"search_space": {"methods": ["zoo:base"]}},
             "merge method 'zoo:base' does not import: ModuleNotFoundError: No module named 'zoo'",
         ),
-        ({"search_space": {"methods": ["os:path"]}}, "merge method 'os:path' is a module, not a MergeMethod"),
+        ({"search_space": {"methods": ["os:path"]}}, "merge method 'os:path' is a module, not a Declaration"),
         (
             {"algorithm": {"name": ".relative:Class"}},
             "algorithm '.relative:Class' does not import: TypeError: the 'package' argument is required",

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from tiny import save_model_set
 
 from evomerge.cli import app
-from evomerge.config import RunConfig
+from evomerge.config import FitnessConfig, RunConfig, fitness_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = yaml.safe_load((ROOT / "experiments" / "demo.yaml").read_text())
@@ -80,7 +80,10 @@ def check(config: Any) -> tuple[int, str]:
 
 
 def _models(annotation: Any) -> list[type[BaseModel]]:
-    """The config sections an annotation holds (through Optional, unions and tuple[Section, ...])."""
+    """The config sections an annotation holds (through Optional, unions and tuple[Section, ...]); the
+    fitness section as it is validated, with every backend's options."""
+    if annotation is FitnessConfig:
+        return [fitness_model()]
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     return [m for arg in typing.get_args(annotation) for m in _models(arg)]

@@ -26,22 +26,6 @@ def load_example(name: str):
     return module
 
 
-@pytest.fixture
-def registries():
-    """The registries the examples add to, restored after the test: other tests see none of it."""
-    from evomerge.fitness import BACKENDS
-    from evomerge.irt import ESTIMATORS
-    from evomerge.merge import METHODS
-
-    saved = [(r, dict(r._entries), dict(r._lazy)) for r in (METHODS, ESTIMATORS, BACKENDS)]
-    yield
-    for r, entries, lazy in saved:
-        r._entries.clear()
-        r._entries.update(entries)
-        r._lazy.clear()
-        r._lazy.update(lazy)
-
-
 def test_merge_method_example(registries):
     from evomerge.merge import get_method, merge_state_dicts
 
@@ -81,7 +65,9 @@ def test_estimator_example(registries):
 def test_fitness_backend_example(registries):
     from tiny import random_models
 
-    from evomerge.fitness import FitnessBackend, make_fitness
+    from evomerge.config import parse_config
+    from evomerge.errors import EvomergeError
+    from evomerge.fitness import FitnessBackend, fitness_spec, make_fitness
     from evomerge.zoos.tiny import build_tokenizer
 
     load_example("fitness_backend")
@@ -90,6 +76,15 @@ def test_fitness_backend_example(registries):
     result = fitness.evaluate(random_models(1)[0], build_tokenizer(), "search")
     assert np.isfinite(result.values["loglik"]) and result.values["loglik"] < 0
     assert result.n_items == 2 and result.n_tokens > 0
+    # a run config selects it and sets its option; the options model checks them
+    config = {
+        "models": {"base": "zoo:base", "experts": {"a": "zoo:addition"}},
+        "fitness": {"texts": ["12+34=46."], "max_tokens": 8},
+        "objectives": [{"name": "loglik", "of": "loglik"}],
+    }
+    assert fitness_spec(parse_config(config).fitness) == {"texts": ["12+34=46."], "max_tokens": 8}
+    with pytest.raises(EvomergeError, match=r"^config: fitness.max_tokens: Input should be greater than or"):
+        parse_config({**config, "fitness": {"texts": ["12+34=46."], "max_tokens": 0}})
 
 
 def test_algorithm_example():

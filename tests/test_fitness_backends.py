@@ -5,11 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from pydantic import Field, field_validator
 
-from evomerge.config import FitnessConfig, ObjectiveConfig
+from evomerge.config import ObjectiveConfig, fitness_model, parse_config
 from evomerge.errors import EvomergeError
 from evomerge.fitness import base
-from evomerge.fitness.base import FitnessBackend, FitnessResult, fitness_backend, fitness_spec, make_fitness
+from evomerge.fitness.base import (
+    FitnessBackend,
+    FitnessOptions,
+    FitnessResult,
+    fitness_backend,
+    fitness_spec,
+    make_fitness,
+)
 from evomerge.fitness.lmeval import LmEvalFitness
 from evomerge.fitness.python import PythonFitness
 from evomerge.registry import Registry
@@ -32,14 +40,14 @@ def test_the_spec_selects_the_backend() -> None:
     with pytest.raises(
         EvomergeError,
         match="unknown field 'tsks'; allowed: apply_chat_template, batch_size, confirm_run_unsafe_code, "
-        "fewshot_as_multiturn, function, include, max_gen_toks, max_length, measures, num_fewshot, seed, "
-        "system_instruction, tasks",
+        "fewshot_as_multiturn, function, include, max_gen_toks, max_length, measures, memory, num_fewshot, "
+        "seed, system_instruction, tasks",
     ):
         make_fitness(tsks=["zoo_addition"])
 
 
 def test_the_spec_of_a_config_names_the_selected_backend_fields(tmp_path) -> None:
-    lm = FitnessConfig(tasks=("zoo_addition", "zoo_gsm8k"), include=(tmp_path,), batch_size=8)
+    lm = fitness_model()(tasks=("zoo_addition", "zoo_gsm8k"), include=(tmp_path,), batch_size=8)
     objectives = [ObjectiveConfig(name="gsm", of="zoo_gsm8k", filter="flexible-extract")]
     assert fitness_spec(lm, objectives, seed=7) == {
         "tasks": ["zoo_addition", "zoo_gsm8k"],
@@ -56,9 +64,16 @@ def test_the_spec_of_a_config_names_the_selected_backend_fields(tmp_path) -> Non
         "measures": {"zoo_addition": [None, None], "zoo_gsm8k": [None, "flexible-extract"]},
         "seed": 7,
     }
-    python = FitnessConfig(function="math:fsum", include=(tmp_path,))
-    assert fitness_spec(python) == {"function": "math:fsum"}
+    python = fitness_model()(function="math:fsum", include=(tmp_path,))
+    assert fitness_spec(python) == {"function": "math:fsum", "memory": None}
     assert isinstance(make_fitness(**fitness_spec(lm)), LmEvalFitness)
+
+
+class ConstantOptions(FitnessOptions):
+    """A constant score."""
+
+    constant: float | None = Field(None, description="the score of every model")
+    scale: float = Field(1.0, gt=0, description="what the constant is multiplied by")
 
 
 class Constant:
@@ -74,12 +89,19 @@ class Constant:
         return FitnessResult({"score": self.value * self.scale})
 
 
-def test_a_third_backend_is_one_class_and_its_registration(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch) -> Registry:
+    """A copy of the backends' registry that a test may add to."""
     registry: Registry = Registry("fitness backend", base.Backend)
     for name in base.BACKENDS:
         registry.add(name, base.BACKENDS.get(name))
     monkeypatch.setattr(base, "BACKENDS", registry)
-    fitness_backend("constant", selected_by="constant", what="a number", options=("scale",))(Constant)
+    return registry
+
+
+def test_a_third_backend_is_one_class_and_its_registration(registry: Registry) -> None:
+    fitness_backend("constant", selected_by="constant", what="a number", options=ConstantOptions)(Constant)
+    assert registry.get("constant").options == ("scale",)
     fitness = make_fitness(constant=2.0, scale=3.0)
     assert isinstance(fitness, Constant) and isinstance(fitness, FitnessBackend)
     assert fitness.evaluate(None, None, "search").values == {"score": 6.0}
@@ -87,4 +109,68 @@ def test_a_third_backend_is_one_class_and_its_registration(monkeypatch: pytest.M
         make_fitness()
     assert str(err.value) == f"{EITHER} or `constant` (a number)"
     with pytest.raises(ValueError, match="fitness backend 'constant' is already registered"):
-        fitness_backend("constant", selected_by="c", what="")(Constant)
+        fitness_backend("constant", selected_by="constant", what="", options=ConstantOptions)(Constant)
+    with pytest.raises(ValueError, match="selected by 'c', which its options model ConstantOptions does not"):
+        fitness_backend("c", selected_by="c", what="", options=ConstantOptions)(Constant)
+    with pytest.raises(TypeError, match="options must be a pydantic model"):
+        fitness_backend("c", selected_by="c", what="", options=("c",))(Constant)  # type: ignore[arg-type]
+
+
+def test_a_config_takes_a_backends_options_from_its_model(registry: Registry) -> None:
+    """The fitness section is the common fields beside every backend's options: a run config selects the
+    new backend and sets its option with no edit to evomerge, and the option's declaration checks it."""
+    fitness_backend("constant", selected_by="constant", what="a number", options=ConstantOptions)(Constant)
+    config = {
+        "models": {"base": "zoo:base", "experts": {"a": "zoo:addition"}},
+        "fitness": {"constant": 0.5, "scale": 4},
+        "objectives": [{"name": "score", "of": "score"}],
+    }
+    cfg = parse_config(config)
+    assert (cfg.fitness.constant, cfg.fitness.scale, cfg.fitness.tasks) == (0.5, 4.0, ())
+    assert fitness_spec(cfg.fitness) == {"constant": 0.5, "scale": 4.0}
+    assert parse_config(cfg.model_dump(mode="json")) == cfg  # as a run stores it and reads it back
+    with pytest.raises(EvomergeError) as err:
+        parse_config({**config, "fitness": {"constant": 0.5, "scale": 0}})
+    assert str(err.value) == "config: fitness.scale: Input should be greater than 0 (got 0)"
+    with pytest.raises(EvomergeError) as err:
+        parse_config({**config, "fitness": {"constant": 0.5, "scael": 2}})
+    assert str(err.value).startswith("config: unknown key 'fitness.scael'; allowed: tasks, include, ")
+    assert "constant, scale, search_split" in str(err.value)
+
+
+class Batches(FitnessOptions):
+    """Another meaning of lm-eval's batch_size."""
+
+    batches: tuple[str, ...] = Field((), description="named batches")
+    batch_size: str = Field("small", description="a size by name")
+
+
+class Sizes(FitnessOptions):
+    """A validator named as the Python backend's is."""
+
+    sizes: tuple[str, ...] = Field((), description="sizes")
+
+    @field_validator("sizes")
+    @classmethod
+    def _a_size(cls, v: Any) -> Any:
+        return v
+
+
+def test_two_meanings_of_one_option_are_refused(registry: Registry) -> None:
+    """One name in the flat fitness section means one thing: a second type of it, or a validator that
+    would hide another backend's, is refused when the section is composed."""
+    fitness_backend("batches", selected_by="batches", what="batches", options=Batches)(Constant)
+    with pytest.raises(EvomergeError) as err:
+        parse_config({"models": {"base": "zoo:base", "experts": {"a": "zoo:a"}}, "fitness": {"tasks": ["t"]}})
+    assert str(err.value) == (
+        "config: fitness: fitness backend 'batches' declares fitness option 'batch_size' as str = 'small', "
+        "and fitness backend 'lmeval' as int | None = None; one name, one meaning: rename one"
+    )
+    registry._entries.pop("batches")
+    fitness_backend("sizes", selected_by="sizes", what="sizes", options=Sizes)(Constant)
+    with pytest.raises(
+        EvomergeError,
+        match="fitness backend 'sizes'.s options model and fitness backend "
+        "'python' both have a validator named '_a_size'; one would hide the other",
+    ):
+        fitness_model()

@@ -478,7 +478,7 @@ def test_exact_match_feeds_calibration_and_adaptive_tests_as_accuracy_does(zoo_d
         (Path(__file__).resolve().parents[1] / "experiments" / "demo_generative.yaml").read_text()
     )
     data["objectives"][0] |= {"estimator": "pirt", "items": "adaptive", "max_items": 12, "target_se": 0.2}
-    data["fitness"]["calibration"] = {"random_merges": 4}
+    data["fitness"]["calibration"] = {"random_merges": 4, "items": "all"}
     data |= {
         "algorithm": {"name": "ga", "pop_size": 4, "generations": 1},
         "out": str(tmp_path / "run"),

@@ -82,7 +82,7 @@ def test_load_tinybenchmarks_and_pyirt_files(tmp_path: Path) -> None:
         (np.array([[0, np.nan], [1, 0]]), {}, "NaN"),
         (np.array([[0, 1, 1]]), {}, "at least 2 subjects"),
         (np.array([[0, 2], [1, 0]]), {}, "0/1"),
-        (np.array([[0, 1], [1, 0]]), {"model": "3pl"}, "unknown IRT model '3pl'"),
+        (np.array([[0, 1], [1, 0]]), {"model": "4pl"}, "unknown IRT model '4pl'"),
         (np.array([[0, 1], [1, 0]]), {"model": "2pl", "dims": 3}, "dims 1"),
     ],
 )
@@ -232,7 +232,7 @@ def own_estimators(monkeypatch: pytest.MonkeyPatch) -> Registry:
 
 def test_estimator_declarations() -> None:
     """What calibration and the config ask: each estimator's needs, weights and calibration merges."""
-    assert list(irt.ESTIMATORS) == ["mean", "irt", "pirt", "gpirt", "mpirt", "gmpirt", "sgpirt"]
+    assert list(irt.ESTIMATORS) == ["mean", "irt", "pirt", "rcirt", "gpirt", "mpirt", "gmpirt", "sgpirt"]
     declared = {
         n: (e.needs_endpoints, e.needs_prior, e.weighted, e.min_calibration_merges)
         for n in irt.ESTIMATORS
@@ -242,6 +242,7 @@ def test_estimator_declarations() -> None:
         "mean": (False, False, True, 0),
         "irt": (False, False, False, 0),
         "pirt": (False, False, False, 0),
+        "rcirt": (False, False, False, 0),
         "gpirt": (False, False, True, 0),
         "mpirt": (True, False, False, 0),
         "gmpirt": (True, False, True, 0),
@@ -304,3 +305,124 @@ def test_estimator_registration_errors(own_estimators: Registry) -> None:
         irt.estimator("x", needs={"prior"})(plain)
     with pytest.raises(ValueError, match="estimator 'gpirt' is already registered"):
         irt.estimator("gpirt")(plain)
+
+
+def test_3pl_probabilities_information_and_save_load(tmp_path: Path) -> None:
+    a, b, g = np.array([1.0, 2.0, 0.5]), np.array([0.0, 1.0, -1.0]), np.array([0.25, 0.0, 0.5])
+    params = irt.IrtParams.from_arrays(a, b, g=g)
+    assert params.model == "3pl"
+    theta = np.array([0.3])
+    s = 1 / (1 + np.exp(-(a * theta[0] - b)))
+    p = g + (1 - g) * s
+    assert np.allclose(params.prob(theta), p)
+    assert np.allclose(params.information(theta), a**2 * (p - g) ** 2 * (1 - p) / ((1 - g) ** 2 * p))
+    two = irt.IrtParams.from_arrays(a, b)  # g = 0: the 2PL's p q
+    assert np.allclose(two.information(theta), a**2 * s * (1 - s))
+    params.save(tmp_path / "p.json")
+    back = irt.IrtParams.load(tmp_path / "p.json")
+    assert back.model == "3pl" and np.array_equal(back.g, g)
+    data = json.loads((tmp_path / "p.json").read_text())
+    data.update(model="2pl", g=None)
+    del data["g"]  # a file from before 3PL
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert irt.IrtParams.load(tmp_path / "old.json").g is None
+    # ATLAS / mirt intercepts: p = g + (1 - g) sigmoid(a theta + d) is b = -d
+    atlas = irt.IrtParams.from_arrays(a, -np.array([0.5, 0.1, 2.0]), g=g)
+    assert np.allclose(atlas.sigmoid(theta), 1 / (1 + np.exp(-(a * 0.3 + np.array([0.5, 0.1, 2.0])))))
+    for kwargs, words in (
+        ({"model": "3pl"}, "needs g"),
+        ({"model": "2pl", "g": g}, "takes no g"),
+        ({"model": "3pl", "g": [0.1, 1.0, 0.2]}, r"in \[0, 1\)"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            irt.IrtParams.from_arrays(a, b, **kwargs)
+
+
+def test_3pl_abilities_and_estimators_use_the_guessing_rate() -> None:
+    responses, true = irt.simulate_2pl(200, 400, seed=11, guessing=0.2)
+    assert true.model == "3pl" and 0.15 < true.g.mean() < 0.25
+    idx = np.arange(0, 400, 4)
+    thetas = np.array([irt.fit_ability(true, idx, r[idx].astype(float))[0] for r in responses])
+    assert np.corrcoef(thetas, true.theta[:, 0])[0, 1] > 0.9
+    no_guess = irt.IrtParams("2pl", true.a, true.b)  # ignoring g overrates every subject
+    naive = np.array([irt.fit_ability(no_guess, idx, r[idx].astype(float))[0] for r in responses[:50]])
+    assert naive.mean() > thetas[:50].mean() + 0.2
+    import dataclasses
+
+    params = dataclasses.replace(true, response_variance=0.2, irt_bias=0.02)
+    acc = responses.mean(axis=1)
+    ends, prior = true.theta[:2], (float(acc.mean()), float(acc.var()))
+    for method in ("anchor", "information"):
+        sub = irt.select_items(params, 30, method)
+        w = irt.anchor_weights(params, sub) if method == "anchor" else None
+        for est in irt.ESTIMATORS:
+            errs = [
+                abs(irt.estimate_accuracy(params, sub, r[sub], est, ends, w, prior) - a)
+                for r, a in zip(responses[:15], acc[:15], strict=True)
+            ]
+            assert np.isfinite(errs).all() and np.mean(errs) < 0.2, (method, est)
+    rnd = irt.select_items(params, 30, "random")
+    mean_err = np.mean([abs(r[rnd].mean() - a) for r, a in zip(responses, acc, strict=True)])
+    irt_err = np.mean(
+        [abs(irt.estimate_irt(params, rnd, r[rnd]) - a) for r, a in zip(responses, acc, strict=True)]
+    )
+    assert irt_err < mean_err
+
+
+def test_fit_irt_3pl_with_py_irt() -> None:
+    responses, true = irt.simulate_2pl(80, 60, seed=12, guessing=0.2)
+    params = irt.fit_irt(responses, model="3pl", epochs=80, validation=0)
+    assert params.model == "3pl" and params.g.shape == (60,) and ((params.g >= 0) & (params.g < 1)).all()
+    assert np.corrcoef(params.theta[:, 0], true.theta[:, 0])[0, 1] > 0.8
+
+
+def test_linked_items_match_a_whole_bank_fit(sim: dict) -> None:
+    """Fixed item parameter calibration: fit the first half of the items, link the second half to it; the
+    linked difficulties track the truth and estimates from linked items are as good as from the whole fit."""
+    true, whole, cal, test, acc = sim["true"], sim["params"], sim["cal"], sim["test"], sim["acc"]
+    half = N_ITEMS // 2
+    first = irt.fit_irt(cal[:, :half], seed=0, epochs=150)
+    bank = irt.fit_irt(cal, fixed=first)
+    assert bank.n_items == N_ITEMS and np.array_equal(bank.b[:half], first.b)
+    assert np.corrcoef(bank.b[half:], true.b[half:])[0, 1] > 0.9
+    assert np.corrcoef(bank.a[half:, 0], true.a[half:, 0])[0, 1] > 0.5
+    linked_err, whole_err = [], []
+    for s, r in enumerate(test):
+        idx = half + irt.select_items(bank.subset(np.arange(half, N_ITEMS)), 20, "random", seed=s)
+        linked_err.append(irt.estimate_pirt(bank, idx, r[idx]))
+        whole_err.append(irt.estimate_pirt(whole, idx, r[idx]))
+    linked, fitted = _mae(linked_err, acc), _mae(whole_err, acc)
+    assert linked <= 1.1 * fitted + 0.005, (linked, fitted)
+
+
+def test_link_items_3pl_and_errors() -> None:
+    responses, true = irt.simulate_2pl(200, 400, seed=13, guessing=0.15)
+    known = true.subset(np.arange(200))
+    linked = irt.link_items(known, responses[:, :200], responses[:, 200:])
+    assert linked.model == "3pl" and linked.n_items == 200 and ((linked.g >= 0) & (linked.g <= 0.95)).all()
+    assert np.corrcoef(linked.b, true.b[200:])[0, 1] > 0.9
+    given = irt.link_items(known, None, responses[:, 200:], theta=true.theta)  # abilities given
+    assert np.corrcoef(given.b, true.b[200:])[0, 1] > 0.9
+    partial = responses[:, 200:].astype(float)
+    partial[::2, :100] = np.nan  # not every subject answered every new item
+    assert np.isfinite(
+        irt.link_items(known.subset(np.arange(50)), responses[:, :50], partial[:, :150]).b
+    ).all()
+    with pytest.raises(ValueError, match="same subjects"):
+        irt.link_items(known, responses[:10, :200], responses[:, 200:])
+    with pytest.raises(ValueError, match="200 items"):
+        irt.link_items(known, responses[:, :100], responses[:, 200:])
+
+
+def test_rcirt_is_pirt_plus_the_shrunk_mean_residual() -> None:
+    """rc-IRT: p-IRT corrected by the subset's mean residual (scaled to the unanswered share), fully
+    without a calibration error to shrink by, not at all when the calibration says the model is exact."""
+    y, true = irt.simulate_2pl(1, 300, seed=4)
+    idx = np.random.default_rng(0).choice(300, 40, replace=False)
+    answers = y[0, idx]
+    theta = irt.fit_ability(true, idx, answers)
+    residual = float((answers - true.prob(theta)[idx]).mean()) * (300 - 40) / 300
+    pirt = irt.estimate_accuracy(true, idx, answers, "pirt")
+    assert irt.estimate_accuracy(true, idx, answers, "rcirt") == pytest.approx(pirt + residual)
+    exact = irt.IrtParams("2pl", true.a, true.b, irt_bias=0.0)
+    assert irt.estimate_accuracy(exact, idx, answers, "rcirt") == pytest.approx(pirt)

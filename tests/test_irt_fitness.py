@@ -131,7 +131,7 @@ def test_estimate_matches_the_library_call(irt_run):
             {"name": "m", "estimator": "tinyirt", "items": 5},
             {},
             "objectives.0.estimator: unknown estimator 'tinyirt' (did you mean 'irt'?); "
-            "available: gmpirt, gpirt, irt, mean, mpirt, pirt, sgpirt",
+            "available: gmpirt, gpirt, irt, mean, mpirt, pirt, rcirt, sgpirt",
         ),
         (
             {"name": "m", "estimator": "sgpirt", "items": 5},

@@ -79,3 +79,33 @@ def test_the_core_imports_no_zoo():
         check=True,
     ).stdout.strip()
     assert loaded == "[]"
+
+
+def test_validating_a_config_imports_no_torch_and_no_kernel():
+    """Every config under experiments/ is checked against the methods' declarations (evomerge.methods)
+    without importing torch or any merge kernel: `evomerge check` answers bad input before either loads."""
+    root = PKG.parent
+    configs = sorted(str(p) for p in (root / "experiments").glob("*.yaml"))
+    code = (
+        "import sys\n"
+        "from evomerge.config import load_config\n"
+        f"for path in {configs!r}: load_config(path)\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('evomerge.merge')))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+    ).stdout.strip()
+    assert loaded == "[]"
+
+
+def test_the_declarations_are_the_kernels_declarations():
+    """Each built-in kernel implements exactly its entry of evomerge.methods.BUILTIN (one source)."""
+    from evomerge.merge import METHODS
+    from evomerge.methods import BUILTIN, Declaration
+
+    assert sorted(BUILTIN) == sorted(
+        n for n in METHODS if METHODS.get(n).fn.__module__.startswith("evomerge.")
+    )
+    for name, declared in BUILTIN.items():
+        method = METHODS.get(name)
+        assert all(getattr(method, f) == getattr(declared, f) for f in Declaration.__dataclass_fields__)

@@ -1,5 +1,6 @@
-"""Plugins: a package outside evomerge (tests/plugin_pkg) adds a merge method, an estimator and a search
-algorithm through evomerge's entry-point groups, without editing evomerge, and a run config uses them.
+"""Plugins: a package outside evomerge (tests/plugin_pkg) adds a merge method, an estimator, a fitness
+backend with its own options and a search algorithm through evomerge's entry-point groups, without
+editing evomerge, and run configs use them.
 
 The plugin is installed for a subprocess only, as pip would install it (its package and a dist-info with
 the entry points of its pyproject.toml on the path): installed into the test environment, it would add
@@ -27,12 +28,22 @@ from click.testing import CliRunner
 from evomerge import irt
 from evomerge.algorithms import ALGORITHMS
 from evomerge.cli import app
+from evomerge.fitness import BACKENDS, make_fitness
 from evomerge.merge import METHODS, get_method, merge_state_dicts
 
-out = {"registered": ["plugin_average" in METHODS, "plugin_mean" in irt.ESTIMATORS, "plugin_random" in ALGORITHMS]}
+out = {
+    "registered": [
+        "plugin_average" in METHODS,
+        "plugin_mean" in irt.ESTIMATORS,
+        "plugin_random" in ALGORITHMS,
+        "plugin_constant" in BACKENDS,
+    ]
+}
 out["sketches"] = get_method("plugin_average").sketches
-check = CliRunner().invoke(app, ["check", sys.argv[1], "--out", sys.argv[2]])
-out["check"] = [check.exit_code, check.output]
+config, scored, bad, run = sys.argv[1:]
+checks = [CliRunner().invoke(app, ["check", c, "--out", run]) for c in (config, scored, bad)]
+out["check"] = [[r.exit_code, r.output] for r in checks]
+out["score"] = make_fitness(plugin_constant=0.25, plugin_scale=2.0).evaluate(None, None, "search").values
 models = {"base": {"w": torch.zeros(3)}, "a": {"w": torch.ones(3)}, "b": {"w": torch.full((3,), 3.0)}}
 merged = merge_state_dicts(models, "plugin_average", base="base", parameters={"weight": {"a": 1.0, "b": 0.5}})
 out["merged"] = merged["w"].tolist()
@@ -67,32 +78,45 @@ def _installed(tmp_path: Path) -> dict[str, str]:
 def test_the_test_environment_does_not_have_the_plugin():
     from evomerge import irt
     from evomerge.algorithms import ALGORITHMS
+    from evomerge.config import fitness_model
+    from evomerge.fitness import BACKENDS
     from evomerge.merge import METHODS
 
     assert "plugin_average" not in METHODS and "plugin_mean" not in irt.ESTIMATORS
-    assert "plugin_random" not in ALGORITHMS
+    assert "plugin_random" not in ALGORITHMS and "plugin_constant" not in BACKENDS
+    assert "plugin_scale" not in fitness_model().model_fields
 
 
-def test_a_plugin_package_adds_a_method_an_estimator_and_an_algorithm(zoo_dir, tmp_path):
-    config = tmp_path / "plugin.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "models": {
-                    "base": "zoo:base",
-                    "experts": {"addition": "zoo:addition", "script": "zoo:script"},
-                },
-                "search_space": {"name": "per_layer", "methods": ["plugin_average"]},
-                "fitness": {"tasks": ["zoo_addition", "zoo_script"]},
-                "objectives": [{"name": "acc", "of": "mean", "estimator": "plugin_mean", "items": 10}],
-                "algorithm": {"name": "plugin_random", "pop_size": 4, "generations": 2},
-                "zoo": {"cache_dir": str(zoo_dir.parent)},
-                "workers": 1,
-            }
-        )
-    )
+def test_a_plugin_package_adds_a_method_an_estimator_a_fitness_backend_and_an_algorithm(zoo_dir, tmp_path):
+    models = {"base": "zoo:base", "experts": {"addition": "zoo:addition", "script": "zoo:script"}}
+    configs = {
+        "plugin": {
+            "models": models,
+            "search_space": {"name": "per_layer", "methods": ["plugin_average"]},
+            "fitness": {"tasks": ["zoo_addition", "zoo_script"]},
+            "objectives": [{"name": "acc", "of": "mean", "estimator": "plugin_mean", "items": 10}],
+            "algorithm": {"name": "plugin_random", "pop_size": 4, "generations": 2},
+        },
+        # the plugin's backend, selected and configured by the options its own model declares
+        "scored": {
+            "models": models,
+            "fitness": {"plugin_constant": 0.25, "plugin_scale": 2.0},
+            "objectives": [{"name": "score", "of": "score"}],
+            "algorithm": {"name": "plugin_random", "pop_size": 4, "generations": 2},
+        },
+        "bad": {"models": models, "fitness": {"plugin_constant": 0.25, "plugin_scale": -1}},
+    }
+    for name, data in configs.items():
+        data |= {"zoo": {"cache_dir": str(zoo_dir.parent)}, "workers": 1}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(data))
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(config), str(tmp_path / "run")],
+        [
+            sys.executable,
+            "-c",
+            SCRIPT,
+            *(str(tmp_path / f"{n}.yaml") for n in configs),
+            str(tmp_path / "run"),
+        ],
         env=_installed(tmp_path),
         capture_output=True,
         text=True,
@@ -100,9 +124,16 @@ def test_a_plugin_package_adds_a_method_an_estimator_and_an_algorithm(zoo_dir, t
     )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["registered"] == [True, True, True]
+    assert out["registered"] == [True, True, True, True]
     assert out["sketches"] is False  # nothing declared: the plan counts no sketches for it
-    assert out["check"][0] == 0, out["check"][1]
+    (code, output), (scored_code, scored_output), (bad_code, bad_output) = out["check"]
+    assert code == 0, output
+    assert scored_code == 0, scored_output
+    assert bad_code == 2
+    assert (
+        bad_output.strip() == "error: config: fitness.plugin_scale: Input should be greater than 0 (got -1)"
+    )
+    assert out["score"] == {"score": 0.5}
     assert out["merged"] == pytest.approx([(1.0 * 1 + 0.5 * 3) / 1.5] * 3)
 
 

@@ -200,3 +200,13 @@ def test_the_read_side_loads_no_torch_and_the_engine_no_page():
     )
     out = subprocess.run([sys.executable, "-c", engine], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['evomerge.report.terminal', 'evomerge.runfolder']", out.stdout
+
+
+def test_progress_over_a_generation_with_no_rated_candidate(tmp_path):
+    """A generation whose candidates all failed (or were all raced) rates nothing: the best so far and
+    the candidate holding it carry over (found by the search-efficiency benchmark's adaptive runs)."""
+    points = {1: (0.5, 0.1), 2: (0.6, 0.1), 3: None, 4: None, 5: (0.7, 0.1), 6: (0.4, 0.1)}
+    path = fake_run(tmp_path / "run", THREE[:2], points)
+    table = figures.progress_table(Run(path))
+    assert list(table.best_so_far_accuracy) == [0.6, 0.6, 0.7]
+    assert list(table.best_id_so_far_accuracy) == [2, 2, 5]

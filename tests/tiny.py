@@ -52,7 +52,7 @@ def demo_irt_config(zoo_dir: Path, out: Path, objectives: list[dict], algorithm:
     data.update(
         objectives=objectives, out=str(out), algorithm=algorithm, zoo={"cache_dir": str(zoo_dir.parent)}
     )
-    data["fitness"]["calibration"] = {"random_merges": 8}
+    data["fitness"]["calibration"] = {"random_merges": 8, "items": "all"}
     return data
 
 

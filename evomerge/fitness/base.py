@@ -1,10 +1,12 @@
 """What a fitness backend is: the protocol a worker scores models through, what it returns for one
-model, and the registry of backends with the config fields that select and configure each.
+model, and the registry of backends with the options model each brings.
 
-A backend is a class registered with :func:`fitness_backend`; the fitness config field named by
-``selected_by`` picks it (``tasks``: lm-eval, ``function``: a Python function) and ``options`` are the
-further fields its constructor takes. ``fitness_spec(config.fitness)`` is what a worker needs, and
-``make_fitness(**spec)`` builds the backend that spec selects.
+A backend is a class registered with :func:`fitness_backend` and its options: a pydantic model (a
+:class:`FitnessOptions`) declaring the fitness config fields it takes, described. The field named by
+``selected_by`` picks it (``tasks``: lm-eval, ``function``: a Python function); the run config's
+``fitness:`` section is those models' fields beside the common ones (``evomerge.config.fitness_model``).
+``fitness_spec(config.fitness)`` is what a worker needs, and ``make_fitness(**spec)`` builds the backend
+that spec selects.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
 
 from evomerge.errors import EvomergeError
 from evomerge.registry import Registry
@@ -44,6 +48,14 @@ class FitnessBackend(Protocol):
     def n_items(self, split: str) -> dict[str, int]: ...
 
 
+class FitnessOptions(BaseModel):
+    """The base of a backend's options model: the fitness fields its constructor takes (its
+    ``selected_by`` field among them), each a ``Field(description=...)``; the docstring's first line
+    heads its table in the configuration reference. Its validators check a config's fitness section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 # (the fitness config section, the objectives) -> None; raises EvomergeError on what it refuses
 ConfigCheck = Callable[[Any, Sequence[Any]], None]
 # (the fitness config section, the objectives, the run's seed) -> further constructor arguments
@@ -55,7 +67,8 @@ class Backend:
     """A registered backend: its class and its declaration.
 
     ``selected_by``: the fitness config field whose value (non-empty) selects it, ``what`` says what
-    that field holds; ``options``: further fitness fields passed to the constructor by name.
+    that field holds; ``model``: its options model, whose fields (``selected_by`` and ``options``) are
+    passed to the constructor by name.
     ``item_subsets``: it evaluates chosen items of a split and reports per-item responses, which
     ``fitness.items`` and IRT estimators need. ``check(fitness, objectives)``: the checks it needs when
     a config is read (cheap: nothing is loaded). ``inputs(fitness, objectives, seed)``: the constructor
@@ -67,11 +80,16 @@ class Backend:
     cls: Callable[..., FitnessBackend]
     selected_by: str
     what: str
-    options: tuple[str, ...] = ()
+    model: type[BaseModel]
     item_subsets: bool = False
     check: ConfigCheck | None = field(default=None, repr=False)
     inputs: ConfigInputs | None = field(default=None, repr=False)
     derived: tuple[str, ...] = ()
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The fitness fields besides ``selected_by`` that the constructor takes: its model's."""
+        return tuple(f for f in self.model.model_fields if f != self.selected_by)
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -94,21 +112,30 @@ def fitness_backend(
     *,
     selected_by: str,
     what: str,
-    options: Sequence[str] = (),
+    options: type[BaseModel],
     item_subsets: bool = False,
     check: ConfigCheck | None = None,
     inputs: ConfigInputs | None = None,
     derived: Sequence[str] = (),
 ) -> Callable[[type], type]:
-    """Register a :class:`FitnessBackend` class under ``name``, selected by the fitness field
-    ``selected_by`` and built as ``cls(selected_by=value, **options, **inputs(...))``."""
+    """Register a :class:`FitnessBackend` class under ``name``, with ``options``, the model of the fitness
+    fields it takes (a :class:`FitnessOptions`, ``selected_by`` among them); built as
+    ``cls(selected_by=value, **options, **inputs(...))``."""
+    if not (isinstance(options, type) and issubclass(options, BaseModel)):
+        raise TypeError(
+            f"fitness backend {name!r}: options must be a pydantic model of its fields (a FitnessOptions), "
+            f"got {options!r}"
+        )
+    if selected_by not in options.model_fields:
+        raise ValueError(
+            f"fitness backend {name!r} is selected by {selected_by!r}, which its options model "
+            f"{options.__name__} does not declare; it declares: {', '.join(options.model_fields) or 'nothing'}"
+        )
 
     def register(cls: type) -> type:
         BACKENDS.add(
             name,
-            Backend(
-                name, cls, selected_by, what, tuple(options), item_subsets, check, inputs, tuple(derived)
-            ),
+            Backend(name, cls, selected_by, what, options, item_subsets, check, inputs, tuple(derived)),
         )
         return cls
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.fitness.base import FitnessResult, fitness_backend
+from evomerge.fitness.options import LmEvalOptions
 from evomerge.fitness.tasks import (
     BINARY_METRICS,
     Measure,
@@ -148,17 +149,7 @@ class _Split:
     "lmeval",
     selected_by="tasks",
     what="lm-eval task names",
-    options=(
-        "include",
-        "batch_size",
-        "max_length",
-        "num_fewshot",
-        "max_gen_toks",
-        "apply_chat_template",
-        "fewshot_as_multiturn",
-        "system_instruction",
-        "confirm_run_unsafe_code",
-    ),
+    options=LmEvalOptions,
     item_subsets=True,
     check=check_objectives,
     inputs=fitness_inputs,

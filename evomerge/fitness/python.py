@@ -15,6 +15,7 @@ from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.fitness.base import FitnessResult, fitness_backend
+from evomerge.fitness.options import PythonOptions
 
 FitnessFn = Callable[[Any, Any], Any]
 
@@ -76,11 +77,14 @@ def check_function(fitness: Any, objectives: Sequence[Any]) -> None:
     load_function(fitness.function)
 
 
-@fitness_backend("python", selected_by="function", what="module:function", check=check_function)
+@fitness_backend(
+    "python", selected_by="function", what="module:function", options=PythonOptions, check=check_function
+)
 class PythonFitness:
     """Calls the function on the in-memory merged model; ``split``/``items`` are not used."""
 
-    def __init__(self, function: str | FitnessFn):
+    def __init__(self, function: str | FitnessFn, memory: str | None = None):
+        self.memory = memory  # what the memory plan reserves for the function; the function is not told
         self.ref = (
             function if isinstance(function, str) else getattr(function, "__qualname__", repr(function))
         )

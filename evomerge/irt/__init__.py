@@ -1,11 +1,13 @@
 """Item response theory (IRT): estimate a model's full-benchmark accuracy from its 0/1 answers on a few items.
 
-One parameterisation everywhere in this module (tinyBenchmarks' ``item_curve``)::
+One parameterisation everywhere in this module (tinyBenchmarks' ``item_curve``, with a guessing rate)::
 
-    p_i(theta) = sigmoid(a_i . theta - b_i)
+    p_i(theta) = g_i + (1 - g_i) sigmoid(a_i . theta - b_i)
 
-``a_i`` (``dims`` values, > 0) is item i's discrimination, ``b_i`` its difficulty and ``theta`` a subject's
-ability (``dims`` values). py-irt's parameterisations are converted when parameters are fitted or loaded:
+``a_i`` (``dims`` values, > 0) is item i's discrimination, ``b_i`` its difficulty, ``theta`` a subject's
+ability (``dims`` values) and ``g_i`` in [0, 1) its guessing rate: 0 for the 2PL models ("2pl",
+"multidim_2pl"), fitted or loaded for "3pl" (1 dimension). Every consumer (ability fit, estimators, item
+information, adaptive tests) uses this p_i; ATLAS-style intercepts (``a theta + d``) are ``b = -d``. py-irt's parameterisations are converted when parameters are fitted or loaded:
 ``"2pl"`` has logit ``alpha_i (theta - beta_i)``, so ``a_i = alpha_i`` and ``b_i = alpha_i beta_i``;
 ``"multidim_2pl"`` has logit ``sum_d gamma_id (theta_d - beta_id)``, so ``a_i = gamma_i`` and
 ``b_i = sum_d gamma_id beta_id``. When training abilities are known the latent scale is standardised
@@ -16,6 +18,9 @@ ability distribution: :func:`fit_ability` uses it as prior.
 Typical use: ``params = fit_irt(responses)`` on a calibration matrix (subjects x items), ``idx =
 select_items(params, 20, "anchor")``, evaluate a new model on those items only, then
 ``estimate_accuracy(params, idx, y, "gpirt", weights=anchor_weights(params, idx))``.
+
+New items join a fitted bank without refitting it: :func:`link_items` (or ``fit_irt(..., fixed=params)``)
+fits only their parameters, the bank's held fixed and the subjects' abilities estimated from the bank's items.
 
 For a merge population, where every subject is a point in a genome space, :func:`fit_surrogate` fits a
 Gaussian process of accuracy over genomes on calibration merges; ``estimator="sgpirt"`` fuses its
@@ -66,7 +71,7 @@ from evomerge.irt.estimators import (
     gp_lambda,
     gp_variance,
 )
-from evomerge.irt.fit import fit_irt
+from evomerge.irt.fit import fit_irt, link_items
 from evomerge.irt.params import (
     ANCHOR_VARIANCE_FACTOR,
     DEFAULT_MULTIDIM_DIMS,
@@ -114,6 +119,7 @@ __all__ = [
     "get_estimator",
     "gp_lambda",
     "gp_variance",
+    "link_items",
     "most_informative",
     "select_items",
     "simulate_2pl",

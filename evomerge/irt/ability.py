@@ -26,24 +26,41 @@ def _check_subset(params: IrtParams, idx: np.ndarray, y: np.ndarray) -> tuple[np
     return idx, y
 
 
+def _neg_log_lik_z(z: np.ndarray, y: np.ndarray, g: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per answer: -log p(y | z) and its derivative in the logit z, p = g + (1 - g) sigmoid(z) (g None: 0)."""
+    if g is None:
+        return np.logaddexp(0.0, z) - y * z, expit(z) - y
+    s = expit(z)
+    log_s, log_1s = -np.logaddexp(0.0, -z), -np.logaddexp(0.0, z)
+    with np.errstate(divide="ignore"):
+        log_p = np.logaddexp(np.log(g), np.log1p(-g) + log_s)
+    log_q = np.log1p(-g) + log_1s
+    p = np.exp(log_p)
+    # d(-log lik)/dz = (1 - y) s - y (1 - g) s (1 - s) / p
+    return -(y * log_p + (1 - y) * log_q), (1 - y) * s - y * (1 - g) * s * (1 - s) / p
+
+
 def _neg_log_posterior(
-    theta: np.ndarray, a: np.ndarray, b: np.ndarray, y: np.ndarray
+    theta: np.ndarray, a: np.ndarray, b: np.ndarray, y: np.ndarray, g: np.ndarray | None = None
 ) -> tuple[float, np.ndarray]:
     """-log p(y | theta) - log N(theta; 0, I) (up to a constant) and its gradient in theta."""
-    z = a @ theta - b
-    value = float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * theta @ theta)
-    return value, a.T @ (expit(z) - y) + theta
+    value, dz = _neg_log_lik_z(a @ theta - b, y, g)
+    return float(value.sum() + 0.5 * theta @ theta), a.T @ dz + theta
+
+
+def _guess(params: IrtParams, idx: np.ndarray) -> np.ndarray | None:
+    return None if params.g is None else params.g[idx]
 
 
 def fit_ability(params: IrtParams, idx: np.ndarray, y: np.ndarray) -> np.ndarray:
     """MAP ability (dims,) from answers ``y`` on items ``idx``: argmax_theta sum_j log p(y_j | theta) +
-    log N(theta; 0, I). The N(0, I) prior is the (standardised) training population; it keeps all-correct and
-    all-wrong answers finite. Solved with L-BFGS from theta = 0."""
+    log N(theta; 0, I), p the model's (3PL: with guessing). The N(0, I) prior is the (standardised) training
+    population; it keeps all-correct and all-wrong answers finite. Solved with L-BFGS from theta = 0."""
     idx, y = _check_subset(params, idx, y)
     res = minimize(
         _neg_log_posterior,
         np.zeros(params.dims),
-        (params.a[idx], params.b[idx], y),
+        (params.a[idx], params.b[idx], y, _guess(params, idx)),
         jac=True,
         method="L-BFGS-B",
     )
@@ -63,7 +80,8 @@ def select_items(params: IrtParams, n: int, method: str = "random", seed: int = 
     random: uniform without replacement. anchor: tinyBenchmarks' anchor points, k-means (n clusters, seeded)
     over the item embeddings [a_i, b_i], keeping the item nearest each centroid; weigh them with
     :func:`anchor_weights`. information: the n items with the largest Fisher information
-    ||a_i||^2 p_i(theta)(1 - p_i(theta)) averaged over the training abilities (N(0, I) when unknown).
+    (:meth:`IrtParams.information`: 2PL ||a_i||^2 p_i q_i, 3PL ||a_i||^2 (p_i - g_i)^2 q_i / ((1 - g_i)^2 p_i))
+    averaged over the training abilities (N(0, I) when unknown). The embedding of a 3PL adds g_i.
     """
     if method not in SELECTORS:
         raise unknown("item selector", method, SELECTORS)
@@ -72,8 +90,7 @@ def select_items(params: IrtParams, n: int, method: str = "random", seed: int = 
     if method == "random":
         return np.sort(np.random.default_rng(seed).choice(params.n_items, n, replace=False))
     if method == "information":
-        p = params.prob(_population_theta(params))
-        info = (params.a**2).sum(axis=1) * (p * (1 - p)).mean(axis=0)
+        info = params.information(_population_theta(params)).mean(axis=0)
         return np.sort(np.argsort(-info, kind="stable")[:n])
     from sklearn.cluster import KMeans
 
@@ -87,17 +104,22 @@ def select_items(params: IrtParams, n: int, method: str = "random", seed: int = 
 
 
 def _embedding(params: IrtParams) -> np.ndarray:
-    return np.column_stack([params.a, params.b])
+    return np.column_stack([params.a, params.b] + ([] if params.g is None else [params.g]))
 
 
 def anchor_weights(params: IrtParams, idx: np.ndarray) -> np.ndarray:
     """Weights (sum 1) for the items ``idx``: w_j = share of all items whose nearest item of ``idx`` in the
-    embedding [a_i, b_i] is j. For anchor items this is the share of their k-means cluster (up to items on a
+    embedding [a_i, b_i] (3PL: [a_i, b_i, g_i]) is j. For anchor items this is the share of their k-means cluster (up to items on a
     cluster border); pass them as ``weights`` to the estimators."""
     idx = np.asarray(idx)
     _check_subset(params, idx, np.zeros(len(idx)))
     x = _embedding(params)
-    nearest = ((x[:, None, :] - x[idx][None, :, :]) ** 2).sum(axis=2).argmin(axis=1)
+    nearest = np.concatenate(  # in chunks: a bank of 40k items x 100 anchors stays small in memory
+        [
+            ((x[k : k + 4096, None, :] - x[idx][None, :, :]) ** 2).sum(axis=2).argmin(axis=1)
+            for k in range(0, len(x), 4096)
+        ]
+    )
     return np.bincount(nearest, minlength=len(idx)) / params.n_items
 
 

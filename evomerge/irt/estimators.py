@@ -17,7 +17,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from evomerge.errors import EvomergeError, unknown
-from evomerge.irt.ability import _check_subset, _check_weights, _neg_log_posterior, fit_ability
+from evomerge.irt.ability import _check_subset, _check_weights, _guess, _neg_log_posterior, fit_ability
 from evomerge.irt.params import ANCHOR_VARIANCE_FACTOR, MIN_SURROGATE_MERGES, IrtParams
 from evomerge.registry import Registry
 
@@ -150,6 +150,38 @@ def estimate_pirt(params: IrtParams, idx: np.ndarray, y: np.ndarray) -> float:
     return _pirt(params, idx, y, fit_ability(params, idx, y))
 
 
+def residual_correction(
+    params: IrtParams, idx: np.ndarray, y: np.ndarray, theta: np.ndarray, drawn: np.ndarray
+) -> tuple[float, float]:
+    """(c, var c): the mean residual y_j - p_j(theta) over the randomly drawn items, scaled to the share of
+    unanswered items, and its sampling variance (residual variance / draws; the model's p q while there
+    are fewer than 2 draws). For random draws c estimates the model's error on the unanswered items."""
+    n = params.n_items
+    share = (n - len(idx)) / n
+    if len(drawn) == 0:
+        return 0.0, math.inf
+    p = params.prob(theta)[idx[drawn]]
+    e = y[drawn] - p
+    var = float(np.var(e, ddof=1)) if len(e) >= 2 else float(np.mean(p * (1 - p)))
+    return float(e.mean()) * share, share**2 * max(var, 1e-6) / len(e)
+
+
+@estimator("rcirt")
+def estimate_rcirt(params: IrtParams, idx: np.ndarray, y: np.ndarray) -> float:
+    """rc-IRT: p-IRT plus the subset's mean residual, shrunk: est = pirt + lam c, c = mean_{j in S} (y_j -
+    p_j(theta_hat)) scaled to the unanswered share (:func:`residual_correction`), lam = B^2 / (B^2 + var c)
+    with B^2 = (pi / 2) irt_bias^2 (the calibration's validation error as a mean squared bias; lam = 1
+    without it). For a random subset c estimates the model's own error, so this is a model-assisted
+    difference estimator: the IRT model's prediction, corrected by what the items asked show of its error
+    (the adaptive test's estimate, for a fixed subset). Meant for random selection."""
+    idx, y = _check_subset(params, idx, y)
+    theta = fit_ability(params, idx, y)
+    c, var_c = residual_correction(params, idx, y, theta, np.arange(len(idx)))
+    b2 = math.inf if params.irt_bias is None else math.pi / 2 * params.irt_bias**2
+    lam = 1.0 if math.isinf(b2) else (b2 / (b2 + var_c) if b2 + var_c > 0 else 0.0)
+    return float(min(1.0, max(0.0, _pirt(params, idx, y, theta) + lam * c)))
+
+
 def gp_lambda(params: IrtParams, n: int, weighted: bool = False) -> float:
     """gp-IRT's data-chosen weight of the subset mean (tinyBenchmarks' ``get_lambda``):
 
@@ -190,7 +222,7 @@ def fit_merge_ability(
         raise EvomergeError(f"endpoint_thetas must be finite (n_endpoints, {params.dims}); got {ends.shape}")
 
     def objective(lam: np.ndarray) -> tuple[float, np.ndarray]:
-        value, grad = _neg_log_posterior(lam @ ends, params.a[idx], params.b[idx], y)
+        value, grad = _neg_log_posterior(lam @ ends, params.a[idx], params.b[idx], y, _guess(params, idx))
         return value, ends @ grad
 
     k = len(ends)

@@ -1,15 +1,14 @@
 """What a merge method is: a pure function over one tensor's inputs, with declared parameters.
 
-The declaration (``Param``) is the only list of a method's parameters: configs, search spaces and
-exports all read it from the registry.
+Its declaration (name, ``Param`` list, input contract) lives in ``evomerge.methods``, which
+imports no torch; a ``MergeMethod`` is that declaration with the kernel that implements it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -17,39 +16,8 @@ from evomerge.errors import EvomergeError
 from evomerge.merge.kernels import STORE, Workspace, as_float32, chunk_size, l1_float32
 from evomerge.merge.orderstats import OrderSketch, Selection, select_direct
 from evomerge.merge.streams import Stream, TorchStream
+from evomerge.methods import BUILTIN, DECLARATIONS, BasePolicy, Declaration, Param
 from evomerge.registry import Registry
-
-REQUIRED: Any = object()
-
-
-@dataclass(frozen=True)
-class Param:
-    """One parameter of a merge method.
-
-    ``scope="model"`` takes one value per input model (mergekit's per-model parameters such as
-    ``weight`` and ``density``); ``scope="shared"`` takes one value for the tensor group.
-    ``low``/``high`` bound the allowed values (inclusive, or ``low`` excluded when ``open_low``: a rank
-    fraction in (0, 1]); a search space may only search inside them.
-    """
-
-    name: str
-    scope: Literal["model", "shared"]
-    default: Any = REQUIRED
-    kind: type = float
-    low: float = -math.inf
-    high: float = math.inf
-    open_low: bool = False
-
-    @property
-    def bounds(self) -> str:
-        return f"{'(' if self.open_low else '['}{self.low}, {self.high}]"
-
-    def admits(self, value: float) -> bool:
-        return (self.low < value if self.open_low else self.low <= value) and value <= self.high
-
-    @property
-    def required(self) -> bool:
-        return self.default is REQUIRED
 
 
 class MergeInputs:
@@ -157,69 +125,25 @@ class MergeInputs:
         return sketch.select(rank, lambda sl, buf: as_float32(d[sl], buf), self.workspace, ties)
 
 
-BasePolicy = Literal["required", "optional", "input"]
+@dataclass(frozen=True, kw_only=True)
+class MergeMethod(Declaration):
+    """A method: its :class:`Declaration` and ``fn(inputs, **params)``, the kernel that implements it.
 
-
-@dataclass(frozen=True)
-class MergeMethod:
-    """A registered method: ``fn(inputs, **params)`` and its declaration.
-
-    ``base`` says what the base model is to the method (mergekit's input contract): ``"required"``,
-    the reference the task vectors are taken from; ``"optional"`` (nuslerp), without one the experts
-    are used as they are; ``"input"`` (linear), one more weighted input (``base_weight``).
-    ``check(params, experts)`` rejects parameter combinations the ranges cannot express;
+    ``check(method, params, experts)`` rejects parameter combinations the ranges cannot express;
     ``prepare(inputs)`` computes a tensor's genome-independent statistics ahead of the first merge.
-    ``random_masks``: the merge draws random masks from ``inputs.stream`` (dare_*, della*).
-    ``mergekit``: mergekit has this method, with these semantics (False: evomerge's own; its recipes
-    export as merged weights, not as a mergekit configuration).
-    ``cache_models``: (a, b), the genome-independent cache the method keeps per tensor on the merging
-    device is at most a + b K float32 model sizes (the subspace methods' SVD factors), for the plan.
-    ``sketches``: its ``prepare`` builds order-statistics (magnitude) sketches of each tensor, whose sort
-    is a worker's largest one-time transient (the plan counts it).
     """
 
-    name: str
     fn: Callable[..., torch.Tensor]
-    params: tuple[Param, ...]
-    reference: str = ""
-    min_experts: int = 1
-    max_experts: int | None = None
     doc: str = field(default="", repr=False)
-    base: BasePolicy = "required"
     check: Callable[[MergeMethod, dict[str, Any], Sequence[Any]], None] | None = field(
         default=None, repr=False
     )
     prepare: Callable[[MergeInputs], None] | None = field(default=None, repr=False)
-    random_masks: bool = False
-    cache_models: tuple[float, float] = (0.0, 0.0)
-    mergekit: bool = True
-    sketches: bool = False
 
-    def param(self, name: str) -> Param:
-        for p in self.params:
-            if p.name == name:
-                return p
-        raise EvomergeError(
-            f"merge method {self.name!r} has no parameter {name!r}; "
-            f"its parameters: {', '.join(p.name for p in self.params)}"
-        )
-
-    def check_count(self, k: int) -> None:
-        """Refuse a number of experts (inputs besides the base) the method cannot merge."""
-        if k >= self.min_experts and (self.max_experts is None or k <= self.max_experts):
-            return
-        if self.min_experts == self.max_experts:
-            allowed = f"exactly {self.min_experts}"
-        elif self.max_experts is None:
-            allowed = f"at least {self.min_experts}"
-        else:
-            allowed = f"{self.min_experts} to {self.max_experts}"
-        if self.base == "required":
-            raise EvomergeError(
-                f"merge method {self.name!r} needs the base and {allowed} other model(s), got {k}"
-            )
-        besides = " besides the optional base" if self.base == "optional" else ""
-        raise EvomergeError(f"merge method {self.name!r} needs {allowed} expert model(s){besides}, got {k}")
+    @classmethod
+    def of(cls, declaration: Declaration, fn: Callable[..., torch.Tensor], **kernel: Any) -> MergeMethod:
+        declared = {f.name: getattr(declaration, f.name) for f in fields(Declaration)}
+        return cls(**declared, fn=fn, doc=fn.__doc__ or "", **kernel)
 
     def resolve(self, parameters: Mapping[str, Any], experts: Sequence[Any]) -> dict[str, Any]:
         """Check ``parameters`` against the declaration and return them ready for ``fn``: per-model
@@ -242,7 +166,7 @@ class MergeMethod:
 
     def _resolve_value(self, p: Param, value: Any, experts: Sequence[Any]) -> Any:
         if p.scope == "shared":
-            self._check_range(p, value)
+            self.check_range(p, value)
             return p.kind(value)
         if isinstance(value, Mapping):
             missing = [e for e in experts if e not in value]
@@ -263,28 +187,8 @@ class MergeMethod:
         else:
             values = [value] * len(experts)
         for v, e in zip(values, experts, strict=True):
-            self._check_range(p, v, e if len(experts) > 1 else None)
+            self.check_range(p, v, e if len(experts) > 1 else None)
         return torch.tensor([float(v) for v in values], dtype=torch.float64, device="cpu")
-
-    def _check_range(self, p: Param, value: Any, expert: Any = None) -> None:
-        of = f" (expert {expert!r})" if expert is not None else ""
-        if p.kind is bool:
-            if not isinstance(value, bool):
-                raise EvomergeError(
-                    f"merge method {self.name!r} parameter {p.name!r} must be true or false{of}"
-                )
-            return
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or math.isnan(value)
-            or not p.admits(float(value))
-        ):
-            raise EvomergeError(
-                f"merge method {self.name!r} parameter {p.name!r}={value!r} is outside {p.bounds}{of}"
-            )
 
 
 # Built-in methods register when evomerge.merge imports their modules; other packages' through the
@@ -292,6 +196,22 @@ class MergeMethod:
 METHODS: Registry[MergeMethod] = Registry(
     "merge method", MergeMethod, providers=("evomerge.merge",), group="evomerge.merge_methods"
 )
+
+
+def implements(
+    name: str,
+    *,
+    check: Callable[[MergeMethod, dict[str, Any], Sequence[Any]], None] | None = None,
+    prepare: Callable[[MergeInputs], None] | None = None,
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register ``fn(inputs: MergeInputs, **params) -> Tensor`` as the kernel of the built-in method
+    ``name`` declared in ``evomerge.methods.BUILTIN``."""
+
+    def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        METHODS.add(name, MergeMethod.of(BUILTIN[name], fn, check=check, prepare=prepare))
+        return fn
+
+    return register
 
 
 def merge_method(
@@ -309,28 +229,24 @@ def merge_method(
     mergekit: bool = True,
     sketches: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
-    """Register ``fn(inputs: MergeInputs, **params) -> Tensor`` under ``name`` with its parameters."""
+    """Declare a method and register ``fn(inputs: MergeInputs, **params) -> Tensor`` as its kernel:
+    how a package outside evomerge adds one (its declaration then also checks configs)."""
+    declared = Declaration(
+        name,
+        tuple(params),
+        reference,
+        min_experts,
+        max_experts,
+        base,
+        random_masks,
+        cache_models,
+        mergekit,
+        sketches,
+    )
 
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        METHODS.add(
-            name,
-            MergeMethod(
-                name,
-                fn,
-                tuple(params),
-                reference,
-                min_experts,
-                max_experts,
-                fn.__doc__ or "",
-                base,
-                check,
-                prepare,
-                random_masks,
-                cache_models,
-                mergekit,
-                sketches,
-            ),
-        )
+        method = METHODS.add(name, MergeMethod.of(declared, fn, check=check, prepare=prepare))
+        DECLARATIONS.setdefault(name, method)
         return fn
 
     return register

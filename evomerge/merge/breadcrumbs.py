@@ -6,18 +6,12 @@ from typing import Any
 
 import torch
 
-from evomerge.merge.base import MergeInputs, merge_method
-from evomerge.merge.generalized import GAMMA, generalized, gta_params
+from evomerge.merge.base import MergeInputs, implements
+from evomerge.merge.generalized import generalized
 from evomerge.merge.sparsify import prepare_magnitude
 
 
-@merge_method(
-    "breadcrumbs",
-    params=gta_params(normalize=False, rescale=False, extra=[GAMMA]),
-    reference="https://arxiv.org/abs/2312.06795",
-    prepare=prepare_magnitude,
-    sketches=True,
-)
+@implements("breadcrumbs", prepare=prepare_magnitude)
 def breadcrumbs(x: MergeInputs, **params: Any) -> torch.Tensor:
     """Ranking |d_i| ascending, keep ranks [n - k - g, n - g) with k = int(density_i n),
     g = int(gamma_i n) (g shrinks when k + g > n): b_i;  merged = base + lambda * sum_i w_i s_i b_i d_i / D,

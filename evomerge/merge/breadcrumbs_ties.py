@@ -6,18 +6,12 @@ from typing import Any
 
 import torch
 
-from evomerge.merge.base import MergeInputs, merge_method
-from evomerge.merge.generalized import GAMMA, generalized, gta_params
+from evomerge.merge.base import MergeInputs, implements
+from evomerge.merge.generalized import generalized
 from evomerge.merge.sparsify import prepare_magnitude
 
 
-@merge_method(
-    "breadcrumbs_ties",
-    params=gta_params(normalize=False, rescale=False, extra=[GAMMA]),
-    reference="https://arxiv.org/abs/2312.06795",
-    prepare=prepare_magnitude,
-    sketches=True,
-)
+@implements("breadcrumbs_ties", prepare=prepare_magnitude)
 def breadcrumbs_ties(x: MergeInputs, **params: Any) -> torch.Tensor:
     """d'_i = w_i s_i b_i d_i with b_i breadcrumbs' band mask (ranks [n - k - g, n - g) of |d_i|,
     k = int(density_i n), g = int(gamma_i n));  m_i = [sign(d'_i) = sign(sum_j d'_j)]

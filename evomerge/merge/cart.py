@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.base import MergeInputs, merge_method
+from evomerge.merge.base import MergeInputs, implements
 from evomerge.merge.subspace import (
-    SCALE,
-    WEIGHT_1,
     Factors,
     add_delta,
     affine,
     is_matrix,
     low_rank_sum,
-    rank_fraction,
     svd,
 )
 
@@ -34,15 +31,7 @@ def prepare(x: MergeInputs) -> None:
         _centred(x)
 
 
-@merge_method(
-    "cart",
-    params=[WEIGHT_1, rank_fraction(0.1), SCALE],
-    reference="https://arxiv.org/abs/2412.12153",
-    mergekit=False,
-    min_experts=2,
-    prepare=prepare,
-    cache_models=(0.0, 2.0),
-)
+@implements("cart", prepare=prepare)
 def cart(x: MergeInputs, weight: torch.Tensor, rank_fraction: float, **shared: float) -> torch.Tensor:
     """CART. Centre on the mean of the fine-tunes, theta_avg = base + mean_i delta_i, and add each
     centred task matrix's best rank-k approximation (k = max(1, int(rank_fraction min(m, n)))):

@@ -6,18 +6,12 @@ from typing import Any
 
 import torch
 
-from evomerge.merge.base import MergeInputs, merge_method
-from evomerge.merge.generalized import generalized, gta_params
+from evomerge.merge.base import MergeInputs, implements
+from evomerge.merge.generalized import generalized
 from evomerge.merge.sparsify import prepare_rescale
 
 
-@merge_method(
-    "dare_linear",
-    params=gta_params(normalize=False, rescale=True),
-    reference="https://arxiv.org/abs/2311.03099",
-    prepare=prepare_rescale,
-    random_masks=True,
-)
+@implements("dare_linear", prepare=prepare_rescale)
 def dare_linear(x: MergeInputs, **params: Any) -> torch.Tensor:
     """merged = base + lambda * sum_i w_i s_i b_i d_i / D with b_i ~ Bernoulli(density_i) per element,
     s_i = |d_i|_1 / |b_i d_i|_1 when rescale (else 1), D = sum_i w_i when normalize (else 1)."""

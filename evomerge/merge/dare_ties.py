@@ -6,18 +6,12 @@ from typing import Any
 
 import torch
 
-from evomerge.merge.base import MergeInputs, merge_method
-from evomerge.merge.generalized import generalized, gta_params
+from evomerge.merge.base import MergeInputs, implements
+from evomerge.merge.generalized import generalized
 from evomerge.merge.sparsify import prepare_rescale
 
 
-@merge_method(
-    "dare_ties",
-    params=gta_params(normalize=False, rescale=True),
-    reference="https://arxiv.org/abs/2311.03099",
-    prepare=prepare_rescale,
-    random_masks=True,
-)
+@implements("dare_ties", prepare=prepare_rescale)
 def dare_ties(x: MergeInputs, **params: Any) -> torch.Tensor:
     """d'_i = w_i * s_i * b_i * d_i with b_i ~ Bernoulli(density_i) per element and, when rescale,
     s_i = |d_i|_1 / |b_i d_i|_1;  S = sum_i d'_i;  m_i = [sign(d'_i) = sign(S)]

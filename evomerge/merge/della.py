@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.base import MergeInputs, MergeMethod, merge_method
-from evomerge.merge.generalized import EPSILON, generalized, gta_params
+from evomerge.merge.base import MergeInputs, MergeMethod, implements
+from evomerge.merge.generalized import generalized
 from evomerge.merge.sparsify import prepare_rescale
 
 
@@ -23,14 +23,7 @@ def check_epsilon(method: MergeMethod, params: dict[str, Any], experts: Sequence
             )
 
 
-@merge_method(
-    "della",
-    params=gta_params(normalize=True, rescale=True, extra=[EPSILON]),
-    reference="https://arxiv.org/abs/2406.11617",
-    check=check_epsilon,
-    prepare=prepare_rescale,
-    random_masks=True,
-)
+@implements("della", check=check_epsilon, prepare=prepare_rescale)
 def della(x: MergeInputs, **params: Any) -> torch.Tensor:
     """b_i ~ Bernoulli(p) per element, p = density_i - epsilon_i + 2 epsilon_i (r - 1)/(c - 1), r the
     rank of |d_i| in its row of c entries (1 = smallest);  d'_i = w_i s_i b_i d_i (s_i the l1 rescale

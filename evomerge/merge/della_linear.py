@@ -6,20 +6,13 @@ from typing import Any
 
 import torch
 
-from evomerge.merge.base import MergeInputs, merge_method
+from evomerge.merge.base import MergeInputs, implements
 from evomerge.merge.della import check_epsilon
-from evomerge.merge.generalized import EPSILON, generalized, gta_params
+from evomerge.merge.generalized import generalized
 from evomerge.merge.sparsify import prepare_rescale
 
 
-@merge_method(
-    "della_linear",
-    params=gta_params(normalize=False, rescale=True, extra=[EPSILON]),
-    reference="https://arxiv.org/abs/2406.11617",
-    check=check_epsilon,
-    prepare=prepare_rescale,
-    random_masks=True,
-)
+@implements("della_linear", check=check_epsilon, prepare=prepare_rescale)
 def della_linear(x: MergeInputs, **params: Any) -> torch.Tensor:
     """merged = base + lambda * sum_i w_i s_i b_i d_i / D with della's rank-dependent Bernoulli mask b_i
     (p = density_i - epsilon_i + 2 epsilon_i (r - 1)/(c - 1) by the row rank r of |d_i|), s_i the l1

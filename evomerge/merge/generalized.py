@@ -21,29 +21,9 @@ from collections.abc import Sequence
 import torch
 
 from evomerge.merge import fused
-from evomerge.merge.base import MergeInputs, Param
+from evomerge.merge.base import MergeInputs
 from evomerge.merge.kernels import as_float32, chunks, narrow
 from evomerge.merge.sparsify import Sparse, rescale_factor, sparsify
-
-WEIGHT = Param("weight", "model", low=-10.0, high=10.0)
-DENSITY = Param("density", "model", default=1.0, low=0.0, high=1.0)
-LAMBDA = Param("lambda", "shared", default=1.0, low=-10.0, high=10.0)
-INT8_MASK = Param("int8_mask", "shared", default=False, kind=bool)  # mask storage type only: no effect
-GAMMA = Param("gamma", "model", default=0.01, low=0.0, high=1.0)
-EPSILON = Param("epsilon", "model", default=0.15, low=0.0, high=1.0)
-
-
-def gta_params(*, normalize: bool, rescale: bool, extra: Sequence[Param] = ()) -> list[Param]:
-    """The declaration mergekit gives every generalized-task-arithmetic method (its defaults differ)."""
-    return [
-        WEIGHT,
-        DENSITY,
-        *extra,
-        Param("normalize", "shared", default=normalize, kind=bool),
-        Param("rescale", "shared", default=rescale, kind=bool),
-        LAMBDA,
-        INT8_MASK,
-    ]
 
 
 def generalized(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.base import MergeInputs, merge_method
-from evomerge.merge.subspace import SCALE, add_delta, affine, is_matrix, svd
+from evomerge.merge.base import MergeInputs, implements
+from evomerge.merge.subspace import add_delta, affine, is_matrix, svd
 
 
 def _direction(x: MergeInputs) -> tuple[torch.Tensor, float]:
@@ -24,14 +24,7 @@ def prepare(x: MergeInputs) -> None:
         _direction(x)
 
 
-@merge_method(
-    "iso_c",
-    params=[SCALE],
-    reference="https://arxiv.org/abs/2502.04959",
-    mergekit=False,
-    prepare=prepare,
-    cache_models=(1.0, 0.0),
-)
+@implements("iso_c", prepare=prepare)
 def iso_c(x: MergeInputs, **shared: float) -> torch.Tensor:
     """Iso-C. For a 2-D tensor, with the summed task matrix sum_i delta_i = U diag(s) V^T:
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.base import MergeInputs, Param, merge_method
+from evomerge.merge.base import MergeInputs, implements
 from evomerge.merge.subspace import (
-    SCALE,
     Factors,
     add_delta,
     affine,
@@ -62,15 +61,7 @@ def prepare(x: MergeInputs) -> None:
         _summed(x)
 
 
-@merge_method(
-    "iso_cts",
-    params=[Param("common_space_fraction", "shared", default=0.8, low=0.0, high=1.0), SCALE],
-    reference="https://arxiv.org/abs/2502.04959",
-    mergekit=False,
-    min_experts=2,
-    prepare=prepare,
-    cache_models=(3.0, 0.0),
-)
+@implements("iso_cts", prepare=prepare)
 def iso_cts(x: MergeInputs, common_space_fraction: float, **shared: float) -> torch.Tensor:
     """Iso-CTS. For a 2-D tensor (r = min(m, n)), with the summed task matrix U diag(s) V^T:
 

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.base import MergeInputs, Param, merge_method
+from evomerge.merge.base import MergeInputs, implements
 from evomerge.merge.kernels import weighted_sum
 
 
-@merge_method(
-    "linear",
-    params=[
-        Param("weight", "model", low=-10.0, high=10.0),
-        Param("base_weight", "shared", default=0.0, low=-10.0, high=10.0),
-        Param("normalize", "shared", default=True, kind=bool),
-    ],
-    reference="https://arxiv.org/abs/2203.05482",
-    base="input",
-)
+@implements("linear")
 def linear(x: MergeInputs, weight: torch.Tensor, base_weight: float, normalize: bool) -> torch.Tensor:
     """merged = sum_i w_i * theta_i / sum_i w_i   (without the division when normalize is false).
 

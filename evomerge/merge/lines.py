@@ -10,13 +10,10 @@ from typing import Any
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.base import MergeInputs, Param, merge_method
-from evomerge.merge.subspace import WEIGHT_1, add_delta, affine
+from evomerge.merge.base import MergeInputs, implements
+from evomerge.merge.subspace import add_delta, affine
+from evomerge.methods import MODIFIER
 from evomerge.recipe import layer_of
-
-SHALLOW = Param("shallow", "shared", default=0.5, low=-10.0, high=10.0)
-DEEP = Param("deep", "shared", default=1.0, low=-10.0, high=10.0)
-MODIFIER = (SHALLOW, DEEP)  # the modifier's parameters: the same declaration as the method's
 
 
 def depths(names: Iterable[str]) -> dict[str, float]:
@@ -45,12 +42,7 @@ def depth_scale(x: MergeInputs, shallow: float, deep: float) -> float:
     return shallow + (deep - shallow) * x.depth
 
 
-@merge_method(
-    "lines",
-    params=[WEIGHT_1, SHALLOW, DEEP],
-    reference="https://arxiv.org/abs/2410.17146",
-    mergekit=False,
-)
+@implements("lines")
 def lines(x: MergeInputs, weight: torch.Tensor, shallow: float, deep: float) -> torch.Tensor:
     """LiNeS. Task arithmetic whose scale grows linearly with the tensor's depth in the model:
 

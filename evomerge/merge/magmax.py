@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.base import MergeInputs, merge_method
+from evomerge.merge.base import MergeInputs, implements
 from evomerge.merge.kernels import chunks
-from evomerge.merge.subspace import SCALE, WEIGHT_1
 
 
-@merge_method(
-    "magmax",
-    params=[WEIGHT_1, SCALE],
-    reference="https://arxiv.org/abs/2407.06322",
-    mergekit=False,
-    min_experts=2,
-)
+@implements("magmax")
 def magmax(x: MergeInputs, weight: torch.Tensor, **shared: float) -> torch.Tensor:
     """MagMax. Per element j, the weighted task-vector entry of largest magnitude:
 

@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from evomerge.merge.base import MergeInputs, Param, merge_method
+from evomerge.merge.base import MergeInputs, implements
 from evomerge.merge.kernels import narrow, weighted_sum
 
 
@@ -40,13 +40,7 @@ def prepare(x: MergeInputs) -> None:
     _ratio(x, False)
 
 
-@merge_method(
-    "model_stock",
-    params=[Param("filter_wise", "shared", default=False, kind=bool)],
-    reference="https://arxiv.org/abs/2403.19522",
-    min_experts=2,
-    prepare=prepare,
-)
+@implements("model_stock", prepare=prepare)
 def model_stock(x: MergeInputs, filter_wise: bool) -> torch.Tensor:
     """cos = mean over expert pairs of cos(delta_i, delta_j) (per row when filter_wise, else over the
     flattened tensor);  t = K cos / (1 + (K - 1) cos), 0 where |1 + (K - 1) cos| < 1e-6;

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.base import MergeInputs, Param, merge_method
+from evomerge.merge.base import MergeInputs, implements
 from evomerge.merge.kernels import chunk_size, chunks, narrow, weighted_sum
 
 EPS = 1e-8
@@ -42,18 +42,7 @@ def prepare(x: MergeInputs) -> None:
     _cos(x, False, True)
 
 
-@merge_method(
-    "nuslerp",
-    params=[
-        Param("weight", "model", low=-10.0, high=10.0),
-        Param("nuslerp_row_wise", "shared", default=False, kind=bool),
-        Param("nuslerp_flatten", "shared", default=True, kind=bool),
-    ],
-    min_experts=2,
-    max_experts=2,
-    base="optional",
-    prepare=prepare,
-)
+@implements("nuslerp", prepare=prepare)
 def nuslerp(
     x: MergeInputs, weight: torch.Tensor, nuslerp_row_wise: bool, nuslerp_flatten: bool
 ) -> torch.Tensor:

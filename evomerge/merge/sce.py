@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.base import MergeInputs, Param, merge_method
-from evomerge.merge.generalized import INT8_MASK, sign_consensus
+from evomerge.merge.base import MergeInputs, implements
+from evomerge.merge.generalized import sign_consensus
 from evomerge.merge.kernels import as_float32, chunks
 from evomerge.merge.orderstats import OrderSketch, select_direct
 from evomerge.merge.sparsify import surplus
@@ -99,13 +99,7 @@ def _topk_losers(x: MergeInputs, tied: torch.Tensor, k: int, var: torch.Tensor |
     return tied[~torch.isin(tied, kept)]
 
 
-@merge_method(
-    "sce",
-    params=[Param("select_topk", "shared", default=1.0, low=0.0, high=1.0), INT8_MASK],
-    reference="https://arxiv.org/abs/2408.07990",
-    prepare=prepare,
-    sketches=True,
-)
+@implements("sce", prepare=prepare)
 def sce(x: MergeInputs, select_topk: float, int8_mask: bool) -> torch.Tensor:
     """Select: b = [var_i(delta_i) among the top int(select_topk * #nonzero) variances], v_i = b delta_i;
     Calculate: c_i = mean(v_i^2) / sum_j mean(v_j^2) (1/K when that sum < 1e-6);

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from evomerge.merge.base import MergeInputs, Param, merge_method
+from evomerge.merge.base import MergeInputs, implements
 from evomerge.merge.kernels import as_float32, chunks, narrow, weighted_sum
 
 DOT_THRESHOLD = 0.9995
@@ -52,14 +52,7 @@ def coefficients(t: float, dot: float) -> tuple[float, float]:
     return float(coef_a), float(coef_b)
 
 
-@merge_method(
-    "slerp",
-    params=[Param("t", "shared", low=0.0, high=1.0)],
-    reference="https://en.wikipedia.org/wiki/Slerp",
-    min_experts=1,
-    max_experts=1,
-    prepare=prepare,
-)
+@implements("slerp", prepare=prepare)
 def slerp(x: MergeInputs, t: float) -> torch.Tensor:
     """cos(theta) = base . theta_1 / (|base| |theta_1|) over the flattened tensor;
     merged = sin((1 - t) theta) / sin(theta) base + sin(t theta) / sin(theta) theta_1,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.base import MergeInputs, Param, merge_method
-from evomerge.merge.subspace import SCALE, WEIGHT_1, add_delta, affine, is_matrix, low_rank_sum, task_svd
+from evomerge.merge.base import MergeInputs, implements
+from evomerge.merge.subspace import add_delta, affine, is_matrix, low_rank_sum, task_svd
 
 
 def _truncated(x: MergeInputs, i: int, eta: float) -> tuple[int, torch.Tensor]:
@@ -25,18 +25,7 @@ def prepare(x: MergeInputs) -> None:
             _truncated(x, i, 1.0)
 
 
-@merge_method(
-    "star",
-    params=[
-        WEIGHT_1,
-        Param("eta", "shared", default=0.4, low=0.0, high=1.0, open_low=True),
-        SCALE,
-    ],
-    reference="https://arxiv.org/abs/2502.10339",
-    mergekit=False,
-    prepare=prepare,
-    cache_models=(0.0, 2.0),
-)
+@implements("star", prepare=prepare)
 def star(x: MergeInputs, weight: torch.Tensor, eta: float, **shared: float) -> torch.Tensor:
     """STAR. For a 2-D tensor, each task matrix delta_i = U_i diag(s_i) V_i^T is truncated at the
     smallest rank r_i with sum(s_i[:r_i]) >= eta sum(s_i) and its kept spectrum rescaled to the

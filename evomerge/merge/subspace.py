@@ -16,19 +16,10 @@ from typing import Any
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.base import MergeInputs, Param
+from evomerge.merge.base import MergeInputs
 from evomerge.merge.kernels import weighted_sum
 
 Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U (m x r), s (r,), V^T (r x n), float32
-
-# The subspace methods' shared declarations. ``lambda`` scales the merged task vector in every one of
-# them (the papers' alpha), so one ``lambda`` gene means the same thing whichever method a group draws.
-WEIGHT_1 = Param("weight", "model", default=1.0, low=-10.0, high=10.0)
-SCALE = Param("lambda", "shared", default=1.0, low=-10.0, high=10.0)
-
-
-def rank_fraction(default: float) -> Param:
-    return Param("rank_fraction", "shared", default=default, low=0.0, high=1.0, open_low=True)
 
 
 def is_matrix(x: MergeInputs) -> bool:

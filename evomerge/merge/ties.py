@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.base import MergeInputs, Param, merge_method
-from evomerge.merge.generalized import DENSITY, INT8_MASK, LAMBDA, WEIGHT, generalized, sign_consensus
+from evomerge.merge.base import MergeInputs, implements
+from evomerge.merge.generalized import generalized, sign_consensus
 from evomerge.merge.sparsify import prepare_magnitude
 
 __all__ = ["sign_consensus", "ties"]
 
 
-@merge_method(
-    "ties",
-    params=[WEIGHT, DENSITY, Param("normalize", "shared", default=True, kind=bool), LAMBDA, INT8_MASK],
-    reference="https://arxiv.org/abs/2306.01708",
-    prepare=prepare_magnitude,
-    sketches=True,
-)
+@implements("ties", prepare=prepare_magnitude)
 def ties(
     x: MergeInputs, weight: torch.Tensor, density: torch.Tensor, normalize: bool, **shared: float
 ) -> torch.Tensor:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.base import MergeInputs, merge_method
+from evomerge.merge.base import MergeInputs, implements
 from evomerge.merge.kernels import weighted_sum
 from evomerge.merge.subspace import (
-    SCALE,
-    WEIGHT_1,
     affine,
     is_matrix,
     keep_latest,
     polar,
-    rank_fraction,
     task_svd,
 )
 
@@ -46,15 +43,7 @@ def prepare(x: MergeInputs) -> None:
         _parts(x, _rank(x, 1.0))
 
 
-@merge_method(
-    "tsv",
-    params=[WEIGHT_1, rank_fraction(1.0), SCALE],
-    reference="https://arxiv.org/abs/2412.00081",
-    mergekit=False,
-    min_experts=2,
-    prepare=prepare,
-    cache_models=(0.0, 1.0),
-)
+@implements("tsv", prepare=prepare)
 def tsv(x: MergeInputs, weight: torch.Tensor, rank_fraction: float, **shared: float) -> torch.Tensor:
     """TSV-M. For a 2-D tensor with task matrices delta_i = U_i diag(s_i) V_i^T (r = min(m, n)):
 

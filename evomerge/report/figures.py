@@ -146,7 +146,7 @@ def progress_table(run: Run) -> pd.DataFrame:
     rated = _searched(run)
     rated = rated[~rated.raced].groupby("generation")
     for o in run.objectives:
-        best = rated[o.name].agg(o.direction)
+        best = rated[o.name].agg(o.direction).reindex(out.index)  # NaN: a generation raced whole
         out[f"best_{o.name}"] = best
         out[f"median_{o.name}"] = rated[o.name].median()
         so_far = getattr(out[f"best_{o.name}"], f"cum{o.direction}")().ffill()
@@ -155,9 +155,7 @@ def progress_table(run: Run) -> pd.DataFrame:
         before = so_far.shift()
         improved = before.isna() | (best > before if o.direction == "max" else best < before)
         ids = getattr(rated[o.name], f"idx{o.direction}")()
-        out[f"best_id_so_far_{o.name}"] = (
-            ids.reindex(out.index).where(improved & best.reindex(out.index).notna()).ffill()
-        )
+        out[f"best_id_so_far_{o.name}"] = ids.reindex(out.index).where(improved & best.notna()).ffill()
     return out
 
 

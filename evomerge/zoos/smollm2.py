@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from evomerge.errors import EvomergeError
 from evomerge.gguf import convert_gguf
-from evomerge.hf import DTYPES
+from evomerge.hf import torch_dtype
 from evomerge.merge import merge_state_dicts
 from evomerge.models import Reference, save_hf
 from evomerge.zoos import skills
@@ -174,7 +174,7 @@ def _build(out: Path, recipe: dict, cache_dir: Path, progress: bool) -> dict:
     t = lap("download", started)
     shutil.copytree(convert_gguf(gguf_file, recipe["dtype"], cache_dir), out / "base")
     t = lap("convert", t)
-    base = AutoModelForCausalLM.from_pretrained(out / "base", dtype=DTYPES[recipe["dtype"]]).eval()
+    base = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch_dtype(recipe["dtype"])).eval()
     tokenizer = AutoTokenizer.from_pretrained(out / "base")
     cfg, split, batch = recipe["train"], recipe["eval_split"], recipe["eval_batch_size"]
     steps = recipe["experts"]

@@ -6,6 +6,11 @@ accuracy of the GA with full-split fitness.
     python experiments/benchmarks/search_efficiency.py [--seeds 5] [--recipes ga_full,bo_adaptive]
         [--zoo tiny|real] [--out runs/efficiency] [--quick]
 
+Every IRT recipe runs twice per seed: ``<recipe>`` is a config's first run, which calibrates (sized to
+its budget: ``fitness.calibration`` auto) and builds its item bank inside it, calibration counted;
+``<recipe>_second`` is a later run of the same config (seed + 1000) with that bank (``estimation.bank``),
+which pays no calibration: the bank's cost is counted once, in the first run.
+
 ``--zoo tiny`` (default) is the demo's search space on the tiny zoo with the demo's budget (128
 candidates); ``--zoo real`` is ``experiments/real_smollm2.yaml``'s on the SmolLM2-135M zoo (`evomerge zoo
 build --real`) at a reduced budget (16 candidates), GA + full fitness against BO + adaptive items, where
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's progress bars, for the test-split scoring here
 # each zoo: the config the recipes change, and the calibration of its IRT recipes
 ZOOS = {
-    "tiny": {"config": "demo.yaml", "calibration": {"random_merges": 20}},
+    "tiny": {"config": "demo.yaml", "calibration": {}},  # auto: sized to the run's budget
     "real": {"config": "real_smollm2.yaml", "calibration": {"random_merges": 8}},
 }
 
@@ -91,11 +97,27 @@ def recipes(zoo: str, quick: bool) -> dict[str, dict[str, Any]]:
             "algorithm": bo,
             "objective": irt(estimator="sgpirt", items=12, selection="information"),
         },
+        # bo_sgpirt calibrated as before banks: 20 random merges on the whole split (24 x 600 items)
+        "bo_sgpirt_fullcal": {
+            "algorithm": bo,
+            "objective": irt(estimator="sgpirt", items=12, selection="information"),
+            "calibration": {"random_merges": 20, "items": "all"},
+        },
         "bo_adaptive": {
             "algorithm": bo,
             "objective": irt(estimator="sgpirt", items="adaptive", max_items=12, target_se=0.05, race=True),
         },
     }
+
+
+def with_second_runs(catalogue: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each IRT recipe followed by ``<name>_second``: the same config, run again with the first run's bank."""
+    out = {}
+    for name, recipe in catalogue.items():
+        out[name] = recipe
+        if "estimator" in recipe["objective"]:
+            out[f"{name}_second"] = {**recipe, "second_of": name}
+    return out
 
 
 def config(zoo: str, recipe: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
@@ -104,8 +126,11 @@ def config(zoo: str, recipe: dict[str, Any], seed: int, out: Path) -> dict[str, 
     if recipe.get("items"):
         data["fitness"]["items"] = recipe["items"]
     if "estimator" in recipe["objective"]:
-        data["fitness"]["calibration"] = ZOOS[zoo]["calibration"]
+        data["fitness"]["calibration"] = recipe.get("calibration", ZOOS[zoo]["calibration"])
     data.update(objectives=[recipe["objective"]], algorithm=recipe["algorithm"], seed=seed, out=str(out))
+    if "second_of" in recipe:  # a later run of the config: another seed, the first run's bank
+        data["seed"] = seed + 1000
+        data["estimation"] = {"bank": str(out.parent / "banks" / f"{out.name}.npz")}
     return data
 
 
@@ -121,6 +146,15 @@ def run_one(zoo: str, name: str, recipe: dict[str, Any], seed: int, root: Path) 
     if (out / "store.sqlite").exists():
         (out / "efficiency_wall.json").unlink(missing_ok=True)  # no longer one go
         return resume_search(out).resume()
+    if "second_of" in recipe:  # a copy of the first run's bank, which this run then grows
+        first = run_one(
+            zoo, recipe["second_of"], {k: v for k, v in recipe.items() if k != "second_of"}, seed, root
+        )
+        used = json.loads((first / "irt" / "bank.json").read_text())["bank"]
+        (root / "banks").mkdir(parents=True, exist_ok=True)
+        shutil.copy(used, root / "banks" / f"{out.name}.npz")
+    # every run's cached banks in a folder of its own: no first run finds a bank another run built
+    os.environ["EVOMERGE_BANKS"] = str(root / "banks" / out.name)
     start = time.time()
     Search(parse_config(config(zoo, recipe, seed, out))).run()
     (out / "efficiency_wall.json").write_text(json.dumps({"seconds": time.time() - start}))
@@ -168,6 +202,7 @@ def anytime(run_dir: Path) -> pd.DataFrame:
     rows = run.candidates
     df.attrs["items per candidate"] = float(rows[rows.kind == "search"].n_items.mean())
     df.attrs["rescored"] = int(rows[rows.kind == "full"].n_items.sum())  # an IRT run's front, at the end
+    df.attrs["calibration"] = int(rows[rows.kind == "calibration"].n_items.sum())  # in "items" already
     wall = run_dir / "efficiency_wall.json"
     df.attrs["wall s"] = json.loads(wall.read_text())["seconds"] if wall.is_file() else np.nan
     tests = test_accuracy(run, sorted({int(i) for i in df.best_id.dropna()}))
@@ -189,7 +224,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     out = args.out or ROOT / "runs" / ("efficiency" if args.zoo == "tiny" else "efficiency-real")
-    catalogue = recipes(args.zoo, args.quick)
+    catalogue = with_second_runs(recipes(args.zoo, args.quick))
     names = list(catalogue) if args.recipes == "all" else args.recipes.split(",")
     unknown = [n for n in names if n not in catalogue]
     if unknown:
@@ -239,6 +274,7 @@ def table(curves: dict[str, list[pd.DataFrame]], target: float, budget: float) -
                 "models": np.median([c.models.iloc[-1] for c in runs]),
                 "items / candidate": np.median([c.attrs["items per candidate"] for c in runs]),
                 "item evaluations": np.median([c["items"].iloc[-1] for c in runs]),
+                "of which calibration": np.median([c.attrs["calibration"] for c in runs]),
                 "+ front re-scored": np.median([c.attrs["rescored"] for c in runs]),
                 "reached target (seeds)": f"{sum(len(r) > 0 for r in reach)}/{len(runs)}",
                 "models to target": np.median([r.models.iloc[0] if len(r) else np.inf for r in reach]),
@@ -248,7 +284,14 @@ def table(curves: dict[str, list[pd.DataFrame]], target: float, budget: float) -
             }
         )
     df = pd.DataFrame(rows)
-    for column in ["models", "item evaluations", "+ front re-scored", "models to target", "items to target"]:
+    for column in [
+        "models",
+        "of which calibration",
+        "item evaluations",
+        "+ front re-scored",
+        "models to target",
+        "items to target",
+    ]:
         df[column] = [f"{v:,.0f}" if np.isfinite(v) else "never" for v in df[column]]
     return df.dropna(axis=1, how="all")  # wall s: only runs made in one go have it
 
