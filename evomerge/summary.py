@@ -106,12 +106,14 @@ def _grow_bank(session: RunSession) -> dict[str, Any] | None:
     cfg, evals = session.config, session.evals
     if cfg.estimation.bank == "none" or not cfg.fitness.tasks:
         return None
+    ok = [c for c in evals.store.candidates() if c.status == Status.OK]
+    if not any(c.split == cfg.fitness.search_split and c.subset is None for c in ok):
+        return None  # nothing whole-split to add (the demo's item subsets): no model is hashed
     n_items = session.pool.call("n_items", cfg.fitness.search_split)
     models = session.folder.meta(evals.store).models
     if not n_items or not models:
         return None
     inputs = input_ids(models, cfg.zoo.cache_dir)
-    ok = [c for c in evals.store.candidates() if c.status == Status.OK]
     added, path = add_to_bank(cfg, n_items, ok, inputs, session.space, session.folder.path)
     return {"path": str(path), "added": added} if added else None
 
