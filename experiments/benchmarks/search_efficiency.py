@@ -97,6 +97,8 @@ def recipes(zoo: str, quick: bool) -> dict[str, dict[str, Any]]:
             "algorithm": bo,
             "objective": irt(estimator="sgpirt", items=12, selection="information"),
         },
+        # BO with rc-IRT on 24 random items (64 x 24 = GA-full's item budget / 50)
+        "bo_rcirt": {"algorithm": bo, "objective": irt(estimator="rcirt", items=24, selection="random")},
         # bo_sgpirt calibrated as before banks: 20 random merges on the whole split (24 x 600 items)
         "bo_sgpirt_fullcal": {
             "algorithm": bo,
