@@ -135,16 +135,6 @@ class ItemBank:
             out[t] = out.get(t, 0) + 1
         return out
 
-    def scope_columns(self, scope: str, n_items: Mapping[str, int]) -> list[Column]:
-        """The items an objective of ``scope`` is about (every task's for ``mean``), as the run numbers them."""
-        tasks = list(n_items) if scope == "mean" else [scope]
-        return [(t, str(i)) for t in tasks for i in range(n_items[t])]
-
-    def coverage(self, n_items: Mapping[str, int]) -> tuple[int, int]:
-        """(items of the run's tasks the bank knows, items of the run's tasks)."""
-        wanted = [(t, str(i)) for t, n in n_items.items() for i in range(n)]
-        return sum(c in self.index for c in wanted), len(wanted)
-
     def check_covers(self, n_items: Mapping[str, int], split: str, what: str) -> None:
         """Refuse a bank for another split, or one that lists items the run's tasks do not have (how
         many match is said); a bank of some of a task's items is fine: estimates are about them."""
@@ -158,14 +148,6 @@ class ItemBank:
                 f"{sorted(n_items)} exist on split {split!r} ({', '.join(f'{t}: {n}' for t, n in n_items.items())}); "
                 "build one for these items with `evomerge calibrate CONFIG` or use estimation.bank: auto"
             )
-
-    def fit_for(self, scope: str, cols: Sequence[Column]) -> Fit | None:
-        """The scope's fit if it covers exactly ``cols`` (in that order), else None."""
-        fit = self.fits.get(scope)
-        if fit is None:
-            return None
-        mine = [self.columns[j] for j in fit.cols]
-        return fit if mine == list(cols) else None
 
     def extend_columns(self, cols: Sequence[Column]) -> None:
         """Add items the bank does not list yet (no responses to them so far)."""

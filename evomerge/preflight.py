@@ -57,6 +57,7 @@ def check_run(
             objectives=[o for o in config.objectives if o.of != DEPTH],
             options=dict(fitness),
         )
+        check_bank_items(config)
     shapes = model_shapes(config)
     depth = model_depth(config.models.base)
     if depth is not None and config.search_space.layer_groups > depth:
@@ -168,6 +169,22 @@ def model_depth(ref: str) -> int | None:
         return None
     depth = cfg.get("num_hidden_layers") or cfg.get("text_config", {}).get("num_hidden_layers")
     return int(depth) if depth else None
+
+
+def check_bank_items(config: RunConfig) -> None:
+    """An item bank file (``estimation.bank: PATH``) whose items the run's tasks do not have is refused
+    with how many match, by check and run alike, before anything is stored (the file itself, its tasks
+    and split were checked with the config)."""
+    path = config.estimation.bank
+    if not isinstance(path, Path) or not any(o.estimator for o in config.objectives):
+        return
+    from evomerge.bank import ItemBank
+    from evomerge.fitness.tasks import load_task
+
+    fitness = config.fitness
+    include = [str(p) for p in fitness.include]
+    n_items = {t: len(list(load_task(t, fitness.search_split, include).eval_docs)) for t in fitness.tasks}
+    ItemBank.load(path).check_covers(n_items, fitness.search_split, f"item bank {str(path)!r}")
 
 
 def estimate_run_bytes(config: RunConfig, weights: int) -> int:

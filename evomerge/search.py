@@ -282,15 +282,6 @@ class Search:
             )
         )
 
-    def _check_bank(self) -> None:
-        cfg = self.config
-        path = cfg.estimation.bank
-        if isinstance(path, Path) and path.is_file() and any(o.estimator for o in cfg.objectives):
-            from evomerge.bank import ItemBank
-
-            n_items = self.pool.call("n_items", cfg.fitness.search_split)
-            ItemBank.load(path).check_covers(n_items, cfg.fitness.search_split, f"item bank {str(path)!r}")
-
     @contextlib.contextmanager
     def session(self, resume: bool = False) -> Iterator[RunSession]:
         """The run's store (new, or the existing one when ``resume``), its workers and the evaluations
@@ -329,8 +320,6 @@ class Search:
             )
             stack.callback(self.pool.shutdown)
             self.pool.call("prepare", [cfg.fitness.search_split, cfg.fitness.test_split])
-            if not resume:
-                self._check_bank()  # a bank for other items is refused before the run folder exists
             changed = self.folder.meta(store).changed_layers if resume else self.pool.call("changed_layers")
             self.space = SearchSpace(cfg.search_space, self.experts, self.models.num_layers(), changed)
             if not resume:

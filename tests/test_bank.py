@@ -146,6 +146,11 @@ def test_a_bank_for_other_items_is_refused_before_the_run_folder_exists(tmp_path
     finally:
         ray.shutdown()
     assert not (tmp_path / "run").exists()
+    data = config(zoo_dir, tmp_path / "run", bank=path)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    code, out = cli("check", tmp_path / "c.yaml")  # check refuses it with run's line
+    assert code == 2 and "does not match this run's items: 600 of its 650 items of tasks" in out
+    assert out.count("\n") == 0 and not (tmp_path / "run").exists()
 
 
 def test_a_bank_fitted_on_too_few_models_is_refused(tmp_path, zoo_dir):
