@@ -174,9 +174,10 @@ def model_depth(ref: str) -> int | None:
 def check_bank_items(config: RunConfig) -> None:
     """An item bank file (``estimation.bank: PATH``) whose items the run's tasks do not have is refused
     with how many match, by check and run alike, before anything is stored (the file itself, its tasks
-    and split were checked with the config)."""
+    and split were checked with the config). A file that does not exist yet is the one `evomerge
+    calibrate --out` is about to write."""
     path = config.estimation.bank
-    if not isinstance(path, Path) or not any(o.estimator for o in config.objectives):
+    if not isinstance(path, Path) or not path.exists() or not any(o.estimator for o in config.objectives):
         return
     from evomerge.bank import ItemBank
     from evomerge.fitness.tasks import load_task
