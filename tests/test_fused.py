@@ -119,3 +119,37 @@ def test_disabled_fused_kernels_fall_back(monkeypatch):
     monkeypatch.setattr(fused, "_compiled", lambda: None)
     assert not fused.applies(merger.inputs("w", stream=KeyedStream(5)))
     merger.merge("dare_ties", {"weight": [0.5, 0.5], "density": 0.5})
+
+
+def test_the_32_bit_hash_gives_the_64_bit_hash_bits():
+    """The kernels hash in int32 (vectorizes on AVX2): the same bits as the eager int64 hash, for keys
+    across the whole unsigned range and indices up to 2^31 - 1, so masks did not change."""
+    from evomerge.merge.streams import as_int32, half_uniform, half_uniform_i32, hash32, hash32_i32
+
+    g = torch.Generator().manual_seed(1)
+    idx = torch.cat(
+        [torch.arange(4096), torch.randint(0, 2**31, (1 << 16,), generator=g), torch.tensor([2**31 - 1])]
+    )
+    for k1, k2 in ((0, 0), (2866077294, 1266947452), (2**32 - 1, 2**31), (12345, 2**32 - 7)):
+        h64 = hash32(idx, k1, k2)
+        h32 = hash32_i32(idx.to(torch.int32), as_int32(k1), as_int32(k2))
+        assert h32.dtype == torch.int32
+        assert torch.equal(h64, h32.to(torch.int64) & 0xFFFFFFFF)
+        for half in (0, 1):
+            assert torch.equal(half_uniform(h64, half), half_uniform_i32(h32, half))
+
+
+def test_keyed_masks_are_pinned():
+    """A stored run's dare/della masks re-merge identically: these values are the keyed stream v2's
+    (KEYED_VERSION), unchanged by the 32-bit kernels."""
+    from evomerge.merge.streams import KEYED_VERSION, hash32
+
+    assert KEYED_VERSION == 2
+    ks = KeyedStream(5)
+    k1, k2, _ = ks.lane(("w", 0))
+    assert (k1, k2) == (2866077294, 1266947452)
+    h = hash32(torch.tensor([0, 1, 2**20, 2**31 - 1]), k1, k2)
+    assert h.tolist() == [1519298706, 1095592512, 704909460, 823835565]
+    u = torch.empty(6)
+    ks.uniform_(u, ("model.layers.0.mlp.up_proj.weight", 1), start=1000)
+    assert (u * 2**16).long().tolist() == [24531, 14308, 55142, 10316, 33127, 43952]

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from evomerge.merge.base import MergeInputs
-from evomerge.merge.streams import KeyedStream, half_uniform, hash32
+from evomerge.merge.streams import INT32_INDEX_LIMIT, KeyedStream, half_uniform_i32, hash32_i32
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,14 @@ def worth_compiling(largest: int) -> bool:
 
 def _keeps(n: int, keys: torch.Tensor, density: torch.Tensor, k: int) -> list[torch.Tensor]:
     """Each of the ``k`` experts' keep masks over elements [0, n): experts 2m and 2m + 1 read the two
-    halves of pair m's hash (keys[0, m], keys[1, m]), so the loop hashes once per element and pair."""
-    index = torch.arange(n, dtype=torch.int64, device=keys.device)
+    halves of pair m's hash (keys[0, m], keys[1, m], int32), so the loop hashes once per element and
+    pair, in 32-bit arithmetic (the eager path's values: ``hash32_i32``)."""
+    index = torch.arange(n, dtype=torch.int32, device=keys.device)
     keep = []
     for m in range((k + 1) // 2):
-        h = hash32(index, keys[0, m], keys[1, m])
+        h = hash32_i32(index, keys[0, m], keys[1, m])
         for half in range(min(2, k - 2 * m)):
-            keep.append(half_uniform(h, half) < density[2 * m + half])
+            keep.append(half_uniform_i32(h, half) < density[2 * m + half])
     return keep
 
 
@@ -162,7 +163,7 @@ def _smoke(kernels: dict[str, Any], device_type: str = "cpu") -> None:
     base = torch.randn(n, generator=g, device="cpu").to(device)
     deltas = torch.randn(2, n, generator=g, device="cpu").to(device)
     _dynamic(base, deltas)
-    keys = torch.tensor([[1], [3]], device=device)
+    keys = torch.tensor([[-7], [3]], dtype=torch.int32, device=device)  # keys of 2^31 and above are negative
     col = torch.tensor([0.3, 0.7], device=device)
     assert torch.allclose(kernels["_kept_l1"](deltas, keys, col), _kept_l1(deltas, keys, col), rtol=1e-5)
     f = torch.tensor([0.3, 0.7, 1.1, 0.9, 0.6, 0.4, 1.0], device=device)
@@ -181,8 +182,9 @@ def _smoke(kernels: dict[str, Any], device_type: str = "cpu") -> None:
 
 def applies(x: MergeInputs) -> bool:
     """Whether the kernels run this tensor: a keyed stream, a tensor of a large enough model (``x.fuse``;
-    unset: this tensor large enough alone), kernels that compile for its device type."""
-    if not isinstance(x.stream, KeyedStream) or x.numel < MIN_TENSOR:
+    unset: this tensor large enough alone) with fewer than 2^31 elements (the kernels index in int32),
+    kernels that compile for its device type."""
+    if not isinstance(x.stream, KeyedStream) or not MIN_TENSOR <= x.numel < INT32_INDEX_LIMIT:
         return False
     large = x.fuse if x.fuse is not None else worth_compiling(x.numel)
     return large and kernels_for(x.device) is not None
@@ -198,7 +200,8 @@ def _prepared(x: MergeInputs) -> tuple[dict[str, Any], torch.Tensor, torch.Tenso
     _dynamic(deltas, base)
     stream = x.stream
     keys = x.cached(
-        ("fused.keys", stream.seed, x.device), lambda: stream.pair_keys(x.name, x.n_experts, x.device)
+        ("fused.keys", stream.seed, x.device),
+        lambda: stream.pair_keys(x.name, x.n_experts, x.device, torch.int32),
     )
     return kernels, deltas, base, keys
 

@@ -15,8 +15,11 @@ element when U < p, and drawing nothing where a method returns early (e.g. densi
   adds or removes elements). Experts 2m and 2m + 1 share one 32-bit hash per element, the high and
   the low 16 bits, so U lies on a 2^-16 grid (torch.rand's is 2^-24): an element is kept with
   probability ceil(p * 2^16) / 2^16, within 1.6e-5 of p, and the fused kernels hash once per element
-  for every two experts. The hash is integer arithmetic in int64 (every product fits), exact on any
-  device: a GPU draws the same masks as a CPU.
+  for every two experts. The hash is integer arithmetic, exact on any device: a GPU draws the same
+  masks as a CPU. The eager path computes it in int64 (every product fits); the fused kernels compute
+  the same bits in int32 (``hash32_i32``: wrapping multiplies and masked shifts), which vectorizes on
+  every x86 CPU (AVX2 multiplies 8 int32 lanes at once, while a 64-bit multiply needs AVX-512DQ and is
+  emulated on AVX2) and on GPUs.
 """
 
 from __future__ import annotations
@@ -64,10 +67,11 @@ MASK32 = 0xFFFFFFFF
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer hash with low bias (shifts 16/15/15, two odd multipliers below 2^31, so every
     product fits in int64): a bijection on [0, 2^32), on int64 tensors holding such values."""
+    m1, m2 = MIX_MULTIPLIERS
     x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & MASK32
+    x = (x * m1) & MASK32
     x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & MASK32
+    x = (x * m2) & MASK32
     return x ^ (x >> 15)
 
 
@@ -76,6 +80,40 @@ def hash32(index: torch.Tensor, k1: torch.Tensor | int, k2: torch.Tensor | int) 
     the offset index ((index + k2) mod 2^32, xor k1, xor the index's high word). Plain torch ops, so
     the compiled kernels in ``evomerge.merge.fused`` compute exactly the same values."""
     return _mix32(((index + k2) & MASK32) ^ k1 ^ (index >> 32))
+
+
+MIX_MULTIPLIERS = (0x21F0AAAD, 0x735A2D97)  # _mix32's; both below 2^31, so int32 constants too
+INT32_INDEX_LIMIT = 1 << 31  # hash32_i32 takes element indices below this (index >> 32 is then 0)
+
+
+def _lsr32(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """Logical right shift of int32 tensors read as unsigned 32-bit values (torch's ``>>`` on int32 is
+    arithmetic: the mask clears the copied sign bits)."""
+    return (x >> shift) & ((1 << (32 - shift)) - 1)
+
+
+def as_int32(key: int) -> int:
+    """The int32 with the bits of unsigned 32-bit ``key``."""
+    return key - (1 << 32) if key >= 1 << 31 else key
+
+
+def hash32_i32(index: torch.Tensor, k1: torch.Tensor | int, k2: torch.Tensor | int) -> torch.Tensor:
+    """:func:`hash32` in 32-bit arithmetic: the same 32 bits, as int32 (two's complement), for int32
+    ``index`` below ``INT32_INDEX_LIMIT`` and keys given as int32 (:func:`as_int32`). Multiplies and
+    adds wrap modulo 2^32 as the int64 version's masks do; shifts are logical (:func:`_lsr32`)."""
+    m1, m2 = MIX_MULTIPLIERS
+    x = (index + k2) ^ k1
+    x = x ^ _lsr32(x, 16)
+    x = x * m1
+    x = x ^ _lsr32(x, 15)
+    x = x * m2
+    return x ^ _lsr32(x, 15)
+
+
+def half_uniform_i32(h: torch.Tensor, half: int) -> torch.Tensor:
+    """:func:`half_uniform` of an int32 hash from :func:`hash32_i32` (the same uniforms)."""
+    bits = _lsr32(h, 16) if half == 0 else h & 0xFFFF
+    return bits.to(torch.float32) * (2.0**-16)
 
 
 def half_uniform(h: torch.Tensor, half: int) -> torch.Tensor:
@@ -115,11 +153,15 @@ class KeyedStream:
         name, i = key
         return (*self.keys((name, i // 2)), i % 2)
 
-    def pair_keys(self, name: str, n_experts: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """(2, ceil(n_experts / 2)) int64 on ``device``: the (k1, k2) of each expert pair's hash on
-        tensor ``name``."""
+    def pair_keys(
+        self, name: str, n_experts: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.int64
+    ) -> torch.Tensor:
+        """(2, ceil(n_experts / 2)) on ``device``: the (k1, k2) of each expert pair's hash on tensor
+        ``name``, int64, or with ``dtype=torch.int32`` the same bits as int32 (for :func:`hash32_i32`)."""
         pairs = [self.lane((name, 2 * m))[:2] for m in range((n_experts + 1) // 2)]
-        return torch.tensor(pairs, dtype=torch.int64, device=device).T.contiguous()
+        if dtype == torch.int32:
+            pairs = [(as_int32(k1), as_int32(k2)) for k1, k2 in pairs]
+        return torch.tensor(pairs, dtype=dtype, device=device).T.contiguous()
 
     def uniform_(self, out: torch.Tensor, key: tuple[str, int], start: int = 0) -> torch.Tensor:
         """Fill ``out`` with the uniforms of elements [start, start + out.numel()) of expert mask

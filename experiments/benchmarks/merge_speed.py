@@ -5,6 +5,12 @@ Reproduce (a few minutes; needs mergekit and fusion-bench: pip install -e '.[par
 
     python experiments/benchmarks/merge_speed.py --threads 2
 
+``--isa avx2`` measures what an AVX2-only CPU does on a CPU with AVX-512: torch's eager kernels are
+dispatched at AVX2 (``ATEN_CPU_CAPABILITY=avx2``, set by re-running the script) and Inductor's C++ kernels
+are compiled with 256-bit vectors (``torch._inductor.config.cpp.simdlen = 256``), so no AVX-512
+instruction runs (a 64-bit integer multiply, for one, is emulated as on AVX2). The table's header names
+the CPU, its widest vector instruction set and the one used.
+
 ``--quick`` runs the same steps on a tiny shape (hidden 64, 2 layers, vocab 512), once each: a check
 that the script works, not a measurement.
 
@@ -360,12 +366,17 @@ def run_subspace(merger, sds: dict, methods: list[str], out: dict, repeat: int) 
     return rows
 
 
-def table(speed: dict, rss: dict | None, threads: int, quick: bool = False) -> str:
+def table(speed: dict, rss: dict | None, threads: int, quick: bool = False, isa: str = "native") -> str:
+    from evomerge.machine import cpu_description
+
     fused = speed["fused_s"]
     shape = "a tiny shape (--quick: a functional check, not a measurement)" if quick else "SmolLM2-135M shape"
+    flags = (" --quick" if quick else "") + (f" --isa {isa}" if isa != "native" else "")
+    used = "its own" if isa == "native" else f"{isa.upper()} forced (eager dispatch and Inductor's vectors)"
     lines = [
-        f"Reproduce: `python experiments/benchmarks/merge_speed.py --threads {threads}{' --quick' if quick else ''}`",
+        f"Reproduce: `python experiments/benchmarks/merge_speed.py --threads {threads}{flags}`",
         "",
+        f"{cpu_description()}, vector instructions: {used}.",
         f"torch {torch.__version__}, {threads} thread(s), {os.cpu_count()} CPU(s); base + 2 experts, "
         f"{shape}, float32 ({speed['model_bytes'] / 2**20:.1f} MiB per model).",
         f"evomerge one-time setup: Merger() {speed['construct_s']:.2f} s + prepare() {speed['prepare_s']:.2f} s; "
@@ -436,11 +447,26 @@ def main() -> None:
         action="store_true",
         help="a tiny shape, each merge once: a functional check, not a measurement",
     )
+    ap.add_argument(
+        "--isa",
+        choices=["native", "avx2"],
+        default="native",
+        help="avx2: run as an AVX2-only CPU would (eager dispatch and compiled kernels without AVX-512)",
+    )
     ap.add_argument("--mode", choices=["all", "rss"], default="all", help=argparse.SUPPRESS)
     ap.add_argument("--untuned", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
         args.repeat = 1
+    if args.isa != "native":
+        # torch reads ATEN_CPU_CAPABILITY when it loads: run again with it set
+        if os.environ.get("ATEN_CPU_CAPABILITY") != args.isa:
+            os.execve(
+                sys.executable, [sys.executable, *sys.argv], {**os.environ, "ATEN_CPU_CAPABILITY": args.isa}
+            )
+        import torch._inductor.config as inductor
+
+        inductor.cpp.simdlen = 256
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.dir or Path(tmp)
@@ -468,7 +494,7 @@ def main() -> None:
                 subprocess.run([*cmd, "--untuned"], check=True, capture_output=True, text=True).stdout
             )["peak_rss"]
         speed = run_speed(folder, args.methods, not args.no_mergekit, args.repeat)
-        print(table(speed, rss, args.threads, args.quick))
+        print(table(speed, rss, args.threads, args.quick, args.isa))
 
 
 if __name__ == "__main__":
