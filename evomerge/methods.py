@@ -67,6 +67,8 @@ class Declaration:
     device is at most a + b K float32 model sizes (the subspace methods' SVD factors), for the plan.
     ``sketches``: it builds order-statistics (magnitude) sketches of each tensor ahead of the first
     merge, whose sort is a worker's largest one-time transient (the plan counts it).
+    ``kept_tables``: under keyed masks it keeps a kept-l1 table per large tensor and expert
+    (``evomerge.merge.fused.KeptTable``, ``shapes.KEPT_TABLE_BYTES`` each; the plan counts them).
     """
 
     name: str
@@ -79,6 +81,7 @@ class Declaration:
     cache_models: tuple[float, float] = (0.0, 0.0)
     mergekit: bool = True
     sketches: bool = False
+    kept_tables: bool = False
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -192,10 +195,18 @@ BUILTIN: dict[str, Declaration] = {
             sketches=True,
         ),
         Declaration(
-            "dare_linear", gta_params(normalize=False, rescale=True), _ARXIV + "2311.03099", random_masks=True
+            "dare_linear",
+            gta_params(normalize=False, rescale=True),
+            _ARXIV + "2311.03099",
+            random_masks=True,
+            kept_tables=True,
         ),
         Declaration(
-            "dare_ties", gta_params(normalize=False, rescale=True), _ARXIV + "2311.03099", random_masks=True
+            "dare_ties",
+            gta_params(normalize=False, rescale=True),
+            _ARXIV + "2311.03099",
+            random_masks=True,
+            kept_tables=True,
         ),
         Declaration(
             "breadcrumbs",
@@ -214,12 +225,14 @@ BUILTIN: dict[str, Declaration] = {
             gta_params(normalize=True, rescale=True, extra=[EPSILON]),
             _ARXIV + "2406.11617",
             random_masks=True,
+            cache_models=(0.0, 0.5),  # the ranks of each task vector in its rows, int16
         ),
         Declaration(
             "della_linear",
             gta_params(normalize=False, rescale=True, extra=[EPSILON]),
             _ARXIV + "2406.11617",
             random_masks=True,
+            cache_models=(0.0, 0.5),  # the ranks of each task vector in its rows, int16
         ),
         Declaration("sce", (fraction("select_topk", 1.0), INT8_MASK), _ARXIV + "2408.07990", sketches=True),
         Declaration(
@@ -253,14 +266,14 @@ BUILTIN: dict[str, Declaration] = {
             _ARXIV + "2412.12153",
             min_experts=2,
             mergekit=False,
-            cache_models=(0.0, 2.0),
+            cache_models=(0.0, 3.0),  # the K SVDs (up to 2 K matrices) and the K truncated matrices
         ),
         Declaration(
             "star",
             (WEIGHT_1, fraction("eta", 0.4, open_low=True), SCALE),
             _ARXIV + "2502.10339",
             mergekit=False,
-            cache_models=(0.0, 2.0),
+            cache_models=(0.0, 3.0),  # the K SVDs (up to 2 K matrices) and the K truncated matrices
         ),
         Declaration("iso_c", (SCALE,), _ARXIV + "2502.04959", mergekit=False, cache_models=(1.0, 0.0)),
         Declaration(

@@ -13,7 +13,8 @@ the machine it is made for: :mod:`evomerge.machine`. Placements:
 - ``host``: everything in host memory, for ``device: cpu``.
 
 Besides the weights a worker holds the order-statistics sketches of the TIES family in host memory
-(1/85 of a float32 model per expert), the subspace methods' SVD factors where it merges (up to a + b K
+(1/85 of a float32 model per expert), keyed dare's kept-l1 tables there too (``KEPT_TABLE_BYTES`` per
+expert and tensor of ``KEPT_TABLE_MIN`` elements or more, ``ModelShape.tabled``), the subspace methods' SVD factors where it merges (up to a + b K
 float32 model sizes per method, ``MergeMethod.cache_models``), and on its merging device the larger of two peaks: building
 those sketches once (sorting the largest tensor), or a merge's scratch (chunks of float32) plus the
 fitness's memory: lm-eval's activations, estimated for ``fitness.batch_size`` sequences of
@@ -43,6 +44,7 @@ from evomerge.shapes import (  # noqa: F401
     DEFAULT_CONTEXT,
     DTYPE_BYTES,
     FLOAT_STORED,
+    KEPT_TABLE_BYTES,
     QUANTIZED_STORED,
     ModelShape,
     check_loadable,
@@ -271,6 +273,7 @@ def plan(
     python: bool = False,  # a Python fitness: it gets fitness_memory (default FITNESS_MEMORY), no batch
     sketches: bool = True,  # the search uses a method with magnitude sketches (the TIES family)
     cache_models: float = 0.0,  # float32 model sizes of the subspace methods' SVD factors
+    kept_tables: bool = False,  # the search uses keyed dare (a kept-l1 table per large tensor and expert)
 ) -> Plan:
     """Each placement's memory per worker on ``machine``, and the one the run uses: the fastest that
     fits ``workers`` (None: the most workers that fit, at least one). ``gpus_per_worker`` None: the
@@ -283,7 +286,8 @@ def plan(
         model=shape.bytes(dtype),
         largest=shape.largest * DTYPE_BYTES[dtype],
         experts=experts,
-        sketch=int(experts * shape.elements * 4 * SKETCH_FRACTION) if sketches else 0,
+        sketch=(int(experts * shape.elements * 4 * SKETCH_FRACTION) if sketches else 0)
+        + (experts * shape.tabled * KEPT_TABLE_BYTES if kept_tables else 0),
         scratch=scratch,
         transient=transient,
         cache=int(cache_models * shape.elements * 4),

@@ -320,6 +320,7 @@ def plan_for(
         python=fitness.function is not None,
         fitness_memory=parse_bytes(fitness.memory, "fitness.memory") if fitness.memory else None,
         sketches=uses_sketches(config.search_space.methods),
+        kept_tables=uses_kept_tables(config.search_space.methods),
         cache_models=subspace_cache(config.search_space.methods, len(config.models.experts))
         + held_models(config) * DTYPE_BYTES[dtype] / 4,
     )
@@ -340,6 +341,14 @@ def uses_sketches(methods: Sequence[str]) -> bool:
     from evomerge.merge.base import get_method
 
     return any(get_method(m).sketches for m in methods)
+
+
+def uses_kept_tables(methods: Sequence[str]) -> bool:
+    """Whether any of ``methods`` keeps a kept-l1 table per large tensor and expert (dare_ties,
+    dare_linear under the search's keyed masks)."""
+    from evomerge.methods import declaration
+
+    return any(declaration(m).kept_tables for m in methods)
 
 
 def subspace_cache(methods: Sequence[str], experts: int) -> float:

@@ -25,6 +25,11 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FLOAT_STORED = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 QUANTIZED_STORED = {"I8", "U8", "I4", "U4"}
 DEFAULT_CONTEXT = 2048
+# The keyed dare kernels' kept-l1 table (evomerge.merge.fused.KeptTable): built for tensors of at least
+# KEPT_TABLE_MIN elements, KEPT_TABLE_BYTES per expert and tensor (2^16 float32 bucket masses and 257
+# float64 partial sums), held beside the task vectors for the whole search.
+KEPT_TABLE_MIN = 1 << 18
+KEPT_TABLE_BYTES = (1 << 16) * 4 + 257 * 8
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class ModelShape:
     context: int
     source: str  # "safetensors headers" or "config.json"
     quantization: str | None = None  # config.json's quantization method, for a quantized checkpoint
+    tabled: int = 0  # floating-point tensors of KEPT_TABLE_MIN elements or more (a kept-l1 table each)
 
     def bytes(self, dtype: str) -> int:
         return self.elements * DTYPE_BYTES[dtype] + self.other_bytes
@@ -83,7 +89,7 @@ def _dims(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def shape_from_headers(files: Sequence[Path], cfg: dict[str, Any]) -> ModelShape:
-    elements = largest = other = 0
+    elements = largest = other = tabled = 0
     stored: set[str] = set()
     for f in files:
         for entry in safetensors_header(f).values():
@@ -92,11 +98,14 @@ def shape_from_headers(files: Sequence[Path], cfg: dict[str, Any]) -> ModelShape
             if dtype in FLOAT_STORED:
                 elements += n
                 largest = max(largest, n)
+                tabled += n >= KEPT_TABLE_MIN
             else:  # integer buffers, or a quantized checkpoint's packed weights (check_loadable)
                 other += n * _stored_bytes(dtype)
             if dtype in FLOAT_STORED or dtype.startswith("F8") or dtype in QUANTIZED_STORED:
                 stored.add(dtype)
-    return ModelShape(elements, largest, other, frozenset(stored), source="safetensors headers", **_dims(cfg))
+    return ModelShape(
+        elements, largest, other, frozenset(stored), source="safetensors headers", tabled=tabled, **_dims(cfg)
+    )
 
 
 def _stored_bytes(dtype: str) -> int:
@@ -125,10 +134,11 @@ def _shape_from_config(text: str) -> ModelShape:
         raise EvomergeError(
             f"cannot size a {model_type!r} model from its config: {str(e).splitlines()[0][:200]}"
         ) from None
-    elements = largest = other = 0
+    elements = largest = other = tabled = 0
     for p in model.parameters():  # tied parameters are listed once
         elements += p.numel()
         largest = max(largest, p.numel())
+        tabled += p.numel() >= KEPT_TABLE_MIN
     named = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     for name in model.state_dict():  # persistent buffers: what a checkpoint stores besides parameters
         if name not in named:
@@ -137,7 +147,9 @@ def _shape_from_config(text: str) -> ModelShape:
                 elements += b.numel()
             else:
                 other += b.numel() * b.element_size()
-    return ModelShape(elements, largest, other, frozenset(), source="config.json", **_dims(cfg))
+    return ModelShape(
+        elements, largest, other, frozenset(), source="config.json", tabled=tabled, **_dims(cfg)
+    )
 
 
 def model_shape(ref: str) -> ModelShape | None:

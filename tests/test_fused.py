@@ -7,14 +7,16 @@ import torch
 
 from evomerge.merge import Merger, fused
 from evomerge.merge.streams import KeyedStream, hash_uniform
+from evomerge.shapes import KEPT_TABLE_BYTES, KEPT_TABLE_MIN
 
 pytestmark = pytest.mark.skipif(fused._compiled() is None, reason="torch.compile cannot build kernels here")
 
 
-def models(k: int, n: int = 300 * 700):
+def models(k: int):
+    """ "w" is large enough for a kept-l1 table (KEPT_TABLE_MIN), "small" runs the compiled l1 pass."""
     g = torch.Generator().manual_seed(7)
     base = {
-        "w": torch.randn(300, 700, generator=g) * 0.02,
+        "w": torch.randn(400, 700, generator=g) * 0.02,
         "small": torch.randn(64, generator=g),
         "tiny": torch.randn(8, generator=g),
     }
@@ -27,12 +29,13 @@ def models(k: int, n: int = 300 * 700):
 
 
 def eager(merger: Merger, method: str, params: dict) -> dict[str, torch.Tensor]:
-    applies = fused.applies
-    fused.applies = lambda x: False
+    """The merge with every fused kernel off (keyed dare and della, magnitude bands)."""
+    applies, applies_bands = fused.applies, fused.applies_bands
+    fused.applies = fused.applies_bands = lambda x: False
     try:
         return merger.merge(method, params)
     finally:
-        fused.applies = applies
+        fused.applies, fused.applies_bands = applies, applies_bands
 
 
 CASES = [
@@ -57,6 +60,29 @@ def test_fused_dare_equals_the_eager_keyed_path(method, params):
         torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=1e-6)
     kept = (ours["w"] != base["w"]).float().mean().item()
     assert kept == pytest.approx((ref["w"] != base["w"]).float().mean().item(), abs=1e-5)
+    rescaled = params.get("rescale", True) and min(params["density"]) < 1
+    assert (
+        ("fused.kept_table", 5) in merger.inputs("w", stream=stream).cache
+    ) == rescaled  # l1 from the table
+    assert ("fused.kept_table", 5) not in merger.inputs("small", stream=stream).cache  # a compiled pass
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_the_kept_l1_table_gives_the_kernels_l1_at_any_density(k):
+    base, experts = models(k)
+    merger = Merger(base, experts, seed=4, random="keyed")
+    x = merger.inputs("w", stream=KeyedStream(4))
+    assert x.persistent and x.numel >= KEPT_TABLE_MIN
+    table = fused.KeptTable.build(x)
+    assert table.nbytes == k * KEPT_TABLE_BYTES
+    kernels, deltas, _, keys = fused._prepared(x)
+    grid = [0.0, 1.0, 0.5, 2**-16, 0.5 + 2**-17, 1 - 2**-16, 0.3, 0.0001, 0.97]  # on and off the 2^-16 grid
+    for j in range(len(grid)):
+        density = [grid[(j + i) % len(grid)] for i in range(k)]
+        want = kernels["_kept_l1"](deltas, keys, fused._values(x, density)).double()
+        torch.testing.assert_close(
+            torch.tensor(table.kept_l1(density), dtype=torch.float64), want, rtol=2e-6, atol=0
+        )
 
 
 def test_fused_dare_ties_three_experts_and_a_preallocated_output():
@@ -153,3 +179,79 @@ def test_keyed_masks_are_pinned():
     u = torch.empty(6)
     ks.uniform_(u, ("model.layers.0.mlp.up_proj.weight", 1), start=1000)
     assert (u * 2**16).long().tolist() == [24531, 14308, 55142, 10316, 33127, 43952]
+
+
+BAND_CASES = [
+    ("ties", {"weight": [0.6, 0.4], "density": [0.5, 0.7]}),
+    ("ties", {"weight": [0.6, -0.4, 0.3], "density": [0.2, 1.0, 0.0], "normalize": False, "lambda": 1.3}),
+    ("ties", {"weight": [1.0, 1.0, 0.5], "density": [0.3, 0.3, 0.9]}),
+    ("breadcrumbs_ties", {"weight": [0.6, 0.4], "density": [0.8, 0.6], "gamma": 0.05}),
+    ("breadcrumbs", {"weight": [0.6, 0.4, 0.2], "density": [0.8, 0.9, 0.5], "gamma": 0.01, "rescale": True}),
+    ("breadcrumbs", {"weight": [0.6, 0.4], "density": [0.5, 1.0], "gamma": 0.0, "normalize": True}),
+]
+
+
+@pytest.mark.parametrize(("method", "params"), BAND_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_magnitude_bands_equal_the_eager_path(method, params, dtype):
+    """ties and breadcrumbs as one compiled pass: the same selection (thresholds from the sketches, ties
+    at a threshold dropped by index, here many: bfloat16 and a coarse grid), the same sign election."""
+    k = len(params["weight"])
+    base, experts = models(k)
+    for e in experts.values():  # magnitudes on a coarse grid: many values tied at every threshold
+        e["w"] = base["w"] + torch.round((e["w"] - base["w"]) * 2000) / 2000
+    merger = Merger(base, experts, dtype=dtype)
+    assert fused.applies_bands(merger.inputs("w")) and not fused.applies_bands(merger.inputs("tiny"))
+    ours, ref = merger.merge(method, params), eager(merger, method, params)
+    consensus = method != "breadcrumbs"
+    # consensus: the same float32 operations in the same order, so bit-identical; without, the eager
+    # path's fused multiply-adds round otherwise (a 16-bit output then one unit in the last place)
+    tol = (
+        {"rtol": 0, "atol": 0}
+        if consensus
+        else {"rtol": 2**-7 if dtype == torch.bfloat16 else 0, "atol": 1e-6}
+    )
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], **tol)
+
+
+def test_one_off_merges_do_not_compile_the_band_kernels():
+    from evomerge.merge import merge_state_dicts
+
+    base, experts = models(2)
+    calls = []
+    applies = fused.applies_bands
+    fused.applies_bands = lambda x: calls.append(applies(x)) or False
+    try:
+        merge_state_dicts(
+            {"base": base, **experts}, "ties", base="base", parameters={"weight": 0.5, "density": 0.5}
+        )
+    finally:
+        fused.applies_bands = applies
+    assert calls and not any(calls)
+
+
+DELLA_CASES = [
+    ("della", {"weight": [0.6, 0.4], "density": [0.5, 0.6], "epsilon": [0.1, 0.2]}),
+    ("della", {"weight": [0.6, -0.4, 0.3], "density": [0.3, 1.0, 0.0], "epsilon": 0.1, "normalize": False}),
+    ("della_linear", {"weight": [0.6, 0.4], "density": [0.5, 0.7], "epsilon": 0.05, "lambda": 1.2}),
+    (
+        "della_linear",
+        {"weight": [0.6, 0.4, 0.2], "density": [0.4, 0.8, 0.5], "epsilon": 0.1, "rescale": False},
+    ),
+]
+
+
+@pytest.mark.parametrize(("method", "params"), DELLA_CASES)
+def test_fused_della_equals_the_eager_keyed_path(method, params):
+    """della's rank-dependent masks in the kernels (ranks cached per tensor) give the eager path's masks."""
+    base, experts = models(len(params["weight"]))
+    merger = Merger(base, experts, seed=6, random="keyed")
+    stream = KeyedStream(6)
+    assert fused.applies_della(merger.inputs("w", stream=stream))
+    assert fused.applies_della(merger.inputs("small", stream=stream))  # a vector: one row
+    assert not fused.applies_della(merger.inputs("tiny", stream=stream))
+    ours, ref = merger.merge(method, params), eager(merger, method, params)
+    for name in ref:  # the same masks; the kept l1 and the sums in another order
+        torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=1e-6)
+    assert "fused.della_ranks" in merger.inputs("w", stream=stream).cache

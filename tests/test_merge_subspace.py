@@ -307,7 +307,8 @@ def test_plan_counts_the_svd_cache():
     from evomerge.preflight import subspace_cache
 
     assert subspace_cache(["task_arithmetic", "ties"], 3) == 0
-    assert subspace_cache(["tsv", "iso_c", "star", "tsv"], 3) == 3 + 1 + 2 * 3  # tsv: its K parts
+    # tsv: its K parts; star: K SVDs (2 K) and K truncated matrices
+    assert subspace_cache(["tsv", "iso_c", "star", "tsv"], 3) == 3 + 1 + 3 * 3
 
 
 def test_mergekit_export_refuses_evomerge_methods_by_name():

@@ -26,6 +26,7 @@ from evomerge.plan import (
     worker_memory,
 )
 from evomerge.preflight import plan_run
+from evomerge.shapes import KEPT_TABLE_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ROOT / "experiments" / "shapes"
@@ -92,6 +93,18 @@ def test_placement_arithmetic():
     assert merge_work(2**30, 3, cuda=False, sketches=False) == (13 * 2**18 * 4, 0)
     with pytest.raises(EvomergeError, match="unknown placement 'disk'; allowed: device, streamed, host"):
         worker_memory("disk", **kw)
+
+
+def test_keyed_dare_tables_are_counted_per_large_tensor_and_expert(seven_b):
+    """Mistral-7B: 32 layers x 7 matrices, the embeddings and lm_head are tabled; the norms are not."""
+    from_headers, from_config = model_shape(str(seven_b[0])), model_shape(str(SHAPES / "mistral-7b"))
+    assert from_headers.tabled == from_config.tabled == 32 * 7 + 2
+    machine = Machine("cuda", (80 * GiB,), host=256 * GiB, cpus=16)
+    kw = dict(batch_size=8, max_length=1024, placement="streamed", sketches=False)
+    plain = plan(from_headers, "bfloat16", 3, machine, **kw)
+    tabled = plan(from_headers, "bfloat16", 3, machine, kept_tables=True, **kw)
+    assert tabled.chosen.memory.host - plain.chosen.memory.host == 3 * 226 * KEPT_TABLE_BYTES
+    assert tabled.chosen.memory.device == plain.chosen.memory.device
 
 
 def test_seven_b_on_one_80gb_gpu_takes_the_device_placement_and_on_40gb_streams(seven_b):

@@ -66,6 +66,7 @@ def merge_state_dicts(
         dtype=dtype or torch.float32,
         seed=generator,
     )
+    merger.fuse = False  # one merge: compiling the fused kernels would cost more than they save
     with torch.no_grad():
         merged = merger.merge(m.name, params)
     result = {}

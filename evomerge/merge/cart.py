@@ -5,14 +5,7 @@ from __future__ import annotations
 import torch
 
 from evomerge.merge.base import MergeInputs, implements
-from evomerge.merge.subspace import (
-    Factors,
-    add_delta,
-    affine,
-    is_matrix,
-    low_rank_sum,
-    svd,
-)
+from evomerge.merge.subspace import Factors, add_terms, affine, is_matrix, svd, truncated
 
 
 def _centred(x: MergeInputs) -> list[Factors]:
@@ -45,7 +38,9 @@ def cart(x: MergeInputs, weight: torch.Tensor, rank_fraction: float, **shared: f
     W = sum_j w_j.
 
     Cached per tensor: the K centred task matrices' thin SVDs (K (m + n) r floats: up to 2 K matrices),
-    so any rank_fraction costs K rank-k products and no SVD.
+    so any rank_fraction costs no SVD, and their rank-k approximations for the latest k (K matrices), so
+    a merge whose k did not change is a weighted sum of 2 K matrices and one whose k did costs K
+    products of rank min(k, rank - k).
     """
     lam = shared["lambda"]
     w = [float(v) for v in weight]
@@ -55,6 +50,13 @@ def cart(x: MergeInputs, weight: torch.Tensor, rank_fraction: float, **shared: f
         return affine(x, [1 / k_experts + lam * (wi - total / k_experts) for wi in w])
     k = max(1, int(rank_fraction * min(x.base.shape)))
     centred = _centred(x)
-    delta = low_rank_sum([(centred[i], k, lam * wi) for i, wi in enumerate(w)])
-    mean = x.deltas.to(torch.float32).mean(dim=0)
-    return add_delta(x, delta.add_(mean))
+
+    def centred_matrix(i: int) -> torch.Tensor:
+        deltas = x.deltas.to(torch.float32)
+        return deltas[i] - deltas.mean(dim=0)
+
+    kept = [
+        truncated(x, f"cart.kept{i}", centred[i], k, lambda i=i: centred_matrix(i)) for i in range(k_experts)
+    ]
+    means = [(x.delta(i), 1 / k_experts) for i in range(k_experts)]  # theta_avg - base
+    return add_terms(x, means + [(t.view(-1), lam * wi) for t, wi in zip(kept, w, strict=True)])

@@ -12,6 +12,12 @@ tensor with K experts:
     merged = base + lambda * sum_i m_i t_i / D         (``evomerge.merge.generalized``'s formula)
 
 The results equal the eager path's (same masks; sums in another order, so within float32 rounding).
+
+Under a Merger (a worker's cache) a tensor of ``KEPT_TABLE_MIN`` elements or more needs no first loop:
+``l1_i`` does not depend on the genome beyond ``density_i``, and U lies on a 2^-16 grid, so a
+:class:`KeptTable` of each expert's |delta| mass per grid point, built once per tensor and seed, gives
+it for any density as a partial sum (``KEPT_TABLE_BYTES`` per expert and tensor, in host memory; the
+plan counts them). A merge is then one pass.
 Compiling takes tens of seconds once per process and device type (Inductor caches the code on disk
 for the next); where the kernels cannot be compiled for a device type (checked once per type, on a
 small input against the eager functions), or with ``EVOMERGE_FUSED=0``, or in models whose largest
@@ -27,13 +33,24 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from evomerge.merge.base import MergeInputs
-from evomerge.merge.streams import INT32_INDEX_LIMIT, KeyedStream, half_uniform_i32, hash32_i32
+from evomerge.merge.sparsify import Band, Sparse, row_ranks
+from evomerge.merge.streams import (
+    INT32_INDEX_LIMIT,
+    KeyedStream,
+    half_bits_i32,
+    half_uniform_i32,
+    hash32_i32,
+)
+from evomerge.shapes import KEPT_TABLE_MIN
 
 log = logging.getLogger(__name__)
 
@@ -60,31 +77,51 @@ def _keeps(n: int, keys: torch.Tensor, density: torch.Tensor, k: int) -> list[to
     return keep
 
 
-def _kept_l1(deltas: torch.Tensor, keys: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
-    """sum |delta_i| over each expert's kept elements: deltas (K, n), pair keys (2, ceil(K/2)),
-    density (K,)."""
+def _della_keeps(
+    n: int, keys: torch.Tensor, ranks: torch.Tensor, f: torch.Tensor, k: int
+) -> list[torch.Tensor]:
+    """DELLA's keep masks: U_i < p_i with mergekit's probability, op for op in float32,
+    p_i = (density_i - epsilon_i) + (rank_i / (cols - 1)) * 2 * epsilon_i, rank_i the 0-based rank of
+    |delta_i| in its row (``ranks``, (K, n) integers); f holds density - epsilon (K), epsilon (K), then
+    cols - 1. Uniforms as in ``_keeps``."""
+    index = torch.arange(n, dtype=torch.int32, device=keys.device)
+    cm1 = f[2 * k]
+    keep = []
+    for m in range((k + 1) // 2):
+        h = hash32_i32(index, keys[0, m], keys[1, m])
+        for half in range(min(2, k - 2 * m)):
+            i = 2 * m + half
+            p = f[i] + ranks[i].to(torch.float32) / cm1 * 2.0 * f[k + i]
+            keep.append(half_uniform_i32(h, half) < p)
+    return keep
+
+
+def _masks(
+    n: int, keys: torch.Tensor, f: torch.Tensor, k: int, ranks: torch.Tensor | None
+) -> tuple[list[torch.Tensor], int]:
+    """The keep masks (dare: f starts with density; della, given ``ranks``: with density - epsilon,
+    epsilon, cols - 1) and where the rest of f starts."""
+    if ranks is None:
+        return _keeps(n, keys, f, k), k
+    return _della_keeps(n, keys, ranks, f, k), 2 * k + 1
+
+
+def _kept_l1(
+    deltas: torch.Tensor, keys: torch.Tensor, f: torch.Tensor, ranks: torch.Tensor | None = None
+) -> torch.Tensor:
+    """sum |delta_i| over each expert's kept elements: deltas (K, n), pair keys (2, ceil(K/2)), f the
+    masks' parameters (``_masks``)."""
     k, n = deltas.shape
-    keep = _keeps(n, keys, density, k)
+    keep, _ = _masks(n, keys, f, k, ranks)
     # 16-bit task vectors are summed in float32 (a no-op for float32 ones)
     return torch.stack([torch.where(keep[i], deltas[i].abs().to(torch.float32), 0.0).sum() for i in range(k)])
 
 
-def _consensus(
-    out: torch.Tensor,
-    base: torch.Tensor,
-    deltas: torch.Tensor,
-    keys: torch.Tensor,
-    f: torch.Tensor,
-    normalize: bool,
-) -> None:
-    """TIES sign election over the masked, rescaled, weighted task vectors; f holds density, scale and
-    weight (K each), then lambda. The expert loop is unrolled (K is static), so sums run in expert
-    order as on the eager path."""
-    k, n = deltas.shape
-    keep = _keeps(n, keys, f, k)
-    scale, weight, lam = f[k : 2 * k], f[2 * k : 3 * k], f[3 * k]
-    # mergekit: (masked * scale) * weight
-    t = [torch.where(keep[i], deltas[i], 0.0) * scale[i] * weight[i] for i in range(k)]
+def _elect(t: list[torch.Tensor], weight: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """TIES sign election over the weighted terms t_i, as ``generalized.sign_consensus``: the sum of the
+    terms that agree with the sign of their total, divided (``normalize``) by the sum of their weights.
+    The expert loop is unrolled (K is static), so sums run in expert order as on the eager path."""
+    k = len(t)
     total = t[0]
     for i in range(1, k):
         total = total + t[i]
@@ -98,18 +135,77 @@ def _consensus(
         for i in range(1, k):
             den = den + torch.where(agree[i], weight[i], 0.0)
         num = num / torch.where(den == 0, 1.0, den)
-    out.copy_(base + num * lam)
+    return num
+
+
+def _consensus(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    keys: torch.Tensor,
+    f: torch.Tensor,
+    normalize: bool,
+    ranks: torch.Tensor | None = None,
+) -> None:
+    """dare_ties / della: TIES sign election over the masked, rescaled, weighted task vectors; f holds
+    the masks' parameters (``_masks``), then scale and weight (K each), then lambda."""
+    k, n = deltas.shape
+    keep, o = _masks(n, keys, f, k, ranks)
+    scale, weight, lam = f[o : o + k], f[o + k : o + 2 * k], f[o + 2 * k]
+    # mergekit: (masked * scale) * weight
+    t = [torch.where(keep[i], deltas[i], 0.0) * scale[i] * weight[i] for i in range(k)]
+    out.copy_(base + _elect(t, weight, normalize) * lam)
 
 
 def _linear(
-    out: torch.Tensor, base: torch.Tensor, deltas: torch.Tensor, keys: torch.Tensor, f: torch.Tensor
+    out: torch.Tensor,
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    keys: torch.Tensor,
+    f: torch.Tensor,
+    ranks: torch.Tensor | None = None,
 ) -> None:
-    """base + sum_i keep_i * delta_i * coef_i; f holds density, then coef (K each)."""
+    """dare_linear / della_linear: base + sum_i keep_i * delta_i * coef_i; f holds the masks'
+    parameters (``_masks``), then coef (K)."""
     k, n = deltas.shape
-    keep = _keeps(n, keys, f, k)
+    keep, o = _masks(n, keys, f, k, ranks)
     acc = base
     for i in range(k):
-        acc = acc + torch.where(keep[i], deltas[i], 0.0) * f[k + i]
+        acc = acc + torch.where(keep[i], deltas[i], 0.0) * f[o + i]
+    out.copy_(acc)
+
+
+def _band_terms(deltas: torch.Tensor, f: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """Each expert's kept, rescaled, weighted task vector under a magnitude band: keep lo_i < |d_i| <=
+    hi_i (``sparsify.Band``'s hardshrink rule); f holds lo, hi, scale and weight (K each). A dense
+    expert has lo = -1, one with nothing kept lo = inf; no upper bound is hi = inf."""
+    out = []
+    for i in range(k):
+        d = deltas[i].to(torch.float32)
+        a = d.abs()
+        keep = (a > f[i]) & (a <= f[k + i])
+        out.append(torch.where(keep, d, 0.0) * f[2 * k + i] * f[3 * k + i])  # mergekit: (masked * scale) * w
+    return out
+
+
+def _band_consensus(
+    out: torch.Tensor, base: torch.Tensor, deltas: torch.Tensor, f: torch.Tensor, normalize: bool
+) -> None:
+    """ties, breadcrumbs_ties: the magnitude bands, then TIES sign election (f: lo, hi, scale, weight,
+    then lambda)."""
+    k, n = deltas.shape
+    t = _band_terms(deltas, f, k)
+    out.copy_(base + _elect(t, f[3 * k : 4 * k], normalize) * f[4 * k])
+
+
+def _band_linear(out: torch.Tensor, base: torch.Tensor, deltas: torch.Tensor, f: torch.Tensor) -> None:
+    """breadcrumbs (and magnitude-trimmed task arithmetic without consensus): base + sum_i coef_i
+    band_i(delta_i); f holds lo, hi, 1 (K each) and coef (K)."""
+    k, n = deltas.shape
+    t = _band_terms(deltas, f, k)
+    acc = base
+    for i in range(k):
+        acc = acc + t[i]
     out.copy_(acc)
 
 
@@ -134,7 +230,7 @@ def _compiled(device_type: str = "cpu") -> dict[str, Any] | None:
     try:
         kernels = {
             f.__name__: torch.compile(f, dynamic=True, fullgraph=True)
-            for f in (_kept_l1, _consensus, _linear)
+            for f in (_kept_l1, _consensus, _linear, _band_consensus, _band_linear)
         }
         with torch.no_grad():  # as merges run: grad mode is part of the compiled entry's guards
             _smoke(kernels, device_type)
@@ -178,6 +274,39 @@ def _smoke(kernels: dict[str, Any], device_type: str = "cpu") -> None:
     kernels["_linear"](a, base, deltas, keys, f[:4])
     _linear(b, base, deltas, keys, f[:4])
     assert torch.allclose(a, b, atol=1e-6)
+    ranks = (
+        torch.randperm(n, generator=g).remainder(1000).to(torch.int16).expand(2, n).contiguous().to(device)
+    )
+    _dynamic(ranks)
+    della = torch.tensor([0.3, 0.5, 0.1, 0.2, 999.0, 1.1, 0.9, 0.6, 0.4, 1.0], device=device)
+    assert torch.allclose(
+        kernels["_kept_l1"](deltas, keys, della[:5], ranks),
+        _kept_l1(deltas, keys, della[:5], ranks),
+        rtol=1e-5,
+    )
+    for normalize in (False, True):
+        a, b = torch.empty(n, device=device), torch.empty(n, device=device)
+        _dynamic(a)
+        kernels["_consensus"](a, base, deltas, keys, della, normalize, ranks)
+        _consensus(b, base, deltas, keys, della, normalize, ranks)
+        assert torch.allclose(a, b, atol=1e-6)
+    a, b = torch.empty(n, device=device), torch.empty(n, device=device)
+    _dynamic(a)
+    kernels["_linear"](a, base, deltas, keys, della[:7], ranks)
+    _linear(b, base, deltas, keys, della[:7], ranks)
+    assert torch.allclose(a, b, atol=1e-6)
+    bands = torch.tensor([0.5, -1.0, 2.0, float("inf"), 1.0, 1.0, 0.6, 0.4, 1.1], device=device)
+    for normalize in (False, True):
+        a, b = torch.empty(n, device=device), torch.empty(n, device=device)
+        _dynamic(a)
+        kernels["_band_consensus"](a, base, deltas, bands, normalize)
+        _band_consensus(b, base, deltas, bands, normalize)
+        assert torch.equal(a, b)
+    a, b = torch.empty(n, device=device), torch.empty(n, device=device)
+    _dynamic(a)
+    kernels["_band_linear"](a, base, deltas, bands[:8])
+    _band_linear(b, base, deltas, bands[:8])
+    assert torch.allclose(a, b, atol=1e-6)
 
 
 def applies(x: MergeInputs) -> bool:
@@ -211,32 +340,205 @@ def _values(x: MergeInputs, values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=x.device)
 
 
-def kept_l1(x: MergeInputs, density: list[float]) -> list[float]:
-    """sum |delta_i| over each expert's kept elements (what the rescaling divides by)."""
+def kept_l1(x: MergeInputs, masks: list[float], ranks: torch.Tensor | None = None) -> list[float]:
+    """sum |delta_i| over each expert's kept elements (what the rescaling divides by), for dare's
+    densities (``masks``) or della's mask parameters and ``ranks`` (``della_masks``): for dare a lookup
+    in the tensor's :class:`KeptTable` under a Merger for tensors of ``KEPT_TABLE_MIN`` elements or
+    more, otherwise a compiled pass over the task vectors."""
+    if ranks is None and x.persistent and x.numel >= KEPT_TABLE_MIN:
+        stream = x.stream
+        assert isinstance(stream, KeyedStream)
+        return x.cached(("fused.kept_table", stream.seed), lambda: KeptTable.build(x)).kept_l1(masks)
     kernels, deltas, _, keys = _prepared(x)
-    return kernels["_kept_l1"](deltas, keys, _values(x, density)).tolist()
+    return kernels["_kept_l1"](deltas, keys, _values(x, masks), ranks).tolist()
+
+
+DELLA_MAX_COLS = 1 << 15  # della's cached ranks are int16: rows of at most this many entries
+
+
+def applies_della(x: MergeInputs) -> bool:
+    """Whether della's masks run in the kernels: ``applies``, and rows (the last dimension of a matrix,
+    a vector whole) of 2 to ``DELLA_MAX_COLS`` entries; other tensors draw their masks eagerly."""
+    dims = x.base.dim()
+    return dims in (1, 2) and 2 <= x.base.shape[-1] <= DELLA_MAX_COLS and applies(x)
+
+
+def della_masks(
+    x: MergeInputs, density: list[float], epsilon: list[float]
+) -> tuple[list[float], torch.Tensor]:
+    """della's mask parameters for the kernels (density - epsilon and epsilon per expert, then cols - 1;
+    an expert at density >= 1 keeps everything, at <= 0 nothing, as ``sparsify.della_magprune``) and
+    the ranks of each |delta_i| in its row, 0-based, int16 (K, n): genome-independent, computed once per
+    tensor and worker (torch's argsort, as the eager path) and cached (half a float32 model per expert)."""
+    low, eps = [], []
+    for p, e in zip(density, epsilon, strict=True):
+        full, empty = p >= 1, p <= 0
+        low.append(2.0 if full else -1.0 if empty else p - e)
+        eps.append(0.0 if full or empty else e)
+    cols = x.base.shape[-1]
+
+    def ranks() -> torch.Tensor:
+        out = torch.empty(x.n_experts, x.numel, dtype=torch.int16, device=x.device)
+        rows = x.numel // cols
+        block = max(1, x.chunk // cols)
+        starts = range(0, rows, block)
+        for i in range(x.n_experts):
+            d = x.delta(i).view(rows, cols)
+            for r0, r in zip(starts, row_ranks(d, starts, block), strict=True):
+                out[i, r0 * cols : (r0 + r.shape[0]) * cols] = r.view(-1).to(torch.int16)
+        return out
+
+    cached = x.cached("fused.della_ranks", ranks)
+    _dynamic(cached)
+    return [*low, *eps, float(cols - 1)], cached
+
+
+GRID = 1 << 16  # the keyed uniforms' grid points: U = j / GRID, j in [0, GRID)
+BLOCK = 256  # grid points per partial sum of KeptTable.blocks
+TABLE_CHUNK = 1 << 22  # elements hashed at a time while a table is built
+
+
+class KeptTable:
+    """Each expert's |delta| mass at each point of the keyed uniforms' grid, for one tensor and seed:
+    ``mass[i, j]`` = sum |delta_i| over the elements whose U_i is j / 2^16 (float64 sums, kept as
+    float32), and ``blocks[i, b]`` = sum of mass[i, :256 b] in float64. Element e is kept at density p
+    when U_i(e) < p, i.e. j < ceil(p 2^16) with p in float32 as the kernels compare it, so the kept l1
+    is blocks[i, m // 256] + sum(mass[i, 256 (m // 256) : m]): at most 255 additions."""
+
+    def __init__(self, mass: torch.Tensor, blocks: torch.Tensor) -> None:
+        self.mass, self.blocks = mass, blocks
+
+    @classmethod
+    def build(cls, x: MergeInputs) -> KeptTable:
+        """One pass over tensor ``x``'s task vectors, hashing as the kernels do (on their device)."""
+        stream = x.stream
+        assert isinstance(stream, KeyedStream)
+        k, n = x.n_experts, x.numel
+        deltas = x.deltas.reshape(k, -1)
+        keys = stream.pair_keys(x.name, k, "cpu", torch.int32).tolist()
+        mass = torch.zeros(k, GRID, dtype=torch.float64, device=x.device)
+        for start in range(0, n, TABLE_CHUNK):
+            stop = min(n, start + TABLE_CHUNK)
+            index = torch.arange(start, stop, dtype=torch.int32, device=x.device)
+            for m in range((k + 1) // 2):
+                h = hash32_i32(index, keys[0][m], keys[1][m])
+                for half in range(min(2, k - 2 * m)):
+                    i = 2 * m + half
+                    grid = half_bits_i32(h, half)
+                    weights = deltas[i, start:stop].abs().to(torch.float64)
+                    mass[i] += torch.bincount(grid, weights=weights, minlength=GRID)
+        mass = mass.cpu()
+        blocks = torch.zeros(k, GRID // BLOCK + 1, dtype=torch.float64, device="cpu")
+        blocks[:, 1:] = mass.view(k, -1, BLOCK).sum(dim=2).cumsum(dim=1)
+        return cls(mass.to(torch.float32), blocks)
+
+    @property
+    def nbytes(self) -> int:
+        return self.mass.nbytes + self.blocks.nbytes
+
+    def kept_l1(self, density: list[float]) -> list[float]:
+        out = []
+        for i, p in enumerate(density):
+            p32 = float(np.float32(p))  # as the kernels compare it
+            m = min(GRID, max(0, math.ceil(p32 * GRID)))  # p32 * 2^16 is exact in float64
+            b = m // BLOCK
+            out.append(float(self.blocks[i, b]) + float(self.mass[i, b * BLOCK : m].sum(dtype=torch.float64)))
+        return out
 
 
 def consensus(
     x: MergeInputs,
-    density: list[float],
+    masks: list[float],
     scale: list[float],
     weight: list[float],
     lam: float,
     normalize: bool,
+    ranks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dare_ties on tensor ``x``: masked, rescaled, weighted task vectors, TIES sign election."""
+    """dare_ties (``masks``: densities) or della (``della_masks``) on tensor ``x``: masked, rescaled,
+    weighted task vectors, TIES sign election."""
     kernels, deltas, base, keys = _prepared(x)
     out = x.output()
     _dynamic(out)
-    kernels["_consensus"](out, base, deltas, keys, _values(x, [*density, *scale, *weight, lam]), normalize)
+    f = _values(x, [*masks, *scale, *weight, lam])
+    kernels["_consensus"](out, base, deltas, keys, f, normalize, ranks)
     return x.result()
 
 
-def linear(x: MergeInputs, density: list[float], coef: list[float]) -> torch.Tensor:
-    """dare_linear on tensor ``x``: base + sum_i coef_i * masked task vector i."""
+def linear(
+    x: MergeInputs, masks: list[float], coef: list[float], ranks: torch.Tensor | None = None
+) -> torch.Tensor:
+    """dare_linear or della_linear on tensor ``x``: base + sum_i coef_i * masked task vector i."""
     kernels, deltas, base, keys = _prepared(x)
     out = x.output()
     _dynamic(out)
-    kernels["_linear"](out, base, deltas, keys, _values(x, [*density, *coef]))
+    kernels["_linear"](out, base, deltas, keys, _values(x, [*masks, *coef]), ranks)
+    return x.result()
+
+
+def applies_bands(x: MergeInputs) -> bool:
+    """Whether the magnitude-band kernels run this tensor (ties, breadcrumbs, breadcrumbs_ties): a
+    tensor of a large enough model (``x.fuse``) held by a Merger that merges it repeatedly (a search),
+    kernels that compile for its device type."""
+    return (
+        x.persistent
+        and bool(x.fuse)
+        and MIN_TENSOR <= x.numel < INT32_INDEX_LIMIT
+        and kernels_for(x.device) is not None
+    )
+
+
+def _limits(sparse: Sequence[Sparse]) -> tuple[list[float], list[float]]:
+    """Each expert's band (lo, hi) for ``_band_terms``: a dense one keeps everything, a zero one nothing."""
+    lo, hi = [], []
+    for sp in sparse:
+        if sp.dense or sp.zero:
+            lo.append(-1.0 if sp.dense else math.inf)
+            hi.append(math.inf)
+        else:
+            assert isinstance(sp, Band)
+            lo.append(float(sp.lo))
+            hi.append(math.inf if sp.hi is None else float(sp.hi))
+    return lo, hi
+
+
+def band_consensus(
+    x: MergeInputs, sparse: Sequence[Sparse], weight: Sequence[float], lam: float, normalize: bool
+) -> torch.Tensor:
+    """``generalized.combine`` with consensus for magnitude-trimmed task vectors (``Band``, ``Dense``,
+    ``Zero``) as one compiled pass (ties, breadcrumbs_ties)."""
+    lo, hi = _limits(sparse)
+    scale = [1.0 if sp.scale is None else sp.scale for sp in sparse]
+    f = _values(x, [*lo, *hi, *scale, *weight, lam])
+    return _bands(x, sparse, lambda fn, o, b, d: fn(o, b, d, f, normalize), "_band_consensus")
+
+
+def band_linear(x: MergeInputs, sparse: Sequence[Sparse], coef: Sequence[float]) -> torch.Tensor:
+    """``generalized.combine`` without consensus for magnitude-trimmed task vectors: base + sum_i
+    coef_i band_i (breadcrumbs), one compiled pass."""
+    lo, hi = _limits(sparse)
+    f = _values(x, [*lo, *hi, *([1.0] * len(sparse)), *coef])
+    return _bands(x, sparse, lambda fn, o, b, d: fn(o, b, d, f), "_band_linear")
+
+
+def _bands(x: MergeInputs, sparse: Sequence[Sparse], call: Any, name: str) -> torch.Tensor:
+    """Run kernel ``name`` over the tensor; the few elements a band drops by index (values tied at a
+    threshold: ``Band.drop``) are then recomputed by the same function, eagerly, with those task-vector
+    entries zeroed (a zero entry never agrees in the sign election and adds nothing)."""
+    kernels = kernels_for(x.device)
+    assert kernels is not None
+    deltas = x.deltas.reshape(x.n_experts, -1)
+    base = x.flat_base()
+    out = x.output()
+    _dynamic(deltas, base, out)
+    call(kernels[name], out, base, deltas)
+    drops = [(i, sp.drop) for i, sp in enumerate(sparse) if isinstance(sp, Band) and sp.drop is not None]
+    if drops:
+        where = torch.unique(torch.cat([d for _, d in drops]))
+        sub = deltas[:, where].clone()
+        for i, d in drops:
+            sub[i, torch.searchsorted(where, d)] = 0
+        fixed = torch.empty(where.numel(), dtype=out.dtype, device=out.device)
+        call(globals()[name], fixed, base[where], sub)
+        out[where] = fixed
     return x.result()

@@ -35,8 +35,10 @@ def generalized(
     """Run one registered generalized method: sparsify every expert with ``sparsification`` using the
     per-model ``density`` (and ``gamma``/``epsilon``), then ``combine``. Random masks from a keyed
     stream run as one fused kernel (``evomerge.merge.fused``) where it applies."""
-    if sparsification == "random" and fused.applies(x):
-        return _fused_dare(x, params, consensus)
+    if (sparsification == "random" and fused.applies(x)) or (
+        sparsification == "della_magprune" and fused.applies_della(x)
+    ):
+        return _fused_random(x, sparsification, params, consensus)
     k = x.n_experts
     weight = [float(v) for v in params["weight"]]
     sparse: list[Sparse] = []
@@ -55,26 +57,38 @@ def generalized(
                 **extra,
             )
         )
-    return combine(
-        x, sparse, weight, normalize=params["normalize"], lam=params["lambda"], consensus=consensus
-    )
+    normalize, lam = bool(params["normalize"]), float(params["lambda"])
+    if sparsification in MAGNITUDE and fused.applies_bands(x):
+        if consensus:
+            return fused.band_consensus(x, sparse, weight, lam, normalize)
+        scales = [1.0 if sp.scale is None else sp.scale for sp in sparse]
+        return fused.band_linear(x, sparse, linear_coefficients(weight, scales, normalize, lam))
+    return combine(x, sparse, weight, normalize=normalize, lam=lam, consensus=consensus)
 
 
-def _fused_dare(x: MergeInputs, params: dict, consensus: bool) -> torch.Tensor:
-    """dare_ties (``consensus``) or dare_linear with the fused kernels: the same rescaling and
-    coefficients as the eager path, the masks recomputed inside the kernels."""
+MAGNITUDE = ("magnitude", "magnitude_outliers")  # what fused.band_* take: Band, Dense or Zero
+
+
+def _fused_random(x: MergeInputs, sparsification: str, params: dict, consensus: bool) -> torch.Tensor:
+    """dare_ties/della (``consensus``) or dare_linear/della_linear with the fused kernels: the same
+    rescaling and coefficients as the eager path, the masks recomputed inside the kernels."""
     density = [float(v) for v in params["density"]]
     weight = [float(v) for v in params["weight"]]
+    ranks = None
+    masks = density
+    if sparsification == "della_magprune":
+        masks, ranks = fused.della_masks(x, density, [float(v) for v in params["epsilon"]])
     scale = [1.0] * x.n_experts
     if params.get("rescale", False):
-        kept = fused.kept_l1(x, density)
+        kept = fused.kept_l1(x, masks, ranks)
         for i, p in enumerate(density):
             factor = rescale_factor(float(x.abs_sum(i)), kept[i]) if p < 1 else None
             scale[i] = 1.0 if factor is None else factor
     lam = float(params["lambda"])
     if consensus:
-        return fused.consensus(x, density, scale, weight, lam, bool(params["normalize"]))
-    return fused.linear(x, density, linear_coefficients(weight, scale, bool(params["normalize"]), lam))
+        return fused.consensus(x, masks, scale, weight, lam, bool(params["normalize"]), ranks)
+    coef = linear_coefficients(weight, scale, bool(params["normalize"]), lam)
+    return fused.linear(x, masks, coef, ranks)
 
 
 def linear_coefficients(

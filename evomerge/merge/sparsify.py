@@ -260,7 +260,7 @@ def della_magprune(x: MergeInputs, i: int, density: float, epsilon: float, resca
     u_buf = x.workspace.buf("sparsify.u", min(n, block * cols))
     parts = []
     starts = range(0, rows, block)
-    for r0, ranks in zip(starts, _row_ranks(d.view(rows, cols), starts, block), strict=True):
+    for r0, ranks in zip(starts, row_ranks(d.view(rows, cols), starts, block), strict=True):
         r1 = min(rows, r0 + block)
         sl = slice(r0 * cols, r1 * cols)
         probs = _della_probs(ranks.add_(1), density, epsilon)
@@ -275,7 +275,7 @@ def della_magprune(x: MergeInputs, i: int, density: float, epsilon: float, resca
     return _stored(x, i, d, masked_store, mask_store, parts, rescale)
 
 
-def _row_ranks(rows: torch.Tensor, starts: range, block: int) -> Iterator[torch.Tensor]:
+def row_ranks(rows: torch.Tensor, starts: range, block: int) -> Iterator[torch.Tensor]:
     """0-based rank of each |value| within its row, as float32, for row blocks in order: one argsort
     and a scatter (mergekit argsorts twice). torch's argsort, as mergekit's, so tied magnitudes get
     the same ranks (numpy's is ~2.5x faster but orders ties differently)."""

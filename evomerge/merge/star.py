@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from evomerge.merge.base import MergeInputs, implements
-from evomerge.merge.subspace import add_delta, affine, is_matrix, low_rank_sum, task_svd
+from evomerge.merge.subspace import add_terms, affine, float32, is_matrix, task_svd, truncated
 
 
 def _truncated(x: MergeInputs, i: int, eta: float) -> tuple[int, torch.Tensor]:
@@ -39,7 +39,10 @@ def star(x: MergeInputs, weight: torch.Tensor, eta: float, **shared: float) -> t
     Tensors that are not matrices are not truncated: merged = base + lambda sum_i w_i delta_i.
 
     Cached per tensor: each task matrix's thin SVD and its cumulative spectrum (K (m + n) r floats: up
-    to 2 K matrices), so any eta costs K rank-r_i products and no SVD.
+    to 2 K matrices), so any eta costs no SVD, and each task's truncated matrix for its latest r_i (K
+    matrices), so a merge whose ranks did not change (eta fixed, or moved less than a singular value's
+    share) is a weighted sum of K matrices, and one whose ranks did costs K products of rank
+    min(r_i, rank - r_i).
     """
     lam = shared["lambda"]
     w = [float(v) for v in weight]
@@ -48,5 +51,6 @@ def star(x: MergeInputs, weight: torch.Tensor, eta: float, **shared: float) -> t
     terms = []
     for i, wi in enumerate(w):
         r, c = _truncated(x, i, eta)
-        terms.append((task_svd(x, i), r, c * wi))
-    return add_delta(x, low_rank_sum(terms), lam)
+        kept = truncated(x, f"star.kept{i}", task_svd(x, i), r, lambda i=i: float32(x, i))
+        terms.append((kept.view(-1), lam * wi * float(c)))
+    return add_terms(x, terms)

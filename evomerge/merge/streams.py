@@ -110,10 +110,15 @@ def hash32_i32(index: torch.Tensor, k1: torch.Tensor | int, k2: torch.Tensor | i
     return x ^ _lsr32(x, 15)
 
 
+def half_bits_i32(h: torch.Tensor, half: int) -> torch.Tensor:
+    """The 16 bits of half ``half`` of an int32 hash from :func:`hash32_i32`, as int32 in [0, 2^16):
+    the grid point j of the uniform j / 2^16."""
+    return _lsr32(h, 16) if half == 0 else h & 0xFFFF
+
+
 def half_uniform_i32(h: torch.Tensor, half: int) -> torch.Tensor:
     """:func:`half_uniform` of an int32 hash from :func:`hash32_i32` (the same uniforms)."""
-    bits = _lsr32(h, 16) if half == 0 else h & 0xFFFF
-    return bits.to(torch.float32) * (2.0**-16)
+    return half_bits_i32(h, half).to(torch.float32) * (2.0**-16)
 
 
 def half_uniform(h: torch.Tensor, half: int) -> torch.Tensor:

@@ -69,11 +69,35 @@ def add_delta(x: MergeInputs, delta: torch.Tensor, scale: float = 1.0) -> torch.
     return x.result()
 
 
+def add_terms(x: MergeInputs, terms: Sequence[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """Write base + sum_j c_j t_j (flat tensors, e.g. cached float32 matrices) into the output: one
+    memory-bound pass (``weighted_sum``), a 16-bit output rounded once."""
+    weighted_sum(x.output(), x.flat_base(), 1.0, terms, x.workspace)
+    return x.result()
+
+
 def affine(x: MergeInputs, coefs: Sequence[float], base_coef: float = 1.0) -> torch.Tensor:
     """Write base_coef * base + sum_i coefs_i delta_i: the fallbacks of tensors that are not matrices."""
     terms = [(x.delta(i), float(c)) for i, c in enumerate(coefs)]
     weighted_sum(x.output(), x.flat_base(), base_coef, terms, x.workspace)
     return x.result()
+
+
+def truncated(
+    x: MergeInputs, key: str, factors: Factors, k: int, full: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """U[:, :k] diag(s[:k]) V^T[:k] of ``factors`` (the SVD of the float32 matrix ``full()`` returns),
+    float32, kept for the latest ``k`` under ``key`` (``keep_latest``): a merge whose rank did not change
+    reads it instead of multiplying. Computed as the head product when k is at most half the rank,
+    else as the matrix less its tail product (the fewer multiplications)."""
+
+    def compute() -> torch.Tensor:
+        u, s, vh = factors
+        if 2 * k <= s.numel():
+            return (u[:, :k] * s[:k]) @ vh[:k]
+        return full() - (u[:, k:] * s[k:]) @ vh[k:]
+
+    return keep_latest(x, (key, k), compute)
 
 
 def low_rank_sum(factors: Sequence[tuple[Factors, int, float | torch.Tensor]]) -> torch.Tensor:

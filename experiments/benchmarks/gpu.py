@@ -16,8 +16,9 @@ Merger reads them, so no expert is ever held whole. Merges use the search's sett
 masks (the fused dare kernels), the bfloat16 compute dtype the workers use on GPUs, written in place
 into the model. Printed:
 
-- seconds per merge (median of a few after a warm-up) of linear, task_arithmetic, ties and dare_ties
-  with K = 2 and 3 experts, resident and streamed, and the memory-bandwidth floor: a task-arithmetic
+- seconds per merge (median of a few after a warm-up) of linear, task_arithmetic, ties, dare_ties,
+  dare_linear and breadcrumbs_ties (the fused kernels: keyed dare with its kept-l1 tables, the
+  magnitude bands of ties and breadcrumbs) with K = 2 and 3 experts, resident and streamed, and the memory-bandwidth floor: a task-arithmetic
   pass that reads the base and the K task vectors once and writes the output once (``torch.addmm``
   per tensor into a preallocated output); GB/s counts those (K + 2) model sizes per merge;
 - the same merges on the CPU (float32 on both devices, K = 3) and the largest difference between the
@@ -58,6 +59,8 @@ METHODS: dict[str, dict[str, Any]] = {  # per-model values for 3 experts, cut to
     "task_arithmetic": {"weight": [0.5, 0.3, 0.2]},
     "ties": {"weight": [0.5, 0.3, 0.2], "density": [0.5, 0.6, 0.4]},
     "dare_ties": {"weight": [0.5, 0.3, 0.2], "density": [0.5, 0.6, 0.4]},
+    "dare_linear": {"weight": [0.5, 0.3, 0.2], "density": [0.5, 0.6, 0.4]},
+    "breadcrumbs_ties": {"weight": [0.5, 0.3, 0.2], "density": [0.8, 0.9, 0.7], "gamma": [0.01, 0.01, 0.01]},
 }
 FLOOR_WEIGHTS = [0.5, 0.3, 0.2]
 NOISE = 0.002
