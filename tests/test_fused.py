@@ -30,12 +30,12 @@ def models(k: int):
 
 def eager(merger: Merger, method: str, params: dict) -> dict[str, torch.Tensor]:
     """The merge with every fused kernel off (keyed dare and della, magnitude bands)."""
-    applies, applies_bands = fused.applies, fused.applies_bands
-    fused.applies = fused.applies_bands = lambda x: False
+    applies, applies_unkeyed = fused.applies, fused.applies_unkeyed
+    fused.applies = fused.applies_unkeyed = lambda x: False
     try:
         return merger.merge(method, params)
     finally:
-        fused.applies, fused.applies_bands = applies, applies_bands
+        fused.applies, fused.applies_unkeyed = applies, applies_unkeyed
 
 
 CASES = [
@@ -201,7 +201,7 @@ def test_fused_magnitude_bands_equal_the_eager_path(method, params, dtype):
     for e in experts.values():  # magnitudes on a coarse grid: many values tied at every threshold
         e["w"] = base["w"] + torch.round((e["w"] - base["w"]) * 2000) / 2000
     merger = Merger(base, experts, dtype=dtype)
-    assert fused.applies_bands(merger.inputs("w")) and not fused.applies_bands(merger.inputs("tiny"))
+    assert fused.applies_unkeyed(merger.inputs("w")) and not fused.applies_unkeyed(merger.inputs("tiny"))
     ours, ref = merger.merge(method, params), eager(merger, method, params)
     consensus = method != "breadcrumbs"
     # consensus: the same float32 operations in the same order, so bit-identical; without, the eager
@@ -220,14 +220,14 @@ def test_one_off_merges_do_not_compile_the_band_kernels():
 
     base, experts = models(2)
     calls = []
-    applies = fused.applies_bands
-    fused.applies_bands = lambda x: calls.append(applies(x)) or False
+    applies = fused.applies_unkeyed
+    fused.applies_unkeyed = lambda x: calls.append(applies(x)) or False
     try:
         merge_state_dicts(
             {"base": base, **experts}, "ties", base="base", parameters={"weight": 0.5, "density": 0.5}
         )
     finally:
-        fused.applies_bands = applies
+        fused.applies_unkeyed = applies
     assert calls and not any(calls)
 
 
@@ -255,3 +255,30 @@ def test_fused_della_equals_the_eager_keyed_path(method, params):
     for name in ref:  # the same masks; the kept l1 and the sums in another order
         torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=1e-6)
     assert "fused.della_ranks" in merger.inputs("w", stream=stream).cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_magmax_equals_the_eager_path(dtype):
+    base, experts = models(3)
+    experts["e2"]["w"] = experts["e1"]["w"].clone()  # equal magnitudes: the later expert wins
+    merger = Merger(base, experts, dtype=dtype)
+    params = {"weight": [1.0, 0.8, -0.8], "lambda": 0.7}
+    ours, ref = merger.merge("magmax", params), eager(merger, "magmax", params)
+    tol = {"rtol": 2**-7, "atol": 1e-6} if dtype == torch.bfloat16 else {"rtol": 0, "atol": 1e-6}
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], **tol)
+
+
+@pytest.mark.parametrize("params", [{"select_topk": 0.3}, {"select_topk": 1.0}, {"select_topk": 0.02}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_sce_equals_the_eager_path(params, dtype):
+    """sce in two compiled passes (energies, then erase and merge), with variances tied at the threshold
+    (a coarse grid) left out as topk leaves them."""
+    base, experts = models(3)
+    for e in experts.values():
+        e["w"] = base["w"] + torch.round((e["w"] - base["w"]) * 300) / 300
+    merger = Merger(base, experts, dtype=dtype)
+    ours, ref = merger.merge("sce", params), eager(merger, "sce", params)
+    tol = {"rtol": 2**-7, "atol": 1e-6} if dtype == torch.bfloat16 else {"rtol": 0, "atol": 1e-6}
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], **tol)

@@ -209,6 +209,57 @@ def _band_linear(out: torch.Tensor, base: torch.Tensor, deltas: torch.Tensor, f:
     out.copy_(acc)
 
 
+def _magmax(out: torch.Tensor, base: torch.Tensor, deltas: torch.Tensor, f: torch.Tensor) -> None:
+    """magmax: base + lambda * the weighted task-vector entry of largest magnitude (ties: the later
+    expert); f holds weight (K), then lambda."""
+    k, n = deltas.shape
+    best = deltas[0].to(torch.float32) * f[0]
+    for i in range(1, k):
+        cur = deltas[i].to(torch.float32) * f[i]
+        best = torch.where(cur.abs() >= best.abs(), cur, best)
+    out.copy_(base.to(torch.float32) + best * f[k])
+
+
+def _sce_selected(deltas: torch.Tensor, thr: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """sce's selection v_i = [var >= thr] delta_i in float32: the population variance across the task
+    vectors in float64, two passes, rounded to float32 (``sce._variance``'s operations)."""
+    d = [deltas[i].to(torch.float64) for i in range(k)]
+    mean = d[0]
+    for i in range(1, k):
+        mean = mean + d[i]
+    mean = mean / k
+    acc = (d[0] - mean) * (d[0] - mean)
+    for i in range(1, k):
+        acc = acc + (d[i] - mean) * (d[i] - mean)
+    keep = (acc / k).to(torch.float32) >= thr
+    return [torch.where(keep, deltas[i].to(torch.float32), 0.0) for i in range(k)]
+
+
+def _sce_energy(deltas: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """sum v_i^2 per expert, in float64 (f: the variance threshold)."""
+    k, n = deltas.shape
+    v = _sce_selected(deltas, f[0], k)
+    return torch.stack([(v[i].to(torch.float64) * v[i].to(torch.float64)).sum() for i in range(k)])
+
+
+def _sce_merge(out: torch.Tensor, base: torch.Tensor, deltas: torch.Tensor, f: torch.Tensor) -> None:
+    """sce's erase and merge (``sce.sce``): m_i = [sign(v_i) = sign(sum_j v_j)], base + sum_i c_i m_i v_i
+    / max(sum_i c_i m_i, 1e-6); f holds the threshold, then c (K)."""
+    k, n = deltas.shape
+    v = _sce_selected(deltas, f[0], k)
+    total = v[0]
+    for i in range(1, k):
+        total = total + v[i]
+    sign = torch.where(total >= 0, 1.0, -1.0)
+    agree = [v[i] * sign > 0 for i in range(k)]
+    num = torch.where(agree[0], v[0] * f[1], 0.0)
+    den = torch.where(agree[0], f[1], 0.0)
+    for i in range(1, k):
+        num = num + torch.where(agree[i], v[i] * f[1 + i], 0.0)
+        den = den + torch.where(agree[i], f[1 + i], 0.0)
+    out.copy_(base + num / torch.clamp(den, min=1e-6))
+
+
 def _dynamic(*tensors: torch.Tensor) -> None:
     """Compile once for every tensor length: the last dimension is dynamic, the expert count static."""
     for t in tensors:
@@ -230,7 +281,16 @@ def _compiled(device_type: str = "cpu") -> dict[str, Any] | None:
     try:
         kernels = {
             f.__name__: torch.compile(f, dynamic=True, fullgraph=True)
-            for f in (_kept_l1, _consensus, _linear, _band_consensus, _band_linear)
+            for f in (
+                _kept_l1,
+                _consensus,
+                _linear,
+                _band_consensus,
+                _band_linear,
+                _magmax,
+                _sce_energy,
+                _sce_merge,
+            )
         }
         with torch.no_grad():  # as merges run: grad mode is part of the compiled entry's guards
             _smoke(kernels, device_type)
@@ -294,6 +354,18 @@ def _smoke(kernels: dict[str, Any], device_type: str = "cpu") -> None:
     _dynamic(a)
     kernels["_linear"](a, base, deltas, keys, della[:7], ranks)
     _linear(b, base, deltas, keys, della[:7], ranks)
+    assert torch.allclose(a, b, atol=1e-6)
+    a, b = torch.empty(n, device=device), torch.empty(n, device=device)
+    _dynamic(a)
+    kernels["_magmax"](a, base, deltas, f[:3])
+    _magmax(b, base, deltas, f[:3])
+    assert torch.allclose(a, b, atol=1e-6)
+    sce = torch.tensor([0.4, 0.7, 0.3], device=device)
+    assert torch.allclose(kernels["_sce_energy"](deltas, sce), _sce_energy(deltas, sce), rtol=1e-9)
+    a, b = torch.empty(n, device=device), torch.empty(n, device=device)
+    _dynamic(a)
+    kernels["_sce_merge"](a, base, deltas, sce)
+    _sce_merge(b, base, deltas, sce)
     assert torch.allclose(a, b, atol=1e-6)
     bands = torch.tensor([0.5, -1.0, 2.0, float("inf"), 1.0, 1.0, 0.6, 0.4, 1.1], device=device)
     for normalize in (False, True):
@@ -476,10 +548,10 @@ def linear(
     return x.result()
 
 
-def applies_bands(x: MergeInputs) -> bool:
-    """Whether the magnitude-band kernels run this tensor (ties, breadcrumbs, breadcrumbs_ties): a
-    tensor of a large enough model (``x.fuse``) held by a Merger that merges it repeatedly (a search),
-    kernels that compile for its device type."""
+def applies_unkeyed(x: MergeInputs) -> bool:
+    """Whether the kernels that need no keyed stream run this tensor (the magnitude bands of ties,
+    breadcrumbs and breadcrumbs_ties; magmax; sce): a tensor of a large enough model (``x.fuse``) held
+    by a Merger that merges it repeatedly (a search), kernels that compile for its device type."""
     return (
         x.persistent
         and bool(x.fuse)
@@ -541,4 +613,48 @@ def _bands(x: MergeInputs, sparse: Sequence[Sparse], call: Any, name: str) -> to
         fixed = torch.empty(where.numel(), dtype=out.dtype, device=out.device)
         call(globals()[name], fixed, base[where], sub)
         out[where] = fixed
+    return x.result()
+
+
+def magmax(x: MergeInputs, weight: Sequence[float], lam: float) -> torch.Tensor:
+    """magmax on tensor ``x`` as one compiled pass."""
+    kernels = kernels_for(x.device)
+    assert kernels is not None
+    deltas = x.deltas.reshape(x.n_experts, -1)
+    base, out = x.flat_base(), x.output()
+    _dynamic(deltas, base, out)
+    kernels["_magmax"](out, base, deltas, _values(x, [*weight, lam]))
+    return x.result()
+
+
+def _sce_inputs(x: MergeInputs) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    kernels = kernels_for(x.device)
+    assert kernels is not None
+    deltas, base = x.deltas.reshape(x.n_experts, -1), x.flat_base()
+    _dynamic(deltas, base)
+    return kernels, deltas, base
+
+
+def sce_energy(x: MergeInputs, thr: float | None, drop: torch.Tensor | None) -> list[float]:
+    """sce's sum v_i^2 per expert for threshold ``thr`` (None: every element) less the elements
+    ``drop`` (tied at the threshold, left out of the top k), one compiled pass."""
+    kernels, deltas, _ = _sce_inputs(x)
+    energy = kernels["_sce_energy"](deltas, _values(x, [-math.inf if thr is None else thr]))
+    if drop is not None:
+        dropped = deltas[:, drop].to(torch.float64)
+        energy = energy - (dropped * dropped).sum(dim=1)
+    return energy.tolist()
+
+
+def sce_merge(
+    x: MergeInputs, thr: float | None, drop: torch.Tensor | None, coef: Sequence[float]
+) -> torch.Tensor:
+    """sce's erase and merge with coefficients ``coef``, one compiled pass; the elements ``drop`` select
+    no expert, so they keep the base."""
+    kernels, deltas, base = _sce_inputs(x)
+    out = x.output()
+    _dynamic(out)
+    kernels["_sce_merge"](out, base, deltas, _values(x, [-math.inf if thr is None else thr, *coef]))
+    if drop is not None:
+        out[drop] = base[drop] + 0.0
     return x.result()

@@ -58,7 +58,7 @@ def generalized(
             )
         )
     normalize, lam = bool(params["normalize"]), float(params["lambda"])
-    if sparsification in MAGNITUDE and fused.applies_bands(x):
+    if sparsification in MAGNITUDE and fused.applies_unkeyed(x):
         if consensus:
             return fused.band_consensus(x, sparse, weight, lam, normalize)
         scales = [1.0 if sp.scale is None else sp.scale for sp in sparse]

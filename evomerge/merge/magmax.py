@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from evomerge.merge import fused
 from evomerge.merge.base import MergeInputs, implements
 from evomerge.merge.kernels import chunks
 
@@ -16,10 +17,13 @@ def magmax(x: MergeInputs, weight: torch.Tensor, **shared: float) -> torch.Tenso
         merged = base + lambda w_t(j) delta_t(j)[j]
 
     The paper's merge has w_i = 1 (and lambda 0.5 for independent fine-tunes). Any tensor shape;
-    nothing is cached; chunk by chunk in float32, rounded once.
+    nothing is cached; chunk by chunk in float32, rounded once, or as one compiled pass in a Merger's
+    large models (``fused.magmax``).
     """
     lam = shared["lambda"]
     w = [float(v) for v in weight]
+    if fused.applies_unkeyed(x):
+        return fused.magmax(x, w, lam)
     base, out = x.flat_base(), x.output()
     for sl in chunks(out.numel(), x.chunk):
         best = x.delta(0)[sl].to(torch.float32) * w[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from evomerge.merge import fused
 from evomerge.merge.base import MergeInputs, implements
 from evomerge.merge.generalized import sign_consensus
 from evomerge.merge.kernels import as_float32, chunks
@@ -99,6 +100,14 @@ def _topk_losers(x: MergeInputs, tied: torch.Tensor, k: int, var: torch.Tensor |
     return tied[~torch.isin(tied, kept)]
 
 
+def _coefficients(energy: list[float], n: int, k: int) -> list[float]:
+    """c_i = mean(v_i^2) / sum_j mean(v_j^2), the means in float32 as mergekit; 1/K when the sum is
+    below 1e-6."""
+    weights = torch.tensor([v / n for v in energy], dtype=torch.float32, device="cpu")
+    total = float(weights.sum())
+    return [1.0 / k] * k if abs(total) < 1e-6 else [float(w) / total for w in weights]
+
+
 @implements("sce", prepare=prepare)
 def sce(x: MergeInputs, select_topk: float, int8_mask: bool) -> torch.Tensor:
     """Select: b = [var_i(delta_i) among the top int(select_topk * #nonzero) variances], v_i = b delta_i;
@@ -108,6 +117,13 @@ def sce(x: MergeInputs, select_topk: float, int8_mask: bool) -> torch.Tensor:
     k = x.n_experts
     n = x.numel
     thr, drop = _threshold(x, select_topk)
+    if fused.applies_unkeyed(x):  # a Merger's large model: two compiled passes
+
+        def fused_energy() -> list[float]:
+            return fused.sce_energy(x, thr, drop)
+
+        e = x.cached("sce.energy", fused_energy) if thr is None else fused_energy()
+        return fused.sce_merge(x, thr, drop, _coefficients(e, n, k))
     ws = x.workspace
     size = min(n, x.chunk)
     vs = [ws.buf(f"sce.v{i}", size) for i in range(k)]
@@ -139,10 +155,7 @@ def sce(x: MergeInputs, select_topk: float, int8_mask: bool) -> torch.Tensor:
             e[j % k] += d
         return e
 
-    e = x.cached("sce.energy", energy) if thr is None else energy()
-    weights = torch.tensor([v / n for v in e], dtype=torch.float32, device="cpu")
-    total = float(weights.sum())
-    coef = [1.0 / k] * k if abs(total) < 1e-6 else [float(w) / total for w in weights]
+    coef = _coefficients(x.cached("sce.energy", energy) if thr is None else energy(), n, k)
 
     out = x.output()
     base = x.flat_base()

@@ -11,6 +11,9 @@ are compiled with 256-bit vectors (``torch._inductor.config.cpp.simdlen = 256``)
 instruction runs (a 64-bit integer multiply, for one, is emulated as on AVX2). The table's header names
 the CPU, its widest vector instruction set and the one used.
 
+``--experts 3`` merges three experts (per-model parameters written for two repeat their last value;
+nuslerp and slerp, which take two inputs at most, are left out).
+
 ``--quick`` runs the same steps on a tiny shape (hidden 64, 2 layers, vocab 512), once each: a check
 that the script works, not a measurement.
 
@@ -75,9 +78,20 @@ SUBSPACE: dict[str, dict] = {
     "magmax": {"lambda": 0.8},
     "lines": {"weight": [0.6, 0.4], "shallow": 0.5, "deep": 1.0},
 }
+# What a search varies: merges that alternate these values with SUBSPACE's move a rank every time, so
+# the cached truncated matrices are rebuilt (K products) at each merge; timed as "<method> (rank moved)".
+RANK_MOVED: dict[str, dict] = {"star": {"eta": 0.45}, "cart": {"rank_fraction": 0.12}}
 METHODS.update(SUBSPACE)
 RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}
-EXPERTS = ["a", "b"]
+EXPERTS = ["a", "b"]  # --experts 3 adds "c"
+TWO_ONLY = {"nuslerp", "slerp"}  # methods of at most two inputs: not run with --experts 3
+
+
+def per_k(params: dict) -> dict:
+    """A method's parameters for len(EXPERTS) experts: per-model lists (written for two) repeat their
+    last value for a third."""
+    k = len(EXPERTS)
+    return {n: (v + [v[-1]] * k)[:k] if isinstance(v, list) else v for n, v in params.items()}
 
 
 _KEYS = (
@@ -178,11 +192,11 @@ def run_rss(folder: Path, methods: list[str], tuned: bool = True) -> dict:
     setup = time.perf_counter() - start
     out = {k: torch.empty_like(t) for k, t in merger.base.items()}
     for m in methods:
-        merger.merge(m, METHODS[m], out=out)
+        merger.merge(m, per_k(METHODS[m]), out=out)
     merger.random = "keyed"  # as the search's workers merge: the fused dare kernels' memory counts too
     for m in methods:
         if m in RANDOM:
-            merger.merge(m, METHODS[m], out=out)
+            merger.merge(m, per_k(METHODS[m]), out=out)
     rss = peak_rss()
     return {
         "model_bytes": size,
@@ -197,7 +211,8 @@ def run_rss(folder: Path, methods: list[str], tuned: bool = True) -> dict:
 def fused_baseline(base, deltas, out, w) -> None:
     for name, b in base.items():
         torch.add(b, deltas[0][name], alpha=w[0], out=out[name])
-        out[name].add_(deltas[1][name], alpha=w[1])
+        for d, wi in zip(deltas[1:], w[1:], strict=True):
+            out[name].add_(d[name], alpha=wi)
 
 
 def run_speed(folder: Path, methods: list[str], mergekit: bool, repeat: int) -> dict:
@@ -225,7 +240,7 @@ def run_speed(folder: Path, methods: list[str], mergekit: bool, repeat: int) -> 
     deltas = [{k: sds[e][k] - base[k] for k in base} for e in EXPERTS]
 
     def fused_run(deltas=deltas):
-        fused_baseline(base, deltas, out, [0.6, 0.4])
+        fused_baseline(base, deltas, out, per_k({"weight": [0.6, 0.4]})["weight"])
 
     fused_run()  # first touch of the output pages
     fused = timed(fused_run, repeat)
@@ -234,7 +249,7 @@ def run_speed(folder: Path, methods: list[str], mergekit: bool, repeat: int) -> 
     if mergekit:
         from mergekit.merge_methods.api import merge_state_dicts as mk_merge
     for m in methods:
-        params = METHODS[m]
+        params = per_k(METHODS[m])
         mer = slerp_merger if m == "slerp" else merger
         experts = mer.experts
         merger_out = out
@@ -334,7 +349,7 @@ def run_subspace(merger, sds: dict, methods: list[str], out: dict, repeat: int) 
     deltas = [{k: e[k] - base[k] for k in base} for e in experts] if fusion else []
     rows: dict[str, dict] = {}
     for m in methods:
-        params = SUBSPACE[m]
+        params = per_k(SUBSPACE[m])
         for cache in merger.cache.values():  # the mergekit methods' sketches included: they are done
             cache.clear()
 
@@ -361,6 +376,14 @@ def run_subspace(merger, sds: dict, methods: list[str], out: dict, repeat: int) 
                 del theirs
         rows[m] = row
         print(json.dumps({m: row}), file=sys.stderr, flush=True)
+        if m in RANK_MOVED:
+            settings = [params, {**params, **RANK_MOVED[m]}]
+
+            def moved(settings=settings, m=m):
+                settings.reverse()
+                return merger.merge(m, settings[0], out=out)
+
+            rows[f"{m} (rank moved)"] = {"evomerge_s": timed(moved, repeat)}
     for cache in merger.cache.values():
         cache.clear()
     return rows
@@ -372,12 +395,13 @@ def table(speed: dict, rss: dict | None, threads: int, quick: bool = False, isa:
     fused = speed["fused_s"]
     shape = "a tiny shape (--quick: a functional check, not a measurement)" if quick else "SmolLM2-135M shape"
     flags = (" --quick" if quick else "") + (f" --isa {isa}" if isa != "native" else "")
+    flags += f" --experts {len(EXPERTS)}" if len(EXPERTS) != 2 else ""
     used = "its own" if isa == "native" else f"{isa.upper()} forced (eager dispatch and Inductor's vectors)"
     lines = [
         f"Reproduce: `python experiments/benchmarks/merge_speed.py --threads {threads}{flags}`",
         "",
         f"{cpu_description()}, vector instructions: {used}.",
-        f"torch {torch.__version__}, {threads} thread(s), {os.cpu_count()} CPU(s); base + 2 experts, "
+        f"torch {torch.__version__}, {threads} thread(s), {os.cpu_count()} CPU(s); base + {len(EXPERTS)} experts, "
         f"{shape}, float32 ({speed['model_bytes'] / 2**20:.1f} MiB per model).",
         f"evomerge one-time setup: Merger() {speed['construct_s']:.2f} s + prepare() {speed['prepare_s']:.2f} s; "
         f"fused task-arithmetic baseline {fused:.3f} s.",
@@ -415,8 +439,9 @@ def table(speed: dict, rss: dict | None, threads: int, quick: bool = False, isa:
             if "fusion_bench_error" in r:
                 fb_s = f"failed ({r['fusion_bench_error']})"
             diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "-"
+            prep = f"{r['prep_s']:.2f}" if "prep_s" in r else "-"
             lines.append(
-                f"| {m} | {r['prep_s']:.2f} | {r['evomerge_s']:.3f} | {r['evomerge_s'] / fused:.1f} | {fb_s} "
+                f"| {m} | {prep} | {r['evomerge_s']:.3f} | {r['evomerge_s'] / fused:.1f} | {fb_s} "
                 f"| {speedup} | {diff} |"
             )
     if rss is not None:
@@ -453,6 +478,9 @@ def main() -> None:
         default="native",
         help="avx2: run as an AVX2-only CPU would (eager dispatch and compiled kernels without AVX-512)",
     )
+    ap.add_argument(
+        "--experts", type=int, choices=[2, 3], default=2, help="K: experts merged (3 skips nuslerp and slerp)"
+    )
     ap.add_argument("--mode", choices=["all", "rss"], default="all", help=argparse.SUPPRESS)
     ap.add_argument("--untuned", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -468,6 +496,9 @@ def main() -> None:
 
         inductor.cpp.simdlen = 256
     torch.set_num_threads(args.threads)
+    EXPERTS[:] = ["a", "b", "c"][: args.experts]
+    if args.experts > 2:
+        args.methods = [m for m in args.methods if m not in TWO_ONLY]
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.dir or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
@@ -487,6 +518,8 @@ def main() -> None:
                 str(folder),
                 "--threads",
                 str(args.threads),
+                "--experts",
+                str(args.experts),
             ]
             cmd += ["--methods", *args.methods]
             rss = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
