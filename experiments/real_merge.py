@@ -12,11 +12,15 @@ Reproduce (builds the real zoo first if it is not cached, then reuses finished r
    - ``subset``: plain accuracy on a fixed random subset of 50 search items per skill;
    - ``full``: plain accuracy on the whole search split (200 items per skill);
    - ``irt``: the same search with IRT fitness, sgpirt on adaptive items (at most 12, racing), item
-     parameters from the cached item bank (calibrated inside the first such run).
+     parameters from the cached item bank (calibrated inside the first such run);
+   - ``ties``: the method (task arithmetic or TIES), a weight and a density per expert, for the decoder
+     layers and for the tensors outside them (14 genes), 40 candidates, on the whole search split.
 3. Every model scored on the test split, which no search saw, both as multiple choice (the zoo tasks)
    and generatively (the ``*_gen`` tasks: the model writes the answer, exact match), through lm-eval:
    the base, the experts, hand-set merges (task arithmetic with equal weights 1 and 1/2, TIES at its
-   default density 1 and at 0.5) and each run's best merge (picked on the search split).
+   default density 1 and at 0.5) and each run's best merge (picked on the search split); then each
+   searched merge against the best hand-set merge item by item (the paired mean difference and its
+   standard error; per-item scores are kept in ``scores.json`` for the models compared).
 
 Prints the table and writes it, with the command, to ``experiments/real_merge.md``.
 """
@@ -28,6 +32,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -59,6 +64,16 @@ RECIPES = {
             "race": True,
         },
     },
+    "ties": {
+        "items": None,
+        "search_space": {
+            "name": "per_layer",
+            "layer_groups": 1,
+            "methods": ["task_arithmetic", "ties"],
+            "genes": {"weight": [0.0, 1.0], "density": [0.2, 1.0]},
+        },
+        "generations": 20,
+    },
 }
 
 
@@ -69,6 +84,10 @@ def run_config(base: dict, recipe: dict, out: Path) -> dict:
         cfg["fitness"]["items"] = recipe["items"]
     if "objective" in recipe:
         cfg["objectives"] = [recipe["objective"]]
+    if "search_space" in recipe:
+        cfg["search_space"] = recipe["search_space"]
+    if "generations" in recipe:
+        cfg["algorithm"]["generations"] = recipe["generations"]
     return cfg
 
 
@@ -92,8 +111,10 @@ class Scores:
         self.path, self.fitness, self.generative = path, fitness, generative
         self.known = json.loads(path.read_text()) if path.exists() else {}
 
-    def get(self, key: str, load) -> dict[str, float]:  # noqa: ANN001
-        if key not in self.known:
+    def get(self, key: str, load, responses: bool = False) -> dict:  # noqa: ANN001
+        """The model's scores, and with ``responses`` its per-item scores too (scored again when the
+        cache holds the means alone)."""
+        if key not in self.known or (responses and "responses" not in self.known[key]):
             model, tokenizer = load()
             t = time.perf_counter()
             self.known[key] = scores(model, tokenizer, self.fitness, self.generative)
@@ -104,19 +125,21 @@ class Scores:
 
 
 def scores(model, tokenizer, fitness, generative) -> dict[str, float]:  # noqa: ANN001
-    mc = fitness.evaluate(model, tokenizer, "test").values
-    gen = generative.evaluate(model, tokenizer, "test").values
+    mc_result = fitness.evaluate(model, tokenizer, "test")
+    gen_result = generative.evaluate(model, tokenizer, "test")
+    mc, gen = mc_result.values, gen_result.values
     row = {f"{s} (mc)": mc[f"zoo_{s}"] for s in SKILLS}
     row |= {f"{s} (gen)": gen[f"zoo_{s}_gen"] for s in SKILLS}
     row["mean (mc)"] = mc["mean"]
     row["mean (gen)"] = gen["mean"]
+    row["responses"] = {"mc": mc_result.responses, "gen": gen_result.responses}
     return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=HERE / "real_merge.yaml")
-    ap.add_argument("--recipes", default="subset,full,irt", help="comma-separated, of: " + ", ".join(RECIPES))
+    ap.add_argument("--recipes", default="full,irt,ties", help="comma-separated, of: " + ", ".join(RECIPES))
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "real_merge")
     args = ap.parse_args()
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
@@ -176,12 +199,11 @@ def main() -> None:
 
         return load
 
-    rows: dict[str, dict] = {}
-    rows["base (shared fine-tune)"] = cache.get(f"{key}/base", loaded())
+    models: dict[str, tuple[str, Any]] = {"base (shared fine-tune)": (f"{key}/base", loaded())}
     for s, sd in experts.items():
-        rows[f"expert {s}"] = cache.get(f"{key}/expert {s}", loaded(sd))
+        models[f"expert {s}"] = (f"{key}/expert {s}", loaded(sd))
     for label, (method, params) in HAND_SET.items():
-        rows[f"hand-set: {label}"] = cache.get(f"{key}/{label}", hand_set(method, params))
+        models[f"hand-set: {label}"] = (f"{key}/{label}", hand_set(method, params))
     searched = {}
     for name, run_dir in runs.items():
         run = load_run(run_dir)
@@ -189,15 +211,24 @@ def main() -> None:
         searched[name] = (run, best)
         kind = run.candidates.at[best, "kind"]
         what = f"candidate #{best}" + (", a calibration merge" if kind == "calibration" else "")
-        rows[f"searched ({name}): {what}"] = cache.get(
+        models[f"searched ({name}): {what}"] = (
             f"{key}/recipe {run.candidates.at[best, 'recipe_key']}",
             lambda run=run, best=best: run.load_model(best),
         )
+    rows = {label: cache.get(*source) for label, source in models.items()}
+    hand = [label for label in rows if label.startswith("hand-set")]
+    best_hand = max(hand, key=lambda label: rows[label]["mean (mc)"])
+    compared = [best_hand, *(label for label in rows if label.startswith("searched"))]
+    items = {label: cache.get(*models[label], responses=True)["responses"] for label in compared}
 
     vectors = task_vectors(origin, experts)
-    df = pd.DataFrame(rows).T.round(4)
+    df = pd.DataFrame(
+        {label: {k: v for k, v in row.items() if k != "responses"} for label, row in rows.items()}
+    )
+    df = df.T.round(4)
     df["kind"] = ["base"] + ["expert"] * len(SKILLS) + ["hand-set"] * len(HAND_SET) + ["searched"] * len(runs)
     lines = table_lines(df, searched, args, time.perf_counter() - started)
+    lines += paired_lines(items, best_hand)
     lines += ["", "The experts' task vectors (expert - base, all tensors), their sizes and overlap:", ""]
     lines.append(vectors.to_markdown())
     (HERE / "real_merge.md").write_text("\n".join(lines) + "\n")
@@ -256,6 +287,30 @@ def table_lines(df: pd.DataFrame, searched: dict, args: argparse.Namespace, seco
             f"- run {name}: {len(search_rows)} candidates, {int(c.n_items.sum()):,} item evaluations in all "
             f"(calibration and re-scoring included), fitness {c.wall_s.sum() / 60:.1f} worker-min."
         )
+    return lines
+
+
+def paired_lines(items: dict[str, dict], reference: str) -> list[str]:
+    """Each searched merge against ``reference`` (the best hand-set merge) item by item on the test
+    split: the mean difference over the 600 items of each kind and its standard error (sd / sqrt(n))."""
+    lines = ["", f"Paired on the same test items, each searched merge less {reference}:", ""]
+    for label, by_kind in items.items():
+        if label == reference:
+            continue
+        parts = []
+        for kind in ("mc", "gen"):
+            ours, theirs = by_kind[kind], items[reference][kind]
+            d = pd.Series(
+                [
+                    float(ours[t][i]) - float(theirs[t][i])
+                    for t in sorted(ours)
+                    for i in sorted(ours[t], key=int)
+                ]
+            )
+            parts.append(
+                f"{kind} {100 * d.mean():+.1f} points (SE {100 * d.std() / len(d) ** 0.5:.1f}, {len(d)} items)"
+            )
+        lines.append(f"- {label}: " + "; ".join(parts) + ".")
     return lines
 
 
