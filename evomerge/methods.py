@@ -225,14 +225,14 @@ BUILTIN: dict[str, Declaration] = {
             gta_params(normalize=True, rescale=True, extra=[EPSILON]),
             _ARXIV + "2406.11617",
             random_masks=True,
-            cache_models=(0.0, 0.5),  # the ranks of each task vector in its rows, int16
+            cache_models=(0.0, 0.5),  # the ranks of each task vector in its rows, 16 bits each
         ),
         Declaration(
             "della_linear",
             gta_params(normalize=False, rescale=True, extra=[EPSILON]),
             _ARXIV + "2406.11617",
             random_masks=True,
-            cache_models=(0.0, 0.5),  # the ranks of each task vector in its rows, int16
+            cache_models=(0.0, 0.5),  # the ranks of each task vector in its rows, 16 bits each
         ),
         Declaration("sce", (fraction("select_topk", 1.0), INT8_MASK), _ARXIV + "2408.07990", sketches=True),
         Declaration(

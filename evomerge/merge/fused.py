@@ -82,8 +82,9 @@ def _della_keeps(
 ) -> list[torch.Tensor]:
     """DELLA's keep masks: U_i < p_i with mergekit's probability, op for op in float32,
     p_i = (density_i - epsilon_i) + (rank_i / (cols - 1)) * 2 * epsilon_i, rank_i the 0-based rank of
-    |delta_i| in its row (``ranks``, (K, n) integers); f holds density - epsilon (K), epsilon (K), then
-    cols - 1. Uniforms as in ``_keeps``."""
+    |delta_i| in its row (``ranks``: (ceil(K/2), n) int32, experts 2m and 2m + 1 in the low and high 16
+    bits of row m, as Inductor vectorizes int32 loads and not int16 ones); f holds density - epsilon
+    (K), epsilon (K), then cols - 1. Uniforms as in ``_keeps``."""
     index = torch.arange(n, dtype=torch.int32, device=keys.device)
     cm1 = f[2 * k]
     keep = []
@@ -91,7 +92,8 @@ def _della_keeps(
         h = hash32_i32(index, keys[0, m], keys[1, m])
         for half in range(min(2, k - 2 * m)):
             i = 2 * m + half
-            p = f[i] + ranks[i].to(torch.float32) / cm1 * 2.0 * f[k + i]
+            rank = ranks[m] & 0xFFFF if half == 0 else ranks[m] >> 16
+            p = f[i] + rank.to(torch.float32) / cm1 * 2.0 * f[k + i]
             keep.append(half_uniform_i32(h, half) < p)
     return keep
 
@@ -220,9 +222,9 @@ def _magmax(out: torch.Tensor, base: torch.Tensor, deltas: torch.Tensor, f: torc
     out.copy_(base.to(torch.float32) + best * f[k])
 
 
-def _sce_selected(deltas: torch.Tensor, thr: torch.Tensor, k: int) -> list[torch.Tensor]:
-    """sce's selection v_i = [var >= thr] delta_i in float32: the population variance across the task
-    vectors in float64, two passes, rounded to float32 (``sce._variance``'s operations)."""
+def _variance64(deltas: torch.Tensor, k: int) -> torch.Tensor:
+    """The population variance across the K task vectors, in float64, two passes, rounded to float32
+    (``sce._variance``'s operations)."""
     d = [deltas[i].to(torch.float64) for i in range(k)]
     mean = d[0]
     for i in range(1, k):
@@ -231,7 +233,16 @@ def _sce_selected(deltas: torch.Tensor, thr: torch.Tensor, k: int) -> list[torch
     acc = (d[0] - mean) * (d[0] - mean)
     for i in range(1, k):
         acc = acc + (d[i] - mean) * (d[i] - mean)
-    keep = (acc / k).to(torch.float32) >= thr
+    return (acc / k).to(torch.float32)
+
+
+def _sce_variance(out: torch.Tensor, deltas: torch.Tensor) -> None:
+    out.copy_(_variance64(deltas, deltas.shape[0]))
+
+
+def _sce_selected(deltas: torch.Tensor, thr: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """sce's selection v_i = [var >= thr] delta_i in float32."""
+    keep = _variance64(deltas, k) >= thr
     return [torch.where(keep, deltas[i].to(torch.float32), 0.0) for i in range(k)]
 
 
@@ -290,6 +301,7 @@ def _compiled(device_type: str = "cpu") -> dict[str, Any] | None:
                 _magmax,
                 _sce_energy,
                 _sce_merge,
+                _sce_variance,
             )
         }
         with torch.no_grad():  # as merges run: grad mode is part of the compiled entry's guards
@@ -334,9 +346,7 @@ def _smoke(kernels: dict[str, Any], device_type: str = "cpu") -> None:
     kernels["_linear"](a, base, deltas, keys, f[:4])
     _linear(b, base, deltas, keys, f[:4])
     assert torch.allclose(a, b, atol=1e-6)
-    ranks = (
-        torch.randperm(n, generator=g).remainder(1000).to(torch.int16).expand(2, n).contiguous().to(device)
-    )
+    ranks = torch.randperm(n, generator=g).remainder(1000).to(torch.int32).mul(65537).view(1, n).to(device)
     _dynamic(ranks)
     della = torch.tensor([0.3, 0.5, 0.1, 0.2, 999.0, 1.1, 0.9, 0.6, 0.4, 1.0], device=device)
     assert torch.allclose(
@@ -360,6 +370,11 @@ def _smoke(kernels: dict[str, Any], device_type: str = "cpu") -> None:
     kernels["_magmax"](a, base, deltas, f[:3])
     _magmax(b, base, deltas, f[:3])
     assert torch.allclose(a, b, atol=1e-6)
+    a, b = torch.empty(n, device=device), torch.empty(n, device=device)
+    _dynamic(a)
+    kernels["_sce_variance"](a, deltas)
+    _sce_variance(b, deltas)
+    assert torch.equal(a, b)
     sce = torch.tensor([0.4, 0.7, 0.3], device=device)
     assert torch.allclose(kernels["_sce_energy"](deltas, sce), _sce_energy(deltas, sce), rtol=1e-9)
     a, b = torch.empty(n, device=device), torch.empty(n, device=device)
@@ -425,7 +440,7 @@ def kept_l1(x: MergeInputs, masks: list[float], ranks: torch.Tensor | None = Non
     return kernels["_kept_l1"](deltas, keys, _values(x, masks), ranks).tolist()
 
 
-DELLA_MAX_COLS = 1 << 15  # della's cached ranks are int16: rows of at most this many entries
+DELLA_MAX_COLS = 1 << 15  # della's cached ranks take 16 bits: rows of at most this many entries
 
 
 def applies_della(x: MergeInputs) -> bool:
@@ -440,8 +455,9 @@ def della_masks(
 ) -> tuple[list[float], torch.Tensor]:
     """della's mask parameters for the kernels (density - epsilon and epsilon per expert, then cols - 1;
     an expert at density >= 1 keeps everything, at <= 0 nothing, as ``sparsify.della_magprune``) and
-    the ranks of each |delta_i| in its row, 0-based, int16 (K, n): genome-independent, computed once per
-    tensor and worker (torch's argsort, as the eager path) and cached (half a float32 model per expert)."""
+    the ranks of each |delta_i| in its row, 0-based, two experts' per int32 (``_della_keeps``):
+    genome-independent, computed once per tensor and worker (torch's argsort, as the eager path) and
+    cached (half a float32 model per expert)."""
     low, eps = [], []
     for p, e in zip(density, epsilon, strict=True):
         full, empty = p >= 1, p <= 0
@@ -450,14 +466,15 @@ def della_masks(
     cols = x.base.shape[-1]
 
     def ranks() -> torch.Tensor:
-        out = torch.empty(x.n_experts, x.numel, dtype=torch.int16, device=x.device)
+        out = torch.zeros((x.n_experts + 1) // 2, x.numel, dtype=torch.int32, device=x.device)
         rows = x.numel // cols
         block = max(1, x.chunk // cols)
         starts = range(0, rows, block)
         for i in range(x.n_experts):
             d = x.delta(i).view(rows, cols)
             for r0, r in zip(starts, row_ranks(d, starts, block), strict=True):
-                out[i, r0 * cols : (r0 + r.shape[0]) * cols] = r.view(-1).to(torch.int16)
+                part = out[i // 2, r0 * cols : (r0 + r.shape[0]) * cols]
+                part.add_(r.view(-1).to(torch.int32) << (16 * (i % 2)))
         return out
 
     cached = x.cached("fused.della_ranks", ranks)
@@ -658,3 +675,13 @@ def sce_merge(
     if drop is not None:
         out[drop] = base[drop] + 0.0
     return x.result()
+
+
+def variance(x: MergeInputs, sl: slice, out: torch.Tensor) -> torch.Tensor:
+    """sce's variance across the task vectors for elements ``sl`` into ``out`` (float32), compiled."""
+    kernels = kernels_for(x.device)
+    assert kernels is not None
+    deltas = x.deltas.reshape(x.n_experts, -1)[:, sl]
+    _dynamic(deltas, out)
+    kernels["_sce_variance"](out, deltas)
+    return out

@@ -34,7 +34,8 @@ tsv/iso_c merge within 10x of the floor, and at least 10x faster than FusionBenc
 
 A second process (``--mode rss``) runs evomerge alone, reading the models lazily from safetensors
 files, and reports its peak RSS against the model size (budget: K + 3 model sizes for K experts); it
-merges mergekit's methods only (the subspace caches are extra, counted by the memory plan).
+merges mergekit's methods only, and with keyed masks dare_* only (the subspace caches and della's
+cached ranks are extra, counted by the memory plan per method).
 """
 
 from __future__ import annotations
@@ -194,8 +195,8 @@ def run_rss(folder: Path, methods: list[str], tuned: bool = True) -> dict:
     for m in methods:
         merger.merge(m, per_k(METHODS[m]), out=out)
     merger.random = "keyed"  # as the search's workers merge: the fused dare kernels' memory counts too
-    for m in methods:
-        if m in RANDOM:
+    for m in methods:  # della's keyed ranks are a cache the plan counts per method, as the subspace ones
+        if m in RANDOM and not m.startswith("della"):
             merger.merge(m, per_k(METHODS[m]), out=out)
     rss = peak_rss()
     return {
