@@ -236,10 +236,6 @@ def _variance64(deltas: torch.Tensor, k: int) -> torch.Tensor:
     return (acc / k).to(torch.float32)
 
 
-def _sce_variance(out: torch.Tensor, deltas: torch.Tensor) -> None:
-    out.copy_(_variance64(deltas, deltas.shape[0]))
-
-
 def _sce_selected(deltas: torch.Tensor, thr: torch.Tensor, k: int) -> list[torch.Tensor]:
     """sce's selection v_i = [var >= thr] delta_i in float32."""
     keep = _variance64(deltas, k) >= thr
@@ -301,7 +297,6 @@ def _compiled(device_type: str = "cpu") -> dict[str, Any] | None:
                 _magmax,
                 _sce_energy,
                 _sce_merge,
-                _sce_variance,
             )
         }
         with torch.no_grad():  # as merges run: grad mode is part of the compiled entry's guards
@@ -370,11 +365,6 @@ def _smoke(kernels: dict[str, Any], device_type: str = "cpu") -> None:
     kernels["_magmax"](a, base, deltas, f[:3])
     _magmax(b, base, deltas, f[:3])
     assert torch.allclose(a, b, atol=1e-6)
-    a, b = torch.empty(n, device=device), torch.empty(n, device=device)
-    _dynamic(a)
-    kernels["_sce_variance"](a, deltas)
-    _sce_variance(b, deltas)
-    assert torch.equal(a, b)
     sce = torch.tensor([0.4, 0.7, 0.3], device=device)
     assert torch.allclose(kernels["_sce_energy"](deltas, sce), _sce_energy(deltas, sce), rtol=1e-9)
     a, b = torch.empty(n, device=device), torch.empty(n, device=device)
@@ -675,13 +665,3 @@ def sce_merge(
     if drop is not None:
         out[drop] = base[drop] + 0.0
     return x.result()
-
-
-def variance(x: MergeInputs, sl: slice, out: torch.Tensor) -> torch.Tensor:
-    """sce's variance across the task vectors for elements ``sl`` into ``out`` (float32), compiled."""
-    kernels = kernels_for(x.device)
-    assert kernels is not None
-    deltas = x.deltas.reshape(x.n_experts, -1)[:, sl]
-    _dynamic(deltas, out)
-    kernels["_sce_variance"](out, deltas)
-    return out

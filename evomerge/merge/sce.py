@@ -16,10 +16,7 @@ def _variance(x: MergeInputs, sl: slice, out: torch.Tensor) -> torch.Tensor:
     """Population variance across the task vectors for elements ``sl``, into ``out`` (float32).
 
     torch.var accumulates in float64 (and is ~100 ns per element across a short leading axis); the
-    two-pass float64 formula here rounds to the same float32 values at ~2 ns per element, and in a
-    Merger's large models runs compiled (``fused.variance``: the same operations)."""
-    if fused.applies_unkeyed(x):
-        return fused.variance(x, sl, out)
+    two-pass float64 formula here rounds to the same float32 values at ~2 ns per element."""
     m = sl.stop - sl.start
     mean = x.workspace.buf("sce.mean", m, torch.float64)
     acc = x.workspace.buf("sce.acc", m, torch.float64)
