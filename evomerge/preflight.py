@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from evomerge.config import DEPTH, RunConfig
 from evomerge.errors import EvomergeError, unknown
+from evomerge.methods import declaration
 from evomerge.plan import (
     DTYPE_BYTES,
     Machine,
@@ -338,25 +339,19 @@ def held_models(config: RunConfig) -> int:
 def uses_sketches(methods: Sequence[str]) -> bool:
     """Whether any of ``methods`` declares that it builds order-statistics sketches (ties, breadcrumbs,
     breadcrumbs_ties, sce): the sort behind them is a worker's largest one-time transient."""
-    from evomerge.merge.base import get_method
-
-    return any(get_method(m).sketches for m in methods)
+    return any(declaration(m).sketches for m in methods)
 
 
 def uses_kept_tables(methods: Sequence[str]) -> bool:
     """Whether any of ``methods`` keeps a kept-l1 table per large tensor and expert (dare_ties,
     dare_linear under the search's keyed masks)."""
-    from evomerge.methods import declaration
-
     return any(declaration(m).kept_tables for m in methods)
 
 
 def subspace_cache(methods: Sequence[str], experts: int) -> float:
     """Float32 model sizes of the SVD factors the subspace methods among ``methods`` cache where a
     worker merges: sum of a + b K (each group may draw any of them, so every one's may be held)."""
-    from evomerge.merge.base import get_method
-
-    return sum(a + b * experts for a, b in (get_method(m).cache_models for m in dict.fromkeys(methods)))
+    return sum(a + b * experts for a, b in (declaration(m).cache_models for m in dict.fromkeys(methods)))
 
 
 def _existing_parent(path: Path) -> Path:

@@ -8,13 +8,17 @@ from evomerge.merge.base import MergeInputs, implements
 from evomerge.merge.subspace import Factors, add_terms, affine, is_matrix, svd, truncated
 
 
+def _centred_matrix(x: MergeInputs, i: int) -> torch.Tensor:
+    """Expert i's centred task matrix delta_i - mean_j delta_j, float32."""
+    deltas = x.deltas.to(torch.float32)
+    return deltas[i] - deltas.mean(dim=0)
+
+
 def _centred(x: MergeInputs) -> list[Factors]:
-    """The thin SVD of each centred task matrix delta_i - mean_j delta_j (genome-independent, cached)."""
+    """The thin SVD of each centred task matrix (genome-independent, cached)."""
 
     def compute() -> list[Factors]:
-        deltas = x.deltas.to(torch.float32)
-        mean = deltas.mean(dim=0)
-        return [svd(x, deltas[i] - mean, f"centred task vector {i}") for i in range(x.n_experts)]
+        return [svd(x, _centred_matrix(x, i), f"centred task vector {i}") for i in range(x.n_experts)]
 
     return x.cached("cart", compute)
 
@@ -51,12 +55,9 @@ def cart(x: MergeInputs, weight: torch.Tensor, rank_fraction: float, **shared: f
     k = max(1, int(rank_fraction * min(x.base.shape)))
     centred = _centred(x)
 
-    def centred_matrix(i: int) -> torch.Tensor:
-        deltas = x.deltas.to(torch.float32)
-        return deltas[i] - deltas.mean(dim=0)
-
     kept = [
-        truncated(x, f"cart.kept{i}", centred[i], k, lambda i=i: centred_matrix(i)) for i in range(k_experts)
+        truncated(x, f"cart.kept{i}", centred[i], k, lambda i=i: _centred_matrix(x, i))
+        for i in range(k_experts)
     ]
     means = [(x.delta(i), 1 / k_experts) for i in range(k_experts)]  # theta_avg - base
     return add_terms(x, means + [(t.view(-1), lam * wi) for t, wi in zip(kept, w, strict=True)])

@@ -396,15 +396,21 @@ def applies(x: MergeInputs) -> bool:
     return large and kernels_for(x.device) is not None
 
 
-def _prepared(x: MergeInputs) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kernels, this tensor's task vectors (K, n) and base (n) marked dynamic, and its pair keys
-    (on the tensor's device)."""
+def _operands(x: MergeInputs) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """The kernels compiled for the tensor's device, its task vectors (K, n) and base (n) marked dynamic."""
     kernels = kernels_for(x.device)
-    assert kernels is not None and isinstance(x.stream, KeyedStream)
+    assert kernels is not None
     deltas = x.deltas.reshape(x.n_experts, -1)
     base = x.flat_base()
     _dynamic(deltas, base)
+    return kernels, deltas, base
+
+
+def _prepared(x: MergeInputs) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_operands`` and the tensor's pair keys (on its device)."""
+    kernels, deltas, base = _operands(x)
     stream = x.stream
+    assert isinstance(stream, KeyedStream)
     keys = x.cached(
         ("fused.keys", stream.seed, x.device),
         lambda: stream.pair_keys(x.name, x.n_experts, x.device, torch.int32),
@@ -604,12 +610,9 @@ def _bands(x: MergeInputs, sparse: Sequence[Sparse], call: Any, name: str) -> to
     """Run kernel ``name`` over the tensor; the few elements a band drops by index (values tied at a
     threshold: ``Band.drop``) are then recomputed by the same function, eagerly, with those task-vector
     entries zeroed (a zero entry never agrees in the sign election and adds nothing)."""
-    kernels = kernels_for(x.device)
-    assert kernels is not None
-    deltas = x.deltas.reshape(x.n_experts, -1)
-    base = x.flat_base()
+    kernels, deltas, base = _operands(x)
     out = x.output()
-    _dynamic(deltas, base, out)
+    _dynamic(out)
     call(kernels[name], out, base, deltas)
     drops = [(i, sp.drop) for i, sp in enumerate(sparse) if isinstance(sp, Band) and sp.drop is not None]
     if drops:
@@ -625,27 +628,17 @@ def _bands(x: MergeInputs, sparse: Sequence[Sparse], call: Any, name: str) -> to
 
 def magmax(x: MergeInputs, weight: Sequence[float], lam: float) -> torch.Tensor:
     """magmax on tensor ``x`` as one compiled pass."""
-    kernels = kernels_for(x.device)
-    assert kernels is not None
-    deltas = x.deltas.reshape(x.n_experts, -1)
-    base, out = x.flat_base(), x.output()
-    _dynamic(deltas, base, out)
+    kernels, deltas, base = _operands(x)
+    out = x.output()
+    _dynamic(out)
     kernels["_magmax"](out, base, deltas, _values(x, [*weight, lam]))
     return x.result()
-
-
-def _sce_inputs(x: MergeInputs) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    kernels = kernels_for(x.device)
-    assert kernels is not None
-    deltas, base = x.deltas.reshape(x.n_experts, -1), x.flat_base()
-    _dynamic(deltas, base)
-    return kernels, deltas, base
 
 
 def sce_energy(x: MergeInputs, thr: float | None, drop: torch.Tensor | None) -> list[float]:
     """sce's sum v_i^2 per expert for threshold ``thr`` (None: every element) less the elements
     ``drop`` (tied at the threshold, left out of the top k), one compiled pass."""
-    kernels, deltas, _ = _sce_inputs(x)
+    kernels, deltas, _ = _operands(x)
     energy = kernels["_sce_energy"](deltas, _values(x, [-math.inf if thr is None else thr]))
     if drop is not None:
         dropped = deltas[:, drop].to(torch.float64)
@@ -658,7 +651,7 @@ def sce_merge(
 ) -> torch.Tensor:
     """sce's erase and merge with coefficients ``coef``, one compiled pass; the elements ``drop`` select
     no expert, so they keep the base."""
-    kernels, deltas, base = _sce_inputs(x)
+    kernels, deltas, base = _operands(x)
     out = x.output()
     _dynamic(out)
     kernels["_sce_merge"](out, base, deltas, _values(x, [-math.inf if thr is None else thr, *coef]))

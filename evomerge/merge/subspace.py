@@ -98,13 +98,3 @@ def truncated(
         return full() - (u[:, k:] * s[k:]) @ vh[k:]
 
     return keep_latest(x, (key, k), compute)
-
-
-def low_rank_sum(factors: Sequence[tuple[Factors, int, float | torch.Tensor]]) -> torch.Tensor:
-    """sum over (U, s, V^T), k, c of U[:, :k] diag(c s[:k]) V^T[:k]: c a number or a scalar tensor."""
-    acc: torch.Tensor | None = None
-    for (u, s, vh), k, c in factors:
-        term = (u[:, :k] * (s[:k] * c)) @ vh[:k]
-        acc = term if acc is None else acc.add_(term)
-    assert acc is not None
-    return acc
