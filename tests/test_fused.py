@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from evomerge.merge import Merger, fused
-from evomerge.merge.streams import KeyedStream, hash_uniform
+from evomerge.merge.streams import KeyedStream, half_uniform_i32, hash32_i32, hash_uniform
 from evomerge.shapes import KEPT_TABLE_BYTES, KEPT_TABLE_MIN
 
 pytestmark = pytest.mark.skipif(fused._compiled() is None, reason="torch.compile cannot build kernels here")
@@ -67,6 +67,17 @@ def test_fused_dare_equals_the_eager_keyed_path(method, params):
     assert ("fused.kept_table", 5) not in merger.inputs("small", stream=stream).cache  # a compiled pass
 
 
+def kept_l1_by_uniforms(deltas: torch.Tensor, keys: torch.Tensor, density: list[float]) -> torch.Tensor:
+    """The kept l1 with each element's uniform compared, as a float32, with its expert's density."""
+    index = torch.arange(deltas.shape[1], dtype=torch.int32)
+    out = []
+    for i, p in enumerate(density):
+        h = hash32_i32(index, keys[0, i // 2], keys[1, i // 2])
+        keep = half_uniform_i32(h, i % 2) < torch.tensor(p, dtype=torch.float32)
+        out.append(deltas[i].abs().double()[keep].sum())
+    return torch.stack(out)
+
+
 @pytest.mark.parametrize("k", [2, 3])
 def test_the_kept_l1_table_gives_the_kernels_l1_at_any_density(k):
     base, experts = models(k)
@@ -79,7 +90,9 @@ def test_the_kept_l1_table_gives_the_kernels_l1_at_any_density(k):
     grid = [0.0, 1.0, 0.5, 2**-16, 0.5 + 2**-17, 1 - 2**-16, 0.3, 0.0001, 0.97]  # on and off the 2^-16 grid
     for j in range(len(grid)):
         density = [grid[(j + i) % len(grid)] for i in range(k)]
-        want = kernels["_kept_l1"](deltas, keys, fused._values(x, density)).double()
+        limits = torch.tensor([fused.grid_limit(p) for p in density], dtype=torch.int32)
+        want = kernels["_kept_l1"](deltas, keys, limits).double()
+        torch.testing.assert_close(want, kept_l1_by_uniforms(deltas, keys, density), rtol=2e-6, atol=0)
         torch.testing.assert_close(
             torch.tensor(table.kept_l1(density), dtype=torch.float64), want, rtol=2e-6, atol=0
         )

@@ -64,16 +64,27 @@ def worth_compiling(largest: int) -> bool:
     return largest >= MIN_NUMEL
 
 
-def _keeps(n: int, keys: torch.Tensor, density: torch.Tensor, k: int) -> list[torch.Tensor]:
+GRID = 1 << 16  # the keyed uniforms' grid points: U = j / GRID, j in [0, GRID)
+
+
+def grid_limit(density: float) -> int:
+    """The grid point below which an element is kept at ``density``: U = j / 2^16 < p (p in float32, as
+    the eager path compares it) exactly when j < ceil(p 2^16) (p 2^16 is exact in float64), clamped to
+    [0, 2^16]."""
+    return min(GRID, max(0, math.ceil(float(np.float32(density)) * GRID)))
+
+
+def _keeps(n: int, keys: torch.Tensor, limit: torch.Tensor, k: int) -> list[torch.Tensor]:
     """Each of the ``k`` experts' keep masks over elements [0, n): experts 2m and 2m + 1 read the two
     halves of pair m's hash (keys[0, m], keys[1, m], int32), so the loop hashes once per element and
-    pair, in 32-bit arithmetic (the eager path's values: ``hash32_i32``)."""
+    pair, in 32-bit arithmetic (the eager path's values: ``hash32_i32``), and compares the grid point
+    with the expert's ``grid_limit`` (int32, ``limit``) without converting it to a float."""
     index = torch.arange(n, dtype=torch.int32, device=keys.device)
     keep = []
     for m in range((k + 1) // 2):
         h = hash32_i32(index, keys[0, m], keys[1, m])
         for half in range(min(2, k - 2 * m)):
-            keep.append(half_uniform_i32(h, half) < density[2 * m + half])
+            keep.append(half_bits_i32(h, half) < limit[2 * m + half])
     return keep
 
 
@@ -99,22 +110,22 @@ def _della_keeps(
 
 
 def _masks(
-    n: int, keys: torch.Tensor, f: torch.Tensor, k: int, ranks: torch.Tensor | None
-) -> tuple[list[torch.Tensor], int]:
-    """The keep masks (dare: f starts with density; della, given ``ranks``: with density - epsilon,
-    epsilon, cols - 1) and where the rest of f starts."""
+    n: int, keys: torch.Tensor, masks: torch.Tensor, k: int, ranks: torch.Tensor | None
+) -> list[torch.Tensor]:
+    """The keep masks from their parameters ``masks``: dare's grid limits (int32, K), or della's (given
+    ``ranks``) density - epsilon, epsilon and cols - 1 (float32, 2K + 1)."""
     if ranks is None:
-        return _keeps(n, keys, f, k), k
-    return _della_keeps(n, keys, ranks, f, k), 2 * k + 1
+        return _keeps(n, keys, masks, k)
+    return _della_keeps(n, keys, ranks, masks, k)
 
 
 def _kept_l1(
-    deltas: torch.Tensor, keys: torch.Tensor, f: torch.Tensor, ranks: torch.Tensor | None = None
+    deltas: torch.Tensor, keys: torch.Tensor, masks: torch.Tensor, ranks: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """sum |delta_i| over each expert's kept elements: deltas (K, n), pair keys (2, ceil(K/2)), f the
+    """sum |delta_i| over each expert's kept elements: deltas (K, n), pair keys (2, ceil(K/2)), the
     masks' parameters (``_masks``)."""
     k, n = deltas.shape
-    keep, _ = _masks(n, keys, f, k, ranks)
+    keep = _masks(n, keys, masks, k, ranks)
     # 16-bit task vectors are summed in float32 (a no-op for float32 ones)
     return torch.stack([torch.where(keep[i], deltas[i].abs().to(torch.float32), 0.0).sum() for i in range(k)])
 
@@ -145,15 +156,16 @@ def _consensus(
     base: torch.Tensor,
     deltas: torch.Tensor,
     keys: torch.Tensor,
+    masks: torch.Tensor,
     f: torch.Tensor,
     normalize: bool,
     ranks: torch.Tensor | None = None,
 ) -> None:
-    """dare_ties / della: TIES sign election over the masked, rescaled, weighted task vectors; f holds
-    the masks' parameters (``_masks``), then scale and weight (K each), then lambda."""
+    """dare_ties / della: TIES sign election over the masked (``_masks``), rescaled, weighted task
+    vectors; f holds scale and weight (K each), then lambda."""
     k, n = deltas.shape
-    keep, o = _masks(n, keys, f, k, ranks)
-    scale, weight, lam = f[o : o + k], f[o + k : o + 2 * k], f[o + 2 * k]
+    keep = _masks(n, keys, masks, k, ranks)
+    scale, weight, lam = f[:k], f[k : 2 * k], f[2 * k]
     # mergekit: (masked * scale) * weight
     t = [torch.where(keep[i], deltas[i], 0.0) * scale[i] * weight[i] for i in range(k)]
     out.copy_(base + _elect(t, weight, normalize) * lam)
@@ -164,16 +176,16 @@ def _linear(
     base: torch.Tensor,
     deltas: torch.Tensor,
     keys: torch.Tensor,
-    f: torch.Tensor,
+    masks: torch.Tensor,
+    coef: torch.Tensor,
     ranks: torch.Tensor | None = None,
 ) -> None:
-    """dare_linear / della_linear: base + sum_i keep_i * delta_i * coef_i; f holds the masks'
-    parameters (``_masks``), then coef (K)."""
+    """dare_linear / della_linear: base + sum_i keep_i * delta_i * coef_i (keep_i from ``_masks``)."""
     k, n = deltas.shape
-    keep, o = _masks(n, keys, f, k, ranks)
+    keep = _masks(n, keys, masks, k, ranks)
     acc = base
     for i in range(k):
-        acc = acc + torch.where(keep[i], deltas[i], 0.0) * f[o + i]
+        acc = acc + torch.where(keep[i], deltas[i], 0.0) * coef[i]
     out.copy_(acc)
 
 
@@ -268,7 +280,9 @@ def _sce_merge(out: torch.Tensor, base: torch.Tensor, deltas: torch.Tensor, f: t
 
 
 def _dynamic(*tensors: torch.Tensor) -> None:
-    """Compile once for every tensor length: the last dimension is dynamic, the expert count static."""
+    """Compile once for every tensor length: the last dimension is dynamic, the expert count static.
+    Marked where the kernels are first compiled (``_smoke``); a merge's calls need no marks, as the
+    compiled entries' sizes are symbolic (``dynamic=True``; marking fresh views cost a merge 2-3%)."""
     for t in tensors:
         torch._dynamo.mark_dynamic(t, t.dim() - 1)
 
@@ -327,39 +341,29 @@ def _smoke(kernels: dict[str, Any], device_type: str = "cpu") -> None:
     deltas = torch.randn(2, n, generator=g, device="cpu").to(device)
     _dynamic(base, deltas)
     keys = torch.tensor([[-7], [3]], dtype=torch.int32, device=device)  # keys of 2^31 and above are negative
-    col = torch.tensor([0.3, 0.7], device=device)
-    assert torch.allclose(kernels["_kept_l1"](deltas, keys, col), _kept_l1(deltas, keys, col), rtol=1e-5)
-    f = torch.tensor([0.3, 0.7, 1.1, 0.9, 0.6, 0.4, 1.0], device=device)
-    for normalize in (False, True):
-        a, b = torch.empty(n, device=device), torch.empty(n, device=device)
-        _dynamic(a)
-        kernels["_consensus"](a, base, deltas, keys, f, normalize)
-        _consensus(b, base, deltas, keys, f, normalize)
-        assert torch.allclose(a, b, atol=1e-6)
-    a, b = torch.empty(n, device=device), torch.empty(n, device=device)
-    _dynamic(a)
-    kernels["_linear"](a, base, deltas, keys, f[:4])
-    _linear(b, base, deltas, keys, f[:4])
-    assert torch.allclose(a, b, atol=1e-6)
+    limits = torch.tensor([grid_limit(0.3), grid_limit(0.7)], dtype=torch.int32, device=device)
+    assert torch.allclose(
+        kernels["_kept_l1"](deltas, keys, limits), _kept_l1(deltas, keys, limits), rtol=1e-5
+    )
+    f = torch.tensor([1.1, 0.9, 0.6, 0.4, 1.0], device=device)
     ranks = torch.randperm(n, generator=g).remainder(1000).to(torch.int32).mul(65537).view(1, n).to(device)
     _dynamic(ranks)
-    della = torch.tensor([0.3, 0.5, 0.1, 0.2, 999.0, 1.1, 0.9, 0.6, 0.4, 1.0], device=device)
+    della = torch.tensor([0.3, 0.5, 0.1, 0.2, 999.0], device=device)
     assert torch.allclose(
-        kernels["_kept_l1"](deltas, keys, della[:5], ranks),
-        _kept_l1(deltas, keys, della[:5], ranks),
-        rtol=1e-5,
+        kernels["_kept_l1"](deltas, keys, della, ranks), _kept_l1(deltas, keys, della, ranks), rtol=1e-5
     )
-    for normalize in (False, True):
+    for masks, r in ((limits, None), (della, ranks)):
+        for normalize in (False, True):
+            a, b = torch.empty(n, device=device), torch.empty(n, device=device)
+            _dynamic(a)
+            kernels["_consensus"](a, base, deltas, keys, masks, f, normalize, r)
+            _consensus(b, base, deltas, keys, masks, f, normalize, r)
+            assert torch.allclose(a, b, atol=1e-6)
         a, b = torch.empty(n, device=device), torch.empty(n, device=device)
         _dynamic(a)
-        kernels["_consensus"](a, base, deltas, keys, della, normalize, ranks)
-        _consensus(b, base, deltas, keys, della, normalize, ranks)
+        kernels["_linear"](a, base, deltas, keys, masks, f[:2], r)
+        _linear(b, base, deltas, keys, masks, f[:2], r)
         assert torch.allclose(a, b, atol=1e-6)
-    a, b = torch.empty(n, device=device), torch.empty(n, device=device)
-    _dynamic(a)
-    kernels["_linear"](a, base, deltas, keys, della[:7], ranks)
-    _linear(b, base, deltas, keys, della[:7], ranks)
-    assert torch.allclose(a, b, atol=1e-6)
     a, b = torch.empty(n, device=device), torch.empty(n, device=device)
     _dynamic(a)
     kernels["_magmax"](a, base, deltas, f[:3])
@@ -397,13 +401,10 @@ def applies(x: MergeInputs) -> bool:
 
 
 def _operands(x: MergeInputs) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """The kernels compiled for the tensor's device, its task vectors (K, n) and base (n) marked dynamic."""
+    """The kernels compiled for the tensor's device, its task vectors (K, n) and base (n)."""
     kernels = kernels_for(x.device)
     assert kernels is not None
-    deltas = x.deltas.reshape(x.n_experts, -1)
-    base = x.flat_base()
-    _dynamic(deltas, base)
-    return kernels, deltas, base
+    return kernels, x.deltas.reshape(x.n_experts, -1), x.flat_base()
 
 
 def _prepared(x: MergeInputs) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -423,6 +424,20 @@ def _values(x: MergeInputs, values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=x.device)
 
 
+def _mask_values(x: MergeInputs, masks: list[float], ranks: torch.Tensor | None) -> torch.Tensor:
+    """The masks' parameters for the kernels (``_masks``): dare's densities as grid limits (int32),
+    della's (given ``ranks``) as float32. The same for every tensor of a layer group in a merge, so
+    made once (the kernels never write them)."""
+    return _mask_tensor(tuple(masks), ranks is None, x.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _mask_tensor(masks: tuple[float, ...], dare: bool, device: torch.device) -> torch.Tensor:
+    if dare:
+        return torch.tensor([grid_limit(p) for p in masks], dtype=torch.int32, device=device)
+    return torch.tensor(masks, dtype=torch.float32, device=device)
+
+
 def kept_l1(x: MergeInputs, masks: list[float], ranks: torch.Tensor | None = None) -> list[float]:
     """sum |delta_i| over each expert's kept elements (what the rescaling divides by), for dare's
     densities (``masks``) or della's mask parameters and ``ranks`` (``della_masks``): for dare a lookup
@@ -433,7 +448,7 @@ def kept_l1(x: MergeInputs, masks: list[float], ranks: torch.Tensor | None = Non
         assert isinstance(stream, KeyedStream)
         return x.cached(("fused.kept_table", stream.seed), lambda: KeptTable.build(x)).kept_l1(masks)
     kernels, deltas, _, keys = _prepared(x)
-    return kernels["_kept_l1"](deltas, keys, _values(x, masks), ranks).tolist()
+    return kernels["_kept_l1"](deltas, keys, _mask_values(x, masks, ranks), ranks).tolist()
 
 
 DELLA_MAX_COLS = 1 << 15  # della's cached ranks take 16 bits: rows of at most this many entries
@@ -478,7 +493,6 @@ def della_masks(
     return [*low, *eps, float(cols - 1)], cached
 
 
-GRID = 1 << 16  # the keyed uniforms' grid points: U = j / GRID, j in [0, GRID)
 BLOCK = 256  # grid points per partial sum of KeptTable.blocks
 TABLE_CHUNK = 1 << 22  # elements hashed at a time while a table is built
 
@@ -490,7 +504,7 @@ class KeptTable:
     when U_i(e) < p, i.e. j < ceil(p 2^16) with p in float32 as the kernels compare it, so the kept l1
     is blocks[i, m // 256] + sum(mass[i, 256 (m // 256) : m]): at most 255 additions."""
 
-    def __init__(self, mass: torch.Tensor, blocks: torch.Tensor) -> None:
+    def __init__(self, mass: np.ndarray, blocks: np.ndarray) -> None:
         self.mass, self.blocks = mass, blocks
 
     @classmethod
@@ -515,7 +529,8 @@ class KeptTable:
         mass = mass.cpu()
         blocks = torch.zeros(k, GRID // BLOCK + 1, dtype=torch.float64, device="cpu")
         blocks[:, 1:] = mass.view(k, -1, BLOCK).sum(dim=2).cumsum(dim=1)
-        return cls(mass.to(torch.float32), blocks)
+        # numpy: a lookup is a few small sums, where numpy's call overhead is a fraction of torch's
+        return cls(mass.to(torch.float32).numpy(), blocks.numpy())
 
     @property
     def nbytes(self) -> int:
@@ -524,10 +539,9 @@ class KeptTable:
     def kept_l1(self, density: list[float]) -> list[float]:
         out = []
         for i, p in enumerate(density):
-            p32 = float(np.float32(p))  # as the kernels compare it
-            m = min(GRID, max(0, math.ceil(p32 * GRID)))  # p32 * 2^16 is exact in float64
+            m = grid_limit(p)
             b = m // BLOCK
-            out.append(float(self.blocks[i, b]) + float(self.mass[i, b * BLOCK : m].sum(dtype=torch.float64)))
+            out.append(float(self.blocks[i, b]) + float(self.mass[i, b * BLOCK : m].sum(dtype=np.float64)))
         return out
 
 
@@ -544,9 +558,8 @@ def consensus(
     weighted task vectors, TIES sign election."""
     kernels, deltas, base, keys = _prepared(x)
     out = x.output()
-    _dynamic(out)
-    f = _values(x, [*masks, *scale, *weight, lam])
-    kernels["_consensus"](out, base, deltas, keys, f, normalize, ranks)
+    f = _values(x, [*scale, *weight, lam])
+    kernels["_consensus"](out, base, deltas, keys, _mask_values(x, masks, ranks), f, normalize, ranks)
     return x.result()
 
 
@@ -556,8 +569,7 @@ def linear(
     """dare_linear or della_linear on tensor ``x``: base + sum_i coef_i * masked task vector i."""
     kernels, deltas, base, keys = _prepared(x)
     out = x.output()
-    _dynamic(out)
-    kernels["_linear"](out, base, deltas, keys, _values(x, [*masks, *coef]), ranks)
+    kernels["_linear"](out, base, deltas, keys, _mask_values(x, masks, ranks), _values(x, coef), ranks)
     return x.result()
 
 
@@ -612,7 +624,6 @@ def _bands(x: MergeInputs, sparse: Sequence[Sparse], call: Any, name: str) -> to
     entries zeroed (a zero entry never agrees in the sign election and adds nothing)."""
     kernels, deltas, base = _operands(x)
     out = x.output()
-    _dynamic(out)
     call(kernels[name], out, base, deltas)
     drops = [(i, sp.drop) for i, sp in enumerate(sparse) if isinstance(sp, Band) and sp.drop is not None]
     if drops:
@@ -630,7 +641,6 @@ def magmax(x: MergeInputs, weight: Sequence[float], lam: float) -> torch.Tensor:
     """magmax on tensor ``x`` as one compiled pass."""
     kernels, deltas, base = _operands(x)
     out = x.output()
-    _dynamic(out)
     kernels["_magmax"](out, base, deltas, _values(x, [*weight, lam]))
     return x.result()
 
@@ -653,7 +663,6 @@ def sce_merge(
     no expert, so they keep the base."""
     kernels, deltas, base = _operands(x)
     out = x.output()
-    _dynamic(out)
     kernels["_sce_merge"](out, base, deltas, _values(x, [-math.inf if thr is None else thr, *coef]))
     if drop is not None:
         out[drop] = base[drop] + 0.0

@@ -16,6 +16,7 @@ four experts; more may differ where the sum is within one rounding of zero).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -40,7 +41,7 @@ def generalized(
     ):
         return _fused_random(x, sparsification, params, consensus)
     k = x.n_experts
-    weight = [float(v) for v in params["weight"]]
+    weight = floats(params["weight"])
     sparse: list[Sparse] = []
     for i in range(k):
         if sparsification is None:
@@ -72,12 +73,11 @@ MAGNITUDE = ("magnitude", "magnitude_outliers")  # what fused.band_* take: Band,
 def _fused_random(x: MergeInputs, sparsification: str, params: dict, consensus: bool) -> torch.Tensor:
     """dare_ties/della (``consensus``) or dare_linear/della_linear with the fused kernels: the same
     rescaling and coefficients as the eager path, the masks recomputed inside the kernels."""
-    density = [float(v) for v in params["density"]]
-    weight = [float(v) for v in params["weight"]]
+    density, weight = floats(params["density"]), floats(params["weight"])
     ranks = None
     masks = density
     if sparsification == "della_magprune":
-        masks, ranks = fused.della_masks(x, density, [float(v) for v in params["epsilon"]])
+        masks, ranks = fused.della_masks(x, density, floats(params["epsilon"]))
     scale = [1.0] * x.n_experts
     if params.get("rescale", False):
         kept = fused.kept_l1(x, masks, ranks)
@@ -96,10 +96,22 @@ def linear_coefficients(
 ) -> list[float]:
     """Each expert's factor in the sum without consensus, as mergekit: w_i s_i / D * lambda, with
     D = sum_i w_i in float32 (|D| < 1e-8 -> 1) when ``normalize``, else 1."""
-    divisor = float(torch.tensor(list(weight), dtype=torch.float32, device="cpu").sum())
-    if abs(divisor) < 1e-8:
-        divisor = 1.0
-    return [w * s / (divisor if normalize else 1.0) * lam for w, s in zip(weight, scale, strict=True)]
+    divisor = _float32_sum(tuple(weight)) if normalize else 1.0
+    return [w * s / divisor * lam for w, s in zip(weight, scale, strict=True)]
+
+
+@functools.lru_cache(maxsize=256)
+def _float32_sum(weight: tuple[float, ...]) -> float:
+    """sum(weight) in float32 as mergekit's divisor (|D| < 1e-8 -> 1); once per merge's weights, not
+    per tensor."""
+    divisor = float(torch.tensor(weight, dtype=torch.float32, device="cpu").sum())
+    return 1.0 if abs(divisor) < 1e-8 else divisor
+
+
+def floats(values: Sequence[float] | torch.Tensor) -> list[float]:
+    """Per-model parameters as Python floats (a resolved parameter is a float64 tensor: one ``tolist``
+    instead of an element-by-element iteration)."""
+    return values.tolist() if isinstance(values, torch.Tensor) else [float(v) for v in values]
 
 
 def combine(

@@ -17,8 +17,9 @@ masks (the fused dare kernels), the bfloat16 compute dtype the workers use on GP
 into the model. Printed:
 
 - seconds per merge (median of a few after a warm-up) of linear, task_arithmetic, ties, dare_ties,
-  dare_linear and breadcrumbs_ties (the fused kernels: keyed dare with its kept-l1 tables, the
-  magnitude bands of ties and breadcrumbs) with K = 2 and 3 experts, resident and streamed, and the memory-bandwidth floor: a task-arithmetic
+  dare_linear, breadcrumbs_ties, della, della_linear, sce and magmax (the fused kernels: keyed dare
+  with its kept-l1 tables, della with its cached ranks, the magnitude bands of ties and breadcrumbs,
+  sce's energies and merge, magmax) with K = 2 and 3 experts, resident and streamed, and the memory-bandwidth floor: a task-arithmetic
   pass that reads the base and the K task vectors once and writes the output once (``torch.addmm``
   per tensor into a preallocated output); GB/s counts those (K + 2) model sizes per merge;
 - the same merges on the CPU (float32 on both devices, K = 3) and the largest difference between the
@@ -61,6 +62,10 @@ METHODS: dict[str, dict[str, Any]] = {  # per-model values for 3 experts, cut to
     "dare_ties": {"weight": [0.5, 0.3, 0.2], "density": [0.5, 0.6, 0.4]},
     "dare_linear": {"weight": [0.5, 0.3, 0.2], "density": [0.5, 0.6, 0.4]},
     "breadcrumbs_ties": {"weight": [0.5, 0.3, 0.2], "density": [0.8, 0.9, 0.7], "gamma": [0.01, 0.01, 0.01]},
+    "della": {"weight": [0.5, 0.3, 0.2], "density": [0.5, 0.6, 0.4], "epsilon": [0.1, 0.1, 0.1]},
+    "della_linear": {"weight": [0.5, 0.3, 0.2], "density": [0.5, 0.6, 0.4], "epsilon": [0.1, 0.1, 0.1]},
+    "sce": {"select_topk": 0.3},
+    "magmax": {"lambda": 0.8},
 }
 FLOOR_WEIGHTS = [0.5, 0.3, 0.2]
 NOISE = 0.002
@@ -219,7 +224,7 @@ def floor_pass(merger: Merger, out: Mapping[str, torch.Tensor]) -> Callable[[], 
 
 
 def params(method: str, k: int) -> dict[str, Any]:
-    return {n: v[:k] for n, v in METHODS[method].items()}
+    return {n: v[:k] if isinstance(v, list) else v for n, v in METHODS[method].items()}
 
 
 # --- one placement --------------------------------------------------------------------------------------

@@ -156,11 +156,11 @@ def model_bytes(sd: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in sd.values())
 
 
-def timed(fn, repeat: int, first: float | None = None) -> float:
+def timed(fn, repeat: int, first: float | None = None, once_over: float = 5.0) -> float:
     """Best of ``repeat`` wall times (the least disturbed by other processes); a first run that took
-    over 5 s is not repeated."""
+    over ``once_over`` seconds is not repeated."""
     times = [first] if first is not None else []
-    if first is not None and first > 5:
+    if first is not None and first > once_over:
         return first
     for _ in range(repeat - len(times)):
         start = time.perf_counter()
@@ -271,10 +271,15 @@ def run_speed(folder: Path, methods: list[str], mergekit: bool, repeat: int) -> 
             models = {"base": base, **{e: sds[e] for e in experts}}
             if m == "linear":
                 models = {e: sds[e] for e in experts}
-            torch.manual_seed(0)
+
+            def mergekit_merge(models=models, m=m, mk_params=mk_params):
+                torch.manual_seed(0)
+                return mk_merge(models, m, base=None if m == "linear" else "base", parameters=mk_params)
+
             start = time.perf_counter()
-            theirs = mk_merge(models, m, base=None if m == "linear" else "base", parameters=mk_params)
-            row["mergekit_s"] = time.perf_counter() - start
+            theirs = mergekit_merge()
+            # best of ``repeat`` as ours, for merges under 10 s (the ones a speedup is claimed against)
+            row["mergekit_s"] = timed(mergekit_merge, repeat, time.perf_counter() - start, once_over=10.0)
             ref = ours()
             row["max_abs_diff"] = max(float((ref[k] - t).abs().max()) for k, t in theirs.items())
             row["n_diff"] = sum(int(((ref[k] - t).abs() > 1e-6).sum()) for k, t in theirs.items())
@@ -407,7 +412,8 @@ def table(speed: dict, rss: dict | None, threads: int, quick: bool = False, isa:
         f"evomerge one-time setup: Merger() {speed['construct_s']:.2f} s + prepare() {speed['prepare_s']:.2f} s; "
         f"fused task-arithmetic baseline {fused:.3f} s.",
         "",
-        f"Times are the best of {speed['repeat']} run(s) (one run where it took over 5 s); mergekit runs once.",
+        f"Times are the best of {speed['repeat']} run(s): one run where evomerge took over 5 s, "
+        "or mergekit over 10 s.",
         "",
         "| method | mergekit s | evomerge s | speedup | evomerge / fused | max abs diff | elements > 1e-6 |",
         "|---|---:|---:|---:|---:|---:|---:|",
