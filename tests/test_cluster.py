@@ -30,6 +30,7 @@ def _workers(db: Path) -> set[str]:
         return set()
 
 
+@pytest.mark.slow  # over 15 s: in .ci/run's slow list
 def test_a_search_spread_over_nodes_finishes_when_a_node_is_removed(tmp_path, models, ray_env, monkeypatch):  # noqa: F811
     """Three nodes of one CPU each (the head has none), two workers of one CPU: each worker on a node of
     its own. One worker's node is removed mid-run; its evaluation is retried on a worker the third node

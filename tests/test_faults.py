@@ -49,6 +49,7 @@ def _short(tmp_path, models, function="fitness_fns:closeness", **extra):  # noqa
 # --- evaluations that hang or all fail -------------------------------------------------------------------
 
 
+@pytest.mark.slow  # over 15 s: in .ci/run's slow list
 def test_a_hanging_evaluation_times_out_and_its_worker_is_replaced(tmp_path, models, ray_env):  # noqa: F811
     marker = models["base"].parent / "hung"
     marker.unlink(missing_ok=True)
@@ -83,6 +84,7 @@ def test_timeout_auto_grows_from_the_first_evaluations():
     assert Timeouts(None).limit(subset) is None and Timeouts(7.5).limit(whole) == 7.5
 
 
+@pytest.mark.slow  # over 15 s: in .ci/run's slow list
 def test_a_run_whose_evaluations_all_fail_alike_stops_early_and_resumes_once_fixed(
     tmp_path,
     models,  # noqa: F811
@@ -157,6 +159,7 @@ def test_a_run_whose_evaluations_all_fail_alike_stops_early_and_resumes_once_fix
 # --- the run folder: full disk, damaged store, unwritable --out ----------------------------------------
 
 
+@pytest.mark.slow  # over 15 s: in .ci/run's slow list
 def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_afterwards(
     tmp_path,
     models,  # noqa: F811
@@ -319,6 +322,7 @@ def test_checks_before_anything_slow(tmp_path, models):  # noqa: F811
 # --- signals and kill -9 ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # over 15 s: in .ci/run's slow list
 def test_sigterm_and_sigint_stop_cleanly_and_the_run_resumes_exactly(tmp_path, uninterrupted):  # noqa: F811
     """SIGTERM (kill, systemd, a scheduler) stops the run in its first generations; the resumed run gets
     Ctrl-C (SIGINT to the whole foreground process group, as a terminal sends it) later on; resumed

@@ -419,6 +419,7 @@ def uninterrupted(models, ray_env, tmp_path_factory):
     return config, root / "full"
 
 
+@pytest.mark.slow  # over 15 s: in .ci/run's slow list
 def test_kill_9_mid_generation_and_during_the_test_evaluations_then_resume_reproduces_the_run(
     tmp_path, uninterrupted
 ):
