@@ -254,7 +254,8 @@ def _unwritable(tmp_path: Path) -> Path:
     return folder / "run"
 
 
-def test_an_unwritable_out_fails_in_one_line_before_anything_starts(tmp_path, models):  # noqa: F811
+def test_an_unwritable_out_fails_in_one_line_before_anything_starts(tmp_path, models, ray_env):  # noqa: F811
+    # ray_env: the CLI's process imports the config's fitness function from tests/ (PYTHONPATH)
     config = write_config(tmp_path, models)
     out = _unwritable(tmp_path)
     start = time.monotonic()
