@@ -191,6 +191,12 @@ class MergeMethod(Declaration):
         return torch.tensor([float(v) for v in values], dtype=torch.float64, device="cpu")
 
 
+def floats(values: Sequence[float] | torch.Tensor) -> list[float]:
+    """Per-model parameters as Python floats: a resolved parameter (``MergeMethod.resolve``) is a float64
+    tensor, read with one ``tolist`` rather than element by element for every tensor merged."""
+    return values.tolist() if isinstance(values, torch.Tensor) else [float(v) for v in values]
+
+
 # Built-in methods register when evomerge.merge imports their modules; other packages' through the
 # ``evomerge.merge_methods`` entry points.
 METHODS: Registry[MergeMethod] = Registry(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.base import MergeInputs, implements
+from evomerge.merge.base import MergeInputs, floats, implements
 from evomerge.merge.subspace import Factors, add_terms, affine, is_matrix, svd, truncated
 
 
@@ -47,7 +47,7 @@ def cart(x: MergeInputs, weight: torch.Tensor, rank_fraction: float, **shared: f
     products of rank min(k, rank - k).
     """
     lam = shared["lambda"]
-    w = [float(v) for v in weight]
+    w = floats(weight)
     k_experts = x.n_experts
     if not is_matrix(x):
         total = sum(w)

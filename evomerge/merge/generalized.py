@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from evomerge.merge import fused
-from evomerge.merge.base import MergeInputs
+from evomerge.merge.base import MergeInputs, floats
 from evomerge.merge.kernels import as_float32, chunks, narrow
 from evomerge.merge.sparsify import Sparse, rescale_factor, sparsify
 
@@ -106,12 +106,6 @@ def _float32_sum(weight: tuple[float, ...]) -> float:
     per tensor."""
     divisor = float(torch.tensor(weight, dtype=torch.float32, device="cpu").sum())
     return 1.0 if abs(divisor) < 1e-8 else divisor
-
-
-def floats(values: Sequence[float] | torch.Tensor) -> list[float]:
-    """Per-model parameters as Python floats (a resolved parameter is a float64 tensor: one ``tolist``
-    instead of an element-by-element iteration)."""
-    return values.tolist() if isinstance(values, torch.Tensor) else [float(v) for v in values]
 
 
 def combine(

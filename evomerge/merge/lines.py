@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.base import MergeInputs, implements
+from evomerge.merge.base import MergeInputs, floats, implements
 from evomerge.merge.subspace import add_delta, affine
 from evomerge.methods import MODIFIER
 from evomerge.recipe import layer_of
@@ -61,7 +61,7 @@ def lines(x: MergeInputs, weight: torch.Tensor, shallow: float, deep: float) -> 
     Nothing is cached.
     """
     lam = depth_scale(x, shallow, deep)
-    return affine(x, [lam * float(wi) for wi in weight])
+    return affine(x, [lam * wi for wi in floats(weight)])
 
 
 def modifier_scales(group: str, values: Any) -> tuple[float, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from evomerge.merge import fused
-from evomerge.merge.base import MergeInputs, implements
+from evomerge.merge.base import MergeInputs, floats, implements
 from evomerge.merge.kernels import chunks
 
 
@@ -21,7 +21,7 @@ def magmax(x: MergeInputs, weight: torch.Tensor, **shared: float) -> torch.Tenso
     large models (``fused.magmax``).
     """
     lam = shared["lambda"]
-    w = [float(v) for v in weight]
+    w = floats(weight)
     if fused.applies_unkeyed(x):
         return fused.magmax(x, w, lam)
     base, out = x.flat_base(), x.output()

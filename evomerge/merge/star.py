@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.base import MergeInputs, implements
+from evomerge.merge.base import MergeInputs, floats, implements
 from evomerge.merge.subspace import add_terms, affine, float32, is_matrix, task_svd, truncated
 
 
@@ -45,7 +45,7 @@ def star(x: MergeInputs, weight: torch.Tensor, eta: float, **shared: float) -> t
     min(r_i, rank - r_i).
     """
     lam = shared["lambda"]
-    w = [float(v) for v in weight]
+    w = floats(weight)
     if not is_matrix(x):
         return affine(x, [lam * wi for wi in w])
     terms = []

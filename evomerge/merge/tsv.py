@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.base import MergeInputs, implements
+from evomerge.merge.base import MergeInputs, floats, implements
 from evomerge.merge.kernels import weighted_sum
 from evomerge.merge.subspace import (
     affine,
@@ -64,7 +64,7 @@ def tsv(x: MergeInputs, weight: torch.Tensor, rank_fraction: float, **shared: fl
     two of the stacked bases). A merge is then the task-arithmetic kernel over the parts.
     """
     lam = shared["lambda"]
-    w = [float(v) for v in weight]
+    w = floats(weight)
     if not is_matrix(x):
         return affine(x, [lam * wi / x.n_experts for wi in w])
     parts = _parts(x, _rank(x, rank_fraction))

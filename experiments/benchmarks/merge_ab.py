@@ -9,7 +9,8 @@ Reproduce (a few minutes; the model files of ``merge_speed.py --dir DIR``, built
 Each round runs the revision, then the working tree, in fresh processes (the revision from a temporary
 ``git worktree`` put first on ``PYTHONPATH``); each process merges ``--merges`` times with keyed masks
 (as a search worker) into one preallocated model, alternating with the eager loop
-``out = base + 0.6 d1 + 0.4 d2``, and prints the median merge time and the median ratio to the loop.
+``out = base + 0.6 d1 + 0.4 d2`` (``merge_speed.py``'s fused floor), and prints the median merge time
+and the median ratio to the loop.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def measure(folder: Path, method: str, merges: int, threads: int) -> dict:
     from safetensors.torch import load_file
 
     sys.path.insert(0, str(HERE))
-    from merge_speed import METHODS, per_k
+    from merge_speed import METHODS, fused_baseline, per_k
 
     from evomerge.merge import Merger
 
@@ -47,9 +48,10 @@ def measure(folder: Path, method: str, merges: int, threads: int) -> dict:
     def merge() -> None:
         merger.merge(method, params, out=out)
 
-    def loop() -> None:
-        for k, b in sds["base"].items():
-            torch.add(b, sds["a"][k], alpha=0.6, out=out[k]).add_(sds["b"][k], alpha=0.4)
+    deltas = [{k: sds[e][k] - b for k, b in sds["base"].items()} for e in ("a", "b")]
+
+    def loop() -> None:  # merge_speed.py's fused task-arithmetic floor
+        fused_baseline(sds["base"], deltas, out, [0.6, 0.4])
 
     merge(), merge(), loop()  # compile, caches, first touch
     times, ratios = [], []
@@ -106,7 +108,7 @@ def main() -> None:
         f"--dir DIR`; {cpu_description()}; keyed {args.method}, K = 2, SmolLM2-135M shape, "
         f"{args.threads} thread(s); median of {args.merges} merges per process.\n"
     )
-    print("| round | side | merge s | merge / eager task-arithmetic loop |")
+    print("| round | side | merge s | merge / fused task-arithmetic floor |")
     print("|---:|---|---:|---:|")
     for row in rows:
         print(f"| {row['round']} | {row['side']} | {row['median_s']:.3f} | {row['ratio']:.2f} |")
