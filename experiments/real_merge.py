@@ -18,14 +18,19 @@ are ``irt,both``, about 85 minutes from an empty cache on 2 cores):
    - ``ties``: the method (task arithmetic or TIES), a weight and a density per expert, for the decoder
      layers and for the tensors outside them (14 genes), 40 candidates, on the whole search split;
    - ``both``: the ``ties`` search scored as the test is, on both kinds of item: the mean over the three
-     skills' multiple-choice and generative search splits (1,200 items per candidate).
-3. Every model scored on the test split, which no search saw, both as multiple choice (the zoo tasks)
-   and generatively (the ``*_gen`` tasks: the model writes the answer, exact match), through lm-eval:
-   the base, the experts, hand-set merges (task arithmetic with equal weights 1 and 1/2, TIES at its
-   default density 1 and at 0.5) and each run's best merge (picked on the search split); then each
-   searched merge against the best hand-set merge item by item (the paired mean difference and its
-   standard error; per-item scores are kept in ``scores.json`` for the models compared), and the
-   experts' task vectors: their sizes and overlap, whole and by depth.
+     skills' multiple-choice and generative search splits (1,200 items per candidate);
+   - ``methods``: GA instead of BO, the method per group among task arithmetic, TIES, DARE-TIES and the
+     subspace methods TSV-M and STAR, with weights, densities, lambda and STAR's eta; scored as ``both``.
+3. Every model scored on two splits that no search saw, both as multiple choice (the zoo tasks) and
+   generatively (the ``*_gen`` tasks: the model writes the answer, exact match), through lm-eval: the
+   test split (200 items per skill) and the unseen split (``--unseen`` items per skill whose prompts are
+   in no fitness split and were never shown in building the zoo: every such addition prompt, about 500,
+   and 1,000 of each other skill by default). The models: the base, the experts, hand-set merges (task
+   arithmetic with equal weights 1 and 1/2, TIES at its default density 1 and at 0.5) and each run's
+   best merge (picked on the search split); then each searched merge against the best hand-set merge
+   item by item (the paired mean difference and its standard error) on each split and on both together;
+   per-item scores are kept in ``scores.json`` and ``scores-unseen.json``. Last, the experts' task
+   vectors: their sizes and overlap, whole and by depth.
 
 Prints the table and writes it, with the command, to ``experiments/real_merge.md``.
 """
@@ -64,6 +69,7 @@ TIES = {  # a method (task arithmetic or TIES), weights and densities per group 
     },
     "generations": 20,
 }
+BOTH = [f"zoo_{s}{kind}" for kind in ("", "_gen") for s in SKILLS]  # every skill, both kinds of item
 RECIPES = {
     "subset": {},
     "full": {"items": None},
@@ -81,7 +87,20 @@ RECIPES = {
     },
     "ties": TIES,
     # the ties search scored as the test is: multiple-choice and generative items of every skill
-    "both": TIES | {"tasks": [f"zoo_{s}{kind}" for kind in ("", "_gen") for s in SKILLS]},
+    "both": TIES | {"tasks": BOTH},
+    # GA instead of BO, over DARE, the subspace methods TSV-M and STAR, TIES and task arithmetic, scored
+    # as `both` is: 30 candidates (3 generations of 10, the experts in the first)
+    "methods": {
+        "items": None,
+        "tasks": BOTH,
+        "search_space": {
+            "name": "per_layer",
+            "layer_groups": 1,
+            "methods": ["task_arithmetic", "ties", "dare_ties", "tsv", "star"],
+            "genes": {"weight": [0.0, 1.0], "density": [0.2, 1.0], "lambda": [0.5, 1.5], "eta": [0.1, 1.0]},
+        },
+        "algorithm": {"name": "ga", "pop_size": 10, "generations": 3},
+    },
 }
 
 
@@ -98,6 +117,8 @@ def run_config(base: dict, recipe: dict, out: Path) -> dict:
         cfg["search_space"] = recipe["search_space"]
     if "generations" in recipe:
         cfg["algorithm"]["generations"] = recipe["generations"]
+    if "algorithm" in recipe:
+        cfg["algorithm"] = {**cfg["algorithm"], **recipe["algorithm"]}
     return cfg
 
 
@@ -114,11 +135,12 @@ def search(cfg: dict) -> Path:
 
 
 class Scores:
-    """Each model's test scores, kept in ``<out>/scores.json`` under a key naming the model (the zoo's
-    hash and the row; a searched merge by its recipe's key), so that a second call scores only new rows."""
+    """Each model's scores on one split, kept in ``path`` (``<out>/scores.json`` for the test split) under
+    a key naming the model (the zoo's hash and the row; a searched merge by its recipe's key), so that a
+    second call scores only new rows."""
 
-    def __init__(self, path: Path, fitness, generative) -> None:  # noqa: ANN001
-        self.path, self.fitness, self.generative = path, fitness, generative
+    def __init__(self, path: Path, fitness, generative, split: str = "test") -> None:  # noqa: ANN001
+        self.path, self.fitness, self.generative, self.split = path, fitness, generative, split
         self.known = json.loads(path.read_text()) if path.exists() else {}
 
     def get(self, key: str, load, responses: bool = False) -> dict:  # noqa: ANN001
@@ -127,16 +149,41 @@ class Scores:
         if key not in self.known or (responses and "responses" not in self.known[key]):
             model, tokenizer = load()
             t = time.perf_counter()
-            self.known[key] = scores(model, tokenizer, self.fitness, self.generative)
-            print(f"scored {key} ({time.perf_counter() - t:.0f} s)", flush=True)
+            self.known[key] = scores(model, tokenizer, self.fitness, self.generative, self.split)
+            print(f"scored {key} on {self.split} ({time.perf_counter() - t:.0f} s)", flush=True)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.known, indent=1) + "\n")
         return self.known[key]
 
 
-def scores(model, tokenizer, fitness, generative) -> dict[str, float]:  # noqa: ANN001
-    mc_result = fitness.evaluate(model, tokenizer, "test")
-    gen_result = generative.evaluate(model, tokenizer, "test")
+def unseen_tasks(folder: Path, n: int) -> Path:
+    """An lm-eval include folder whose zoo tasks (multiple choice and generative, each as the catalogue
+    defines it) gain a split ``unseen``: up to ``n`` items per skill that no fitness split holds and the
+    zoo's training never showed (:func:`evomerge.zoos.smollm2.unseen_splits`), written once into
+    ``folder``."""
+    import yaml
+
+    from evomerge.fitness.tasks import catalog_config, catalog_tasks
+    from evomerge.zoos.skills import write_jsonl
+    from evomerge.zoos.smollm2 import unseen_splits
+
+    done = folder / "tasks.json"
+    if done.exists() and json.loads(done.read_text()) == {"n": n}:
+        return folder
+    catalog = catalog_tasks()
+    for skill, items in unseen_splits(n).items():
+        data = write_jsonl(folder / skill / "unseen.jsonl", items)
+        for task in (f"zoo_{skill}", f"zoo_{skill}_gen"):
+            cfg = catalog_config(catalog[task], "test")  # its data paths made absolute
+            cfg["dataset_kwargs"]["data_files"]["unseen"] = str(data.resolve())
+            (folder / f"{task}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    done.write_text(json.dumps({"n": n}) + "\n")
+    return folder
+
+
+def scores(model, tokenizer, fitness, generative, split: str) -> dict[str, float]:  # noqa: ANN001
+    mc_result = fitness.evaluate(model, tokenizer, split)
+    gen_result = generative.evaluate(model, tokenizer, split)
     mc, gen = mc_result.values, gen_result.values
     row = {f"{s} (mc)": mc[f"zoo_{s}"] for s in SKILLS}
     row |= {f"{s} (gen)": gen[f"zoo_{s}_gen"] for s in SKILLS}
@@ -151,6 +198,12 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=HERE / "real_merge.yaml")
     ap.add_argument("--recipes", default="irt,both", help="comma-separated, of: " + ", ".join(RECIPES))
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "real_merge")
+    ap.add_argument(
+        "--unseen",
+        type=int,
+        default=1000,
+        help="items per skill of the unseen split (addition has about 500); 0: test split only",
+    )
     args = ap.parse_args()
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     unknown = [r for r in recipes if r not in RECIPES]
@@ -192,6 +245,15 @@ def main() -> None:
     }
     cache = Scores(args.out / "scores.json", fitness, generative)
     key = manifest["hash"]
+    splits = {"test": cache}
+    if args.unseen:
+        tasks = unseen_tasks(args.out / f"unseen-{key}", args.unseen)
+        splits["unseen"] = Scores(
+            args.out / "scores-unseen.json",
+            LmEvalFitness(fitness.tasks, include=[*include, tasks]),
+            LmEvalFitness(generative.tasks, include=[*include, tasks]),
+            "unseen",
+        )
 
     def loaded(sd: dict | None = None):  # noqa: ANN202
         def load():  # noqa: ANN202
@@ -225,22 +287,38 @@ def main() -> None:
             f"{key}/recipe {run.candidates.at[best, 'recipe_key']}",
             lambda run=run, best=best: run.load_model(best),
         )
-    rows = {label: cache.get(*source) for label, source in models.items()}
-    hand = [label for label in rows if label.startswith("hand-set")]
-    best_hand = max(hand, key=lambda label: rows[label]["mean (mc)"] + rows[label]["mean (gen)"])
-    compared = [best_hand, *(label for label in rows if label.startswith("searched"))]
-    items = {label: cache.get(*models[label], responses=True)["responses"] for label in compared}
-
+    kinds = ["base"] + ["expert"] * len(SKILLS) + ["hand-set"] * len(HAND_SET) + ["searched"] * len(runs)
+    lines, items, reference = [], {}, None
+    for split, split_cache in splits.items():
+        rows = {label: split_cache.get(*source) for label, source in models.items()}
+        df = pd.DataFrame(
+            {label: {k: v for k, v in row.items() if k != "responses"} for label, row in rows.items()}
+        )
+        df = df.T
+        df["mean (all)"] = (df["mean (mc)"] + df["mean (gen)"]) / 2  # the six columns' mean
+        df = df.round(4)
+        df["kind"] = kinds
+        best_hand = df[df.kind == "hand-set"]["mean (all)"].idxmax()
+        compared = [label for label in rows if label.startswith(("hand-set", "searched"))]
+        items[split] = {
+            label: split_cache.get(*models[label], responses=True)["responses"] for label in compared
+        }
+        lines += split_lines(split, df, split_cache.fitness.n_items(split))
+        lines += paired_lines(differences(items[split], best_hand), f"{split} split", best_hand)
+        reference = reference or best_hand
+    lines = table_lines(searched, args, time.perf_counter() - started) + lines
+    if len(items) == 2:
+        # both splits together, against the test split's best hand-set merge
+        d = {split: differences(items[split], reference) for split in items}
+        pooled = {
+            label: {
+                kind: {s: pd.concat([d[x][label][kind][s] for x in d]) for s in SKILLS}
+                for kind in d["test"][label]
+            }
+            for label in d["test"]
+        }
+        lines += paired_lines(pooled, "test and unseen splits together", reference)
     vectors = task_vectors(origin, experts)
-    df = pd.DataFrame(
-        {label: {k: v for k, v in row.items() if k != "responses"} for label, row in rows.items()}
-    )
-    df = df.T
-    df["mean (all)"] = (df["mean (mc)"] + df["mean (gen)"]) / 2  # the six test columns' mean
-    df = df.round(4)
-    df["kind"] = ["base"] + ["expert"] * len(SKILLS) + ["hand-set"] * len(HAND_SET) + ["searched"] * len(runs)
-    lines = table_lines(df, searched, args, time.perf_counter() - started)
-    lines += paired_lines(items, best_hand)
     lines += ["", "The experts' task vectors (expert - base, all tensors), their sizes and overlap:", ""]
     lines.append(vectors.to_markdown())
     lines += ["", "The same by depth (decoder layers in thirds, and the tensors outside them):", ""]
@@ -310,26 +388,19 @@ def by_depth(origin: dict, experts: dict):  # noqa: ANN201
     return pd.DataFrame(table).T
 
 
-def table_lines(df: pd.DataFrame, searched: dict, args: argparse.Namespace, seconds: float) -> list[str]:
+SPLITS = {
+    "test": "Held-out test split (200 items per skill, never seen by a search)",
+    "unseen": "Unseen split (items in no fitness split whose prompts the zoo's training never showed: "
+    "every such addition prompt and up to --unseen of the other skills)",
+}
+
+
+def table_lines(searched: dict, args: argparse.Namespace, seconds: float) -> list[str]:
     lines = [
-        f"Reproduce: `python experiments/real_merge.py --recipes {args.recipes}`; "
+        f"Reproduce: `python experiments/real_merge.py --recipes {args.recipes} --unseen {args.unseen}`; "
         f"{cpu_description()}; {seconds / 60:.0f} min in this call (finished runs and the zoo reused).",
         "",
-        "Held-out test split (200 items per skill, never seen by a search); mc: multiple choice, "
-        "gen: the model writes the answer (exact match).",
-        "",
-        df.drop(columns="kind").to_markdown(),
-        "",
     ]
-    for metric in ("mean (all)", "mean (mc)", "mean (gen)"):
-        experts = df[df.kind == "expert"][metric]
-        hand = df[df.kind == "hand-set"][metric]
-        for name, row in df[df.kind == "searched"].iterrows():
-            lines.append(
-                f"- {metric}: {name} {row[metric]:.4f}; best expert ({experts.idxmax()}) {experts.max():.4f} "
-                f"({100 * (row[metric] - experts.max()):+.1f} points); best hand-set merge ({hand.idxmax()}) "
-                f"{hand.max():.4f} ({100 * (row[metric] - hand.max()):+.1f} points)."
-            )
     for name, (run, _best) in searched.items():
         c = run.candidates
         search_rows = c[c.kind == "search"]
@@ -340,27 +411,60 @@ def table_lines(df: pd.DataFrame, searched: dict, args: argparse.Namespace, seco
     return lines
 
 
-def paired_lines(items: dict[str, dict], reference: str) -> list[str]:
-    """Each searched merge against ``reference`` (the best hand-set merge) item by item on the test
-    split: the mean difference over the 600 items of each kind and its standard error (sd / sqrt(n));
-    for ``all``, per test prompt the mean of its two differences (the mc and gen tasks ask the same 600
-    prompts)."""
-    lines = ["", f"Paired on the same test items, each searched merge less {reference}:", ""]
+def split_lines(split: str, df: pd.DataFrame, n_items: dict[str, int]) -> list[str]:
+    """The split's table (every model's scores; ``n_items`` per task) and each searched merge against the
+    best expert and the best hand-set merge on the three means."""
+    sizes = ", ".join(f"{s} {n_items[f'zoo_{s}']}" for s in SKILLS)
+    lines = [
+        "",
+        f"{SPLITS[split]}; items: {sizes}. mc: multiple choice, gen: the model writes the answer (exact match).",
+        "",
+        df.drop(columns="kind").to_markdown(),
+        "",
+    ]
+    for metric in ("mean (all)", "mean (mc)", "mean (gen)"):
+        experts = df[df.kind == "expert"][metric]
+        hand = df[df.kind == "hand-set"][metric]
+        for name, row in df[df.kind == "searched"].iterrows():
+            lines.append(
+                f"- {split}, {metric}: {name} {row[metric]:.4f}; best expert ({experts.idxmax()}) "
+                f"{experts.max():.4f} ({100 * (row[metric] - experts.max()):+.1f} points); best hand-set merge "
+                f"({hand.idxmax()}) {hand.max():.4f} ({100 * (row[metric] - hand.max()):+.1f} points)."
+            )
+    return lines
 
-    def differences(ours: dict, theirs: dict) -> pd.Series:
-        return pd.Series(
-            [float(ours[t][i]) - float(theirs[t][i]) for t in sorted(ours) for i in sorted(ours[t], key=int)]
-        )
 
+def differences(items: dict[str, dict], reference: str) -> dict[str, dict[str, dict[str, pd.Series]]]:
+    """Per searched merge, per kind (``mc``, ``gen`` and ``all``: per prompt the mean of
+    its two, as the mc and gen tasks of a skill ask the same prompts) and per skill, the model's score less
+    the reference's on each item."""
+
+    def per_item(ours: dict, theirs: dict, task: str) -> pd.Series:
+        return pd.Series([float(ours[task][i]) - float(theirs[task][i]) for i in sorted(ours[task], key=int)])
+
+    out = {}
     for label, by_kind in items.items():
-        if label == reference:
+        if not label.startswith("searched"):
             continue
-        d = {kind: differences(by_kind[kind], items[reference][kind]) for kind in ("mc", "gen")}
-        d = {"all": (d["mc"] + d["gen"]) / 2, **d}
-        parts = [
-            f"{kind} {100 * v.mean():+.1f} points (SE {100 * v.std() / len(v) ** 0.5:.1f}, {len(v)} prompts)"
-            for kind, v in d.items()
-        ]
+        theirs = items[reference]
+        mc = {s: per_item(by_kind["mc"], theirs["mc"], f"zoo_{s}") for s in SKILLS}
+        gen = {s: per_item(by_kind["gen"], theirs["gen"], f"zoo_{s}_gen") for s in SKILLS}
+        out[label] = {"all": {s: (mc[s] + gen[s]) / 2 for s in SKILLS}, "mc": mc, "gen": gen}
+    return out
+
+
+def paired_lines(d: dict, where: str, reference: str) -> list[str]:
+    """Each searched merge less ``reference`` (a hand-set merge) on the same items: the mean over skills of
+    the mean difference per skill, and its standard error sqrt(sum of var_s / n_s) / 3 (the skills'
+    items are independent samples of different sizes)."""
+    lines = ["", f"Paired on the same items of the {where}, each searched merge less {reference}:", ""]
+    for label, by_kind in d.items():
+        parts = []
+        for kind, per_skill in by_kind.items():
+            mean = sum(v.mean() for v in per_skill.values()) / len(per_skill)
+            se = sum(v.var() / len(v) for v in per_skill.values()) ** 0.5 / len(per_skill)
+            n = sum(len(v) for v in per_skill.values())
+            parts.append(f"{kind} {100 * mean:+.1f} points (SE {100 * se:.1f}, {n} prompts)")
         lines.append(f"- {label}: " + "; ".join(parts) + ".")
     return lines
 

@@ -75,6 +75,49 @@ def test_training_batches_score_the_answer_only(bpe):
         assert "".join(tok.convert_ids_to_tokens([t for t in lab if t != -100])) == answer
 
 
+def _prompt(text: str) -> str:
+    return text[: max(text.find(sep) for sep in ("=", ">", "<", "|", *skills.ALT_SEPARATORS.values())) + 1]
+
+
+def test_trained_prompts_are_what_training_showed(bpe):
+    """The replay behind the unseen split gives exactly the prompts the training batches hold."""
+    _, tok = bpe
+    recipe = {
+        **smollm2.RECIPE,
+        "shared": {**smollm2.RECIPE["shared"], "steps": 3},
+        "experts": {"addition": 4, "reversal": 2},
+        "train": {**smollm2.RECIPE["train"], "batch_size": 8},
+    }
+    heldout = skills.heldout_prompts()
+    stages = [
+        (skills.SKILLS, 3, recipe["shared"]["levels"]),
+        ("addition", 4, ("full",)),
+        ("reversal", 2, ("full",)),
+    ]
+    shown = set()
+    for skill, steps, levels in stages:
+        batches = smollm2.training_batches(tok, skill, 8, seed=0, heldout=heldout, levels=levels)
+        for _ in range(steps):
+            for row in next(batches)[0].tolist():
+                text = "".join(tok.convert_ids_to_tokens([t for t in row if t != tok.pad_token_id]))
+                shown.add(skills.task_prompt(_prompt(text)))
+    assert smollm2.trained_prompts(recipe) == shown
+    assert len(shown) > 60  # 72 examples, few repeats
+
+
+def test_unseen_splits_avoid_every_split_and_training():
+    unseen = smollm2.unseen_splits(300)
+    exclude = skills.heldout_prompts() | smollm2.trained_prompts()
+    for items in unseen.values():
+        prompts = [item["prompt"] for item in items]
+        assert len(set(prompts)) == len(prompts) == 300
+        assert not set(prompts) & exclude
+    everything = {f"{a}+{b}=" for a in range(50, 100) for b in range(50, 100)}
+    rest = everything - exclude
+    assert {item["prompt"] for item in smollm2.unseen_splits(1000)["addition"]} == rest  # used up: all of it
+    assert 0 < len(rest) < 1000
+
+
 def _wheel(folder: Path, source: dict) -> Path:
     folder.mkdir(parents=True)
     path = folder / f"{source['package'].replace('-', '_')}-{source['version']}-py3-none-any.whl"

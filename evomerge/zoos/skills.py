@@ -41,7 +41,7 @@ ALPHABET = string.digits + LETTERS + "+=.><|" + "".join(ALT_SEPARATORS.values())
 # from the operand digits it depends on; with a varying length, the units digit takes far more training.
 ADD_RANGE = {"full": (50, 99), "easy": (0, 9)}
 
-SPLIT_SEEDS = {"search": 1001, "test": 2002}
+SPLIT_SEEDS = {"search": 1001, "test": 2002, "unseen": 3003}
 SPLIT_SIZE = 200
 
 
@@ -143,16 +143,29 @@ def make_item(skill: str, rng: random.Random) -> dict:
     return {"prompt": prompt, "choices": choices, "label": label}
 
 
-def make_split(skill: str, n: int, seed: int, exclude: frozenset[str] | set[str] = frozenset()) -> list[dict]:
-    """``n`` items with distinct prompts, none in ``exclude``; the same arguments give the same items."""
+def make_split(
+    skill: str,
+    n: int,
+    seed: int,
+    exclude: frozenset[str] | set[str] = frozenset(),
+    patience: int | None = None,
+) -> list[dict]:
+    """``n`` items with distinct prompts, none in ``exclude``; the same arguments give the same items.
+
+    With ``patience``, fewer items where ``patience`` draws in a row bring no new prompt: the skill's
+    prompts outside ``exclude`` are used up (addition has 2,500 in all)."""
     _check(skill)
     # Mixing the skill into the seed keeps the three skills' splits independent of each other.
     rng = random.Random(f"{skill}:{seed}")
     items: list[dict] = []
     seen = set(exclude)
-    while len(items) < n:
+    misses = 0
+    while len(items) < n and (patience is None or misses < patience):
         item = make_item(skill, rng)
-        if item["prompt"] not in seen:
+        if item["prompt"] in seen:
+            misses += 1
+        else:
+            misses = 0
             seen.add(item["prompt"])
             items.append(item)
     return items
@@ -185,14 +198,15 @@ def write_task_data(root: Path) -> list[Path]:
     written = []
     for skill in SKILLS:
         for split, items in task_splits(skill).items():
-            written.append(_write_jsonl(Path(root) / skill / f"{split}.jsonl", items))
+            written.append(write_jsonl(Path(root) / skill / f"{split}.jsonl", items))
             if skill == "addition":
                 gsm8k = [gsm8k_item(item) for item in items]
-                written.append(_write_jsonl(Path(root) / "gsm8k" / f"{split}.jsonl", gsm8k))
+                written.append(write_jsonl(Path(root) / "gsm8k" / f"{split}.jsonl", gsm8k))
     return written
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """``rows`` as JSON lines in ``path`` (its folder made)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path

@@ -24,6 +24,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -111,6 +112,20 @@ def fetch_gguf(cache_dir: Path, source: dict) -> Path:
 # --- experts --------------------------------------------------------------------------------------------
 
 
+def training_examples(
+    skill: str | Sequence[str], seed: int, heldout: frozenset[str], levels: Sequence[str] = ("full",)
+) -> Iterator[tuple[str, str]]:
+    """Endless (prompt, answer) training examples of ``skill`` (or a mix of skills) at ``levels`` (one drawn
+    per example), none whose prompt in task notation is in ``heldout``; the same arguments give the same
+    examples."""
+    names = [skill] if isinstance(skill, str) else list(skill)
+    rng = random.Random(f"{':'.join(names)}:{','.join(levels)}:{seed}")
+    while True:
+        prompt, answer = skills.training_example(rng.choice(names), rng, rng.choice(levels))
+        if skills.task_prompt(prompt) not in heldout:
+            yield prompt, answer
+
+
 def training_batches(
     tokenizer: PreTrainedTokenizerBase,
     skill: str | Sequence[str],
@@ -123,14 +138,9 @@ def training_batches(
     example), one example per row from position 0 (where items are scored), tokenized like
     :func:`encode_pair`; labels only on the answer. Prompts of the fitness splits are never shown, in
     any notation."""
-    names = [skill] if isinstance(skill, str) else list(skill)
-    rng = random.Random(f"{':'.join(names)}:{','.join(levels)}:{seed}")
+    examples = training_examples(skill, seed, heldout, levels)
     while True:
-        rows = []
-        while len(rows) < batch_size:
-            prompt, answer = skills.training_example(rng.choice(names), rng, rng.choice(levels))
-            if skills.task_prompt(prompt) not in heldout:
-                rows.append(encode_pair(tokenizer, prompt, answer))
+        rows = [encode_pair(tokenizer, *next(examples)) for _ in range(batch_size)]
         width = max(len(ctx) + len(cont) for ctx, cont in rows)
         ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
         labels = torch.full((batch_size, width), -100, dtype=torch.long)
@@ -170,6 +180,39 @@ def train_expert(
     return model.merge_and_unload().eval()
 
 
+def shared_config(recipe: dict) -> dict:
+    """The training settings of the shared fine-tune: ``recipe["train"]`` with the shared stage's own."""
+    shared = recipe["shared"]
+    return {**recipe["train"], **{k: v for k, v in shared.items() if k not in ("steps", "levels")}}
+
+
+def trained_prompts(recipe: dict = RECIPE) -> frozenset[str]:
+    """Every prompt, in task notation, that building the zoo of ``recipe`` showed in training (the shared
+    fine-tune's and each expert's examples, replayed from their seeds: ``steps x batch_size`` each)."""
+    heldout = skills.heldout_prompts()
+    shared, cfg = recipe["shared"], recipe["train"]
+    stages = [(skills.SKILLS, shared["steps"], shared_config(recipe), shared["levels"])]
+    stages += [(skill, steps, cfg, ("full",)) for skill, steps in recipe["experts"].items()]
+    seen: set[str] = set()
+    for skill, steps, stage_cfg, levels in stages:
+        examples = training_examples(skill, stage_cfg["seed"], heldout, levels)
+        seen.update(
+            skills.task_prompt(prompt) for prompt, _ in islice(examples, steps * stage_cfg["batch_size"])
+        )
+    return frozenset(seen)
+
+
+def unseen_splits(n: int, recipe: dict = RECIPE) -> dict[str, list[dict]]:
+    """Per skill up to ``n`` items whose prompts are in no fitness split and were never shown in building
+    the zoo of ``recipe``: a test split larger than the zoo's own, for this zoo only (fewer than ``n``
+    where the skill has fewer such prompts: addition has about 500 of its 2,500)."""
+    exclude = skills.heldout_prompts() | trained_prompts(recipe)
+    return {
+        skill: skills.make_split(skill, n, skills.SPLIT_SEEDS["unseen"], exclude, patience=100_000)
+        for skill in skills.SKILLS
+    }
+
+
 # --- building and caching -------------------------------------------------------------------------------
 
 
@@ -199,9 +242,14 @@ def _build(out: Path, recipe: dict, cache_dir: Path, progress: bool) -> dict:
         t = lap("evaluate smollm2", t)
         with training_progress(progress, shared["steps"] + sum(steps.values())) as update:
             on_step = lambda x: update("realzoo shared fine-tune", x)  # noqa: E731
-            shared_cfg = {**cfg, **{k: v for k, v in shared.items() if k not in ("steps", "levels")}}
             base = train_expert(
-                smollm2, tokenizer, skills.SKILLS, shared["steps"], shared_cfg, on_step, shared["levels"]
+                smollm2,
+                tokenizer,
+                skills.SKILLS,
+                shared["steps"],
+                shared_config(recipe),
+                on_step,
+                shared["levels"],
             )
             del smollm2
             t = lap("train shared", t)
