@@ -31,7 +31,7 @@ are ``irt,both``, about 105 minutes from an empty cache on 2 cores):
    arithmetic with equal weights 1 and 1/2, TIES at its default density 1 and at 0.5) and each run's
    best merge (picked on the search split); then each searched merge against the best hand-set merge
    item by item (the paired mean difference and its standard error) on each split and on both together;
-   per-item scores are kept in ``scores.json`` and ``scores-unseen.json``. Last, the experts' task
+   per-item scores are kept in ``scores.json`` and ``scores-unseen-<n>.json``. Last, the experts' task
    vectors: their sizes and overlap, whole and by depth.
 
 Prints the table and writes it, with the command, to ``experiments/real_merge.md``.
@@ -226,6 +226,8 @@ def main() -> None:
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
         ap.error(f"unknown recipe {unknown[0]!r}; choose from {', '.join(RECIPES)}")
+    if args.unseen < 0:
+        ap.error(f"--unseen is {args.unseen}; give 0 (the test split only) or a number of items per skill")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -266,7 +268,7 @@ def main() -> None:
     if args.unseen:
         tasks = unseen_tasks(args.out / f"unseen-{key}", args.unseen)
         splits["unseen"] = Scores(
-            args.out / "scores-unseen.json",
+            args.out / f"scores-unseen-{args.unseen}.json",
             LmEvalFitness(fitness.tasks, include=[*include, tasks]),
             LmEvalFitness(generative.tasks, include=[*include, tasks]),
             "unseen",
