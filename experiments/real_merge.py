@@ -309,7 +309,10 @@ def main() -> None:
     kinds = ["base"] + ["expert"] * len(SKILLS) + ["hand-set"] * len(HAND_SET) + ["searched"] * len(runs)
     lines, items, reference = [], {}, None
     for split, split_cache in splits.items():
-        rows = {label: split_cache.get(*source) for label, source in models.items()}
+        compared = [label for label in models if label.startswith(("hand-set", "searched"))]
+        rows = {
+            label: split_cache.get(*source, responses=label in compared) for label, source in models.items()
+        }
         df = pd.DataFrame(
             {label: {k: v for k, v in row.items() if k != "responses"} for label, row in rows.items()}
         )
@@ -318,10 +321,7 @@ def main() -> None:
         df = df.round(4)
         df["kind"] = kinds
         best_hand = df[df.kind == "hand-set"]["mean (all)"].idxmax()
-        compared = [label for label in rows if label.startswith(("hand-set", "searched"))]
-        items[split] = {
-            label: split_cache.get(*models[label], responses=True)["responses"] for label in compared
-        }
+        items[split] = {label: rows[label]["responses"] for label in compared}
         lines += split_lines(split, df, split_cache.fitness.n_items(split))
         lines += paired_lines(differences(items[split], best_hand), f"{split} split", best_hand)
         reference = reference or best_hand

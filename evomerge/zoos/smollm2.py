@@ -26,6 +26,7 @@ import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -180,24 +181,34 @@ def train_expert(
     return model.merge_and_unload().eval()
 
 
-def shared_config(recipe: dict) -> dict:
-    """The training settings of the shared fine-tune: ``recipe["train"]`` with the shared stage's own."""
-    shared = recipe["shared"]
-    return {**recipe["train"], **{k: v for k, v in shared.items() if k not in ("steps", "levels")}}
+class Stage(NamedTuple):
+    """One fine-tune of the zoo's build: ``steps`` steps on ``skill`` (or a mix) at ``levels``."""
+
+    skill: str | tuple[str, ...]
+    steps: int
+    cfg: dict
+    levels: tuple[str, ...]
+
+
+def training_stages(recipe: dict) -> list[Stage]:
+    """The fine-tunes building the zoo of ``recipe`` runs, in order: the shared one (every skill, its own
+    levels and settings over ``recipe["train"]``), then each expert's."""
+    shared, cfg = recipe["shared"], recipe["train"]
+    own = {k: v for k, v in shared.items() if k not in ("steps", "levels")}
+    stages = [Stage(skills.SKILLS, shared["steps"], {**cfg, **own}, tuple(shared["levels"]))]
+    return stages + [Stage(skill, steps, cfg, ("full",)) for skill, steps in recipe["experts"].items()]
 
 
 def trained_prompts(recipe: dict = RECIPE) -> frozenset[str]:
-    """Every prompt, in task notation, that building the zoo of ``recipe`` showed in training (the shared
-    fine-tune's and each expert's examples, replayed from their seeds: ``steps x batch_size`` each)."""
+    """Every prompt, in task notation, that building the zoo of ``recipe`` showed in training (each
+    stage's examples, replayed from their seeds: ``steps x batch_size`` each)."""
     heldout = skills.heldout_prompts()
-    shared, cfg = recipe["shared"], recipe["train"]
-    stages = [(skills.SKILLS, shared["steps"], shared_config(recipe), shared["levels"])]
-    stages += [(skill, steps, cfg, ("full",)) for skill, steps in recipe["experts"].items()]
     seen: set[str] = set()
-    for skill, steps, stage_cfg, levels in stages:
-        examples = training_examples(skill, stage_cfg["seed"], heldout, levels)
+    for stage in training_stages(recipe):
+        examples = training_examples(stage.skill, stage.cfg["seed"], heldout, stage.levels)
         seen.update(
-            skills.task_prompt(prompt) for prompt, _ in islice(examples, steps * stage_cfg["batch_size"])
+            skills.task_prompt(prompt)
+            for prompt, _ in islice(examples, stage.steps * stage.cfg["batch_size"])
         )
     return frozenset(seen)
 
@@ -234,31 +245,26 @@ def _build(out: Path, recipe: dict, cache_dir: Path, progress: bool) -> dict:
     t = lap("convert", t)
     smollm2 = AutoModelForCausalLM.from_pretrained(converted, dtype=torch_dtype(recipe["dtype"])).eval()
     tokenizer = AutoTokenizer.from_pretrained(converted)
-    cfg, split, batch = recipe["train"], recipe["eval_split"], recipe["eval_batch_size"]
-    shared, steps = recipe["shared"], recipe["experts"]
+    split, batch = recipe["eval_split"], recipe["eval_batch_size"]
+    shared, *expert_stages = training_stages(recipe)
+    train_steps = sum(stage.steps for stage in (shared, *expert_stages))
     accuracy, references, experts = {}, {}, {}
     with torch.random.fork_rng(), torch_threads(recipe["threads"]):
         accuracy["smollm2"] = evaluate(smollm2, tokenizer, split, batch)
         t = lap("evaluate smollm2", t)
-        with training_progress(progress, shared["steps"] + sum(steps.values())) as update:
+        with training_progress(progress, train_steps) as update:
             on_step = lambda x: update("realzoo shared fine-tune", x)  # noqa: E731
             base = train_expert(
-                smollm2,
-                tokenizer,
-                skills.SKILLS,
-                shared["steps"],
-                shared_config(recipe),
-                on_step,
-                shared["levels"],
+                smollm2, tokenizer, shared.skill, shared.steps, shared.cfg, on_step, shared.levels
             )
             del smollm2
             t = lap("train shared", t)
             save_hf(out / "base", base, tokenizer)
             accuracy["base"] = evaluate(base, tokenizer, split, batch)
             t = lap("evaluate base", t)
-            for skill, n in steps.items():
+            for skill, n, cfg, levels in expert_stages:
                 on_step = lambda x, label=f"realzoo expert {skill}": update(label, x)  # noqa: E731
-                expert = train_expert(base, tokenizer, skill, n, cfg, on_step)
+                expert = train_expert(base, tokenizer, skill, n, cfg, on_step, levels)
                 t = lap(f"train {skill}", t)
                 save_hf(out / "experts" / skill, expert, tokenizer)
                 accuracy[skill] = evaluate(expert, tokenizer, split, batch)
@@ -277,11 +283,10 @@ def _build(out: Path, recipe: dict, cache_dir: Path, progress: bool) -> dict:
             t = lap(f"evaluate {name}", t)
     n_items = sum(len(skills.task_splits(s)[split]) for s in skills.SKILLS)
     train_seconds = sum(v for k, v in seconds.items() if k.startswith("train "))
-    train_steps = shared["steps"] + sum(steps.values())
     return {
         "recipe": recipe,
         "hash": recipe_hash(recipe),
-        "experts": list(steps),
+        "experts": list(recipe["experts"]),
         "accuracy": accuracy,
         "reference_merges": references,
         "seconds": seconds,
